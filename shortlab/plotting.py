@@ -1,0 +1,102 @@
+"""Save figures with a JSON sidecar recording how they were made."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+RECORDED_PACKAGES = ("shortlab", "torch", "transformers", "numpy", "matplotlib")
+
+
+def repository_root() -> Path | None:
+    """The git checkout holding this package (an editable install), or None."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / ".git").exists() and (here / "pyproject.toml").is_file() else None
+
+
+def default_figure_dir() -> Path:
+    """``<repo>/figures`` when shortlab runs from its checkout, else ``./figures``."""
+    root = repository_root()
+    return (root or Path.cwd()) / "figures"
+
+
+def git_revision() -> str | None:
+    """The checkout's commit hash, with ``-dirty`` when tracked files have uncommitted changes."""
+    root = repository_root()
+    if root is None:
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def package_versions(names=RECORDED_PACKAGES) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def _write_atomically(path: Path, write) -> None:
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
+                parameters: dict | None = None, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``<fig_dir>/<name>.png`` and a ``<name>.json`` sidecar.
+
+    The sidecar records ``parameters`` (e.g. the notebook's parameter cell), package versions
+    and the git revision, so every committed figure says how to remake it.
+    """
+    if not name or "/" in name or name.endswith(".png"):
+        raise ValueError(f"figure name {name!r} must be a bare name such as '01_bi_per_layer'")
+    directory = Path(fig_dir) if fig_dir is not None else default_figure_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    png = directory / f"{name}.png"
+    _write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    sidecar = {
+        "figure": png.name,
+        "parameters": _jsonable(parameters or {}),
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_atomically(
+        directory / f"{name}.json",
+        lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"),
+    )
+    return png
