@@ -1,0 +1,88 @@
+"""Small metrics on hidden states, masked over padding, and ShortGPT's Block Influence."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shortlab.arch import model_parts, validate_layer_indices
+from shortlab.hooks import capture_layer_io
+
+
+def token_cosine(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each token's hidden state before and after a layer.
+
+    x_in, x_out: [batch, seq, hidden] → [batch, seq], computed in float32 per token (never an
+    N×N matrix), so half-precision models do not lose the small differences BI is made of.
+    """
+    if x_in.shape != x_out.shape:
+        raise ValueError(f"hidden-state shapes differ: {tuple(x_in.shape)} vs {tuple(x_out.shape)}")
+    return F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+
+
+def masked_sum_and_count(values: torch.Tensor, mask: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of ``values`` [batch, seq] where ``mask`` [batch, seq] is nonzero, and how many
+    positions that is (all of them when mask is None); both 0-d tensors on values' device, so
+    accumulating them never forces a device sync."""
+    if mask is None:
+        return values.sum(), torch.tensor(values.numel(), device=values.device)
+    if mask.shape != values.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} does not match {tuple(values.shape)}")
+    keep = mask.to(device=values.device, dtype=values.dtype)
+    return (values * keep).sum(), keep.sum()
+
+
+class BlockInfluenceAccumulator:
+    """Streaming BI_i = 1 − mean over non-padding tokens of cos(x_i, x_{i+1}).
+
+    Use as the ``reduce`` of ``hooks.capture_layer_io``: it keeps one running sum and count per
+    layer instead of any hidden state. Set ``mask`` to the batch's attention mask before each
+    forward pass.
+    """
+
+    def __init__(self, layers: Iterable[int]):
+        self.layers = tuple(layers)
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, torch.Tensor] = {}
+        self.mask: torch.Tensor | None = None
+
+    def __call__(self, layer_index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        total, count = masked_sum_and_count(token_cosine(hidden_in, hidden_out), self.mask)
+        self.sums[layer_index] = self.sums.get(layer_index, 0) + total.double()
+        self.counts[layer_index] = self.counts.get(layer_index, 0) + count.double()
+
+    def result(self) -> dict[int, float]:
+        missing = [i for i in self.layers if i not in self.sums]
+        if missing:
+            raise RuntimeError(f"no forward pass reached layers {missing}")
+        empty = [i for i in self.layers if self.counts[i].item() == 0]
+        if empty:
+            raise ValueError("every token was masked out: no non-padding token to average over")
+        return {i: 1.0 - (self.sums[i] / self.counts[i]).item() for i in self.layers}
+
+
+def block_influence(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+                    layers: Iterable[int] | None = None) -> dict[int, float]:
+    """ShortGPT's Block Influence of each decoder layer over calibration batches.
+
+    ``batches`` yields model inputs (``input_ids`` [batch, seq] and ``attention_mask``, which
+    excludes padding from the mean). One forward pass per batch; layer inputs and outputs are
+    taken from the decoder layers themselves and reduced on the fly, so no more than one layer's
+    hidden states are alive at a time. Returns {layer index: BI}.
+    """
+    parts = model_parts(model)
+    chosen = range(parts.num_layers) if layers is None else validate_layer_indices(parts, layers)
+    accumulator = BlockInfluenceAccumulator(chosen)
+    seen_batch = False
+    with torch.inference_mode(), capture_layer_io(model, accumulator.layers, reduce=accumulator):
+        for batch in batches:
+            seen_batch = True
+            accumulator.mask = batch.get("attention_mask")
+            model(**batch, use_cache=False)
+    if not seen_batch:
+        raise ValueError("empty calibration set: no batch was given")
+    return accumulator.result()

@@ -1,0 +1,48 @@
+import pytest
+
+from shortlab.benchmarking import median_ratio, report, time_side_by_side
+
+
+class FakeClock:
+    """Advances only when a candidate 'works', so timings are exact and repeatable."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def work(self, seconds):
+        def run():
+            self.now += seconds
+        return run
+
+
+def test_side_by_side_alternates_and_times_each_candidate():
+    clock, order = FakeClock(), []
+
+    def candidate(name, seconds):
+        def run():
+            order.append(name)
+            clock.now += seconds
+        return run
+
+    seconds = time_side_by_side(
+        {"slow": candidate("slow", 2.0), "fast": candidate("fast", 0.5)},
+        repeats=3, warmup=1, clock=clock,
+    )
+    assert seconds == {"slow": [2.0] * 3, "fast": [0.5] * 3}
+    assert order == ["slow", "fast", "slow", "fast", "fast", "slow", "slow", "fast"]
+    assert median_ratio(seconds, "slow", "fast") == pytest.approx(4.0)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no candidates"):
+        time_side_by_side({})
+    with pytest.raises(ValueError, match="repeats"):
+        time_side_by_side({"a": lambda: None}, repeats=0)
+
+
+def test_report_line_format(capsys):
+    assert report("speedup", 1.23456) == "speedup: 1.235"
+    assert capsys.readouterr().out == "speedup: 1.235\n"

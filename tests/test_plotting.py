@@ -1,0 +1,50 @@
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from shortlab import plotting  # noqa: E402
+
+
+def test_save_figure_writes_png_and_sidecar(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png = plotting.save_figure(fig, "99_test", tmp_path, {"MODEL": "tiny", "LAYERS": (1, 2)})
+    plt.close(fig)
+    assert png == tmp_path / "99_test.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sidecar = json.loads((tmp_path / "99_test.json").read_text())
+    assert sidecar["parameters"] == {"MODEL": "tiny", "LAYERS": [1, 2]}
+    assert sidecar["versions"]["torch"] and sidecar["versions"]["python"]
+    assert sidecar["figure"] == "99_test.png"
+    assert "git_revision" in sidecar
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_non_json_parameters_are_recorded_as_text(tmp_path):
+    fig = plt.figure()
+    plotting.save_figure(fig, "x", tmp_path, {"path": tmp_path})
+    plt.close(fig)
+    assert json.loads((tmp_path / "x.json").read_text())["parameters"]["path"] == repr(tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "fig.png"])
+def test_bad_figure_names_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError, match="bare name"):
+        plotting.save_figure(plt.figure(), bad, tmp_path)
+
+
+def test_default_figure_dir_is_the_checkout_figures_folder():
+    root = plotting.repository_root()
+    assert root is not None and (root / "pyproject.toml").is_file()
+    assert plotting.default_figure_dir() == root / "figures"
+    revision = plotting.git_revision()
+    assert revision is None or len(revision.removesuffix("-dirty")) == 40
+
+
+def test_package_versions_marks_missing_packages():
+    versions = plotting.package_versions(("torch", "no-such-package-xyz"))
+    assert versions["no-such-package-xyz"] is None and versions["torch"]

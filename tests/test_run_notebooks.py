@@ -1,0 +1,112 @@
+"""The notebook runner's checks, and every numbered notebook executed in FAST mode."""
+
+import json
+
+import nbformat
+import pytest
+
+from shortlab import run_notebooks as rn
+
+
+def write_notebook(path, parameters_source, tagged=True, extra_cells=()):
+    cell = nbformat.v4.new_code_cell(parameters_source)
+    if tagged:
+        cell.metadata["tags"] = ["parameters"]
+    notebook = nbformat.v4.new_notebook(cells=[cell, *extra_cells])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, str(path))
+    return path
+
+
+def test_parameters_are_read_from_the_tagged_cell(tmp_path):
+    path = write_notebook(tmp_path / "a.ipynb", "MODEL = 'x'\nFAST = False\nLIMIT = 5\nFIG_DIR = None\n")
+    assert rn.notebook_parameters(path) == {"MODEL": "x", "FAST": False, "LIMIT": 5, "FIG_DIR": None}
+
+
+def test_missing_parameters_cell_is_an_error(tmp_path):
+    path = write_notebook(tmp_path / "a.ipynb", "MODEL = 'x'", tagged=False)
+    with pytest.raises(rn.NotebookParameterError, match="exactly one cell tagged 'parameters'"):
+        rn.notebook_parameters(path)
+
+
+def test_non_literal_parameters_are_refused(tmp_path):
+    path = write_notebook(tmp_path / "a.ipynb", "import os\nMODEL = 'x'")
+    with pytest.raises(rn.NotebookParameterError, match="only `NAME = literal`"):
+        rn.notebook_parameters(path)
+    path = write_notebook(tmp_path / "b.ipynb", "N = len('abc')")
+    with pytest.raises(rn.NotebookParameterError, match="non-literal default"):
+        rn.notebook_parameters(path)
+
+
+def test_unknown_override_names_it_and_the_known_ones(tmp_path):
+    path = write_notebook(tmp_path / "a.ipynb", "MODEL = 'x'\nFAST = False")
+    with pytest.raises(rn.NotebookParameterError, match=r"\['MODLE'\].*known: \['FAST', 'MODEL'\]"):
+        rn.check_overrides(path, {"MODLE": "y"})
+
+
+@pytest.mark.parametrize("name,value,ok", [
+    ("FAST", True, True), ("FAST", "yes", False), ("FAST", 1, False),
+    ("LIMIT", 7, True), ("LIMIT", 0.5, True), ("LIMIT", "7", False),
+    ("MODEL", "m", True), ("MODEL", 3, False), ("LAYERS", [1, 2], True), ("LAYERS", 3, False),
+    ("FIG_DIR", "/tmp/f", True),
+])
+def test_override_types_must_fit_the_default(tmp_path, name, value, ok):
+    path = write_notebook(
+        tmp_path / "a.ipynb", "MODEL = 'x'\nFAST = False\nLIMIT = 5\nLAYERS = (0,)\nFIG_DIR = None"
+    )
+    if ok:
+        rn.check_overrides(path, {name: value})
+    else:
+        with pytest.raises(rn.NotebookParameterError, match=f"parameter {name}"):
+            rn.check_overrides(path, {name: value})
+
+
+def test_parse_value():
+    assert rn.parse_value("True") is True
+    assert rn.parse_value("50") == 50
+    assert rn.parse_value("[1, 2]") == [1, 2]
+    assert rn.parse_value("qwen2.5-0.5b") == "qwen2.5-0.5b"
+    assert rn.parse_value("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+
+
+def test_cli_refuses_unknown_parameter_before_running(tmp_path, capsys):
+    path = write_notebook(tmp_path / "01_a.ipynb", "MODEL = 'x'")
+    with pytest.raises(rn.NotebookParameterError, match="MODLE"):
+        rn.main([str(path), "-p", "MODLE", "y", "--output-dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_notebook_injects_overrides(tmp_path):
+    check = nbformat.v4.new_code_cell(
+        "import json, pathlib\npathlib.Path(OUT).write_text(json.dumps({'MODEL': MODEL}))"
+    )
+    out_file = tmp_path / "seen.json"
+    path = write_notebook(tmp_path / "01_a.ipynb", f"MODEL = 'x'\nOUT = {str(out_file)!r}",
+                          extra_cells=[check])
+    rn.run_notebook(path, tmp_path / "executed.ipynb", {"MODEL": "y"}, cwd=tmp_path,
+                    progress_bar=False)
+    assert json.loads(out_file.read_text()) == {"MODEL": "y"}
+
+
+def test_numbered_notebooks_are_found_in_order():
+    names = [p.name for p in rn.numbered_notebooks()]
+    assert names == sorted(names) and names and names[0].startswith("00_")
+
+
+# FAST-mode overrides per notebook: tiny random models keep the suite quick; the main job
+# (`make figures`) runs the same notebooks on the real embedded default.
+FAST_OVERRIDES = {
+    "00_quickstart.ipynb": {"MODEL": "tiny-llama"},
+}
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", rn.numbered_notebooks(), ids=lambda p: p.name)
+def test_notebook_runs_in_fast_mode(path, tmp_path):
+    overrides = {"FAST": True, "FIG_DIR": str(tmp_path / "figures"), **FAST_OVERRIDES.get(path.name, {})}
+    rn.run_notebook(path, tmp_path / path.name, overrides, progress_bar=False)
+    figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
+    number = path.name[:2]
+    assert figures and all(name.startswith(number + "_") for name in figures)
+    for png in (tmp_path / "figures").glob("*.png"):
+        assert png.with_suffix(".json").is_file()
