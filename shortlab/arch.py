@@ -17,10 +17,12 @@ works without a new entry.
 
 from __future__ import annotations
 
+import inspect
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 
@@ -287,3 +289,16 @@ def validate_layer_indices(
     if not normalised and not allow_empty:
         raise ValueError("no layer indices given; select at least one layer")
     return sorted(normalised)
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the model's forward can compute the LM head on the last positions only."""
+    return "logits_to_keep" in inspect.signature(type(model).forward).parameters
+
+
+def forward_for_hidden_states(model: nn.Module, batch: Mapping[str, torch.Tensor]):
+    """Run the model for what its decoder layers compute: no KV cache, and the LM head on the last
+    position only where the model allows it (full-sequence logits are a large share of a small
+    model's compute and memory, and hidden-state metrics never read them)."""
+    extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    return model(**batch, use_cache=False, **extra)

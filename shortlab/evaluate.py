@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import inspect
 import math
 import random
 import re
@@ -46,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from shortlab.arch import supports_logits_to_keep
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -339,10 +340,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 @functools.cache
-def _accepts_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
 def input_device(model) -> torch.device:
     """Where the model wants its input ids (the input embeddings' device)."""
     return model.get_input_embeddings().weight.device
@@ -358,7 +355,7 @@ def next_token_logprobs(
     those, which keeps long few-shot prompts from materialising [B, T, V] logits.
     """
     kwargs = {}
-    if n_last is not None and _accepts_logits_to_keep(type(model)):
+    if n_last is not None and supports_logits_to_keep(model):
         kwargs["logits_to_keep"] = n_last
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shortlab.arch import model_parts, validate_layer_indices
+from shortlab.arch import forward_for_hidden_states, model_parts, validate_layer_indices
 from shortlab.hooks import capture_layer_io
 
 
@@ -82,7 +82,7 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
         for batch in batches:
             seen_batch = True
             accumulator.mask = batch.get("attention_mask")
-            model(**batch, use_cache=False)
+            forward_for_hidden_states(model, batch)
     if not seen_batch:
         raise ValueError("empty calibration set: no batch was given")
     return accumulator.result()

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from shortlab.arch import model_parts, validate_layer_indices
+from shortlab.arch import forward_for_hidden_states, model_parts, validate_layer_indices
 from shortlab.hooks import capture_layer_io
 from shortlab.metrics import block_influence, masked_sum_and_count
 
@@ -118,7 +118,7 @@ def relative_magnitude(model: nn.Module, batches: Batches) -> dict[int, float]:
     with torch.inference_mode(), capture_layer_io(model, reduce=accumulate):
         for batch in batches:
             mask[0] = batch.get("attention_mask")
-            model(**batch, use_cache=False)
+            forward_for_hidden_states(model, batch)
     if not sums:
         raise ValueError("empty calibration set: no batch was given")
     return {i: (sums[i] / counts[i]).item() for i in sorted(sums)}
@@ -152,7 +152,7 @@ def _last_token_states(model: nn.Module, batches: Batches) -> list[torch.Tensor]
             # last index where the mask is 1 (right or left padding alike)
             positions = torch.arange(ids.shape[1], device=mask.device).expand_as(mask)
             last[0] = torch.where(mask.bool(), positions, -1).amax(dim=1).to(ids.device)
-            model(**batch, use_cache=False)
+            forward_for_hidden_states(model, batch)
     if not states[0]:
         raise ValueError("empty calibration set: no batch was given")
     return [torch.cat(per_layer) for per_layer in states]
