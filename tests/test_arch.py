@@ -18,14 +18,7 @@ from shortlab.arch import (
 from shortlab.models import TINY_MODELS, load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their
-    synchronisation made each small matmul ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 EXPECTED = {  # name: (family, text_family, layers_path)

@@ -21,14 +21,7 @@ from shortlab.hooks import (
 from shortlab.models import load_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine their
-    synchronisation made each small matmul ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 HOOK_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-gemma3", "tiny-llava")

@@ -14,12 +14,7 @@ from shortlab.pruning import (
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3", "tiny-gpt2", "tiny-phi3"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls are slower with two threads on a busy 2-core box
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompt(tokenizer, n_tokens=80):
