@@ -191,6 +191,7 @@ def _tiny_text_config(arch: str, tokenizer):
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + ("tiny-llava",)
 IMAGE_TOKEN = "<image>"
+LLAVA_MINI_MODELS = {"llava-mini": 224, "llava-mini-336": 336}  # name -> image size
 
 
 def _tiny_tokenizer():
@@ -303,6 +304,10 @@ def load_model(
     if name in TINY_MODELS:
         model, tokenizer = _build_tiny(name, seed)
         model = model.to(torch_dtype)
+    elif name in LLAVA_MINI_MODELS:
+        from shortlab.llava_mini import build_llava_mini  # it imports this module
+
+        model, tokenizer = build_llava_mini(image_size=LLAVA_MINI_MODELS[name], dtype=torch_dtype)
     else:
         if name in EMBEDDED_MODELS:
             source = _embedded_checkpoint(name)
@@ -319,4 +324,4 @@ def load_model(
 
 def known_models() -> list[str]:
     """Every short name that ``load_model`` accepts besides paths and hub ids."""
-    return sorted(EMBEDDED_MODELS) + list(TINY_MODELS)
+    return sorted(EMBEDDED_MODELS) + list(LLAVA_MINI_MODELS) + list(TINY_MODELS)

