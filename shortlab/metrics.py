@@ -86,3 +86,55 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     if not seen_batch:
         raise ValueError("empty calibration set: no batch was given")
     return accumulator.result()
+
+
+def _unit_tokens(hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The kept tokens of ``hidden`` [batch, seq, hidden] as float32 unit vectors [n_kept, hidden]
+    (``keep``: bool [batch, seq], None keeps every token)."""
+    tokens = hidden.float().flatten(0, 1) if keep is None else hidden.float()[keep.to(hidden.device)]
+    return F.normalize(tokens, dim=-1)
+
+
+def layer_similarity(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean cosine similarity between the residual stream at every pair of depths.
+
+    Point ``i < L`` is the input of decoder layer ``i`` (so point 0 is the embeddings as the
+    decoder stack receives them) and point ``L`` is the last layer's output, before the final
+    norm: the same states Block Influence compares, so ``1 - S[i, i + 1]`` is layer ``i``'s BI.
+    ``S[i, j]`` = mean over non-padding tokens t of cos(x_{i,t}, x_{j,t}).
+
+    ``batches`` yields model inputs (``input_ids`` [batch, seq], optional ``attention_mask``);
+    one forward pass per batch, and only that batch's L + 1 states (unit vectors of its
+    non-padding tokens) are held at a time. Returns float64 [L + 1, L + 1] on the CPU,
+    symmetric. As in ``token_cosine``, a state that is exactly zero has cosine 0 with
+    everything, itself included, so the diagonal is 1 unless some token's state is zero (e.g.
+    a zero-initialised padding embedding of a random model used as an ordinary token).
+    """
+    parts = model_parts(model)
+    num_layers = parts.num_layers
+    device = parts.embed_tokens.weight.device  # where the states meet (layers may be sharded)
+    states: list[torch.Tensor | None] = [None] * (num_layers + 1)
+    keep: list[torch.Tensor | None] = [None]
+
+    def collect(index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
+        states[index] = _unit_tokens(hidden_in, keep[0]).to(device)
+        if index == num_layers - 1:
+            states[num_layers] = _unit_tokens(hidden_out, keep[0]).to(device)
+
+    sums: torch.Tensor | None = None
+    n_tokens = 0
+    with torch.inference_mode(), capture_layer_io(model, reduce=collect):
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            keep[0] = None if mask is None else mask.bool()
+            forward_for_hidden_states(model, batch)
+            stacked = torch.stack(states).flatten(1)  # [L + 1, n_kept * hidden]
+            gram = (stacked @ stacked.T).double()  # summed cosines over this batch's tokens
+            sums = gram if sums is None else sums + gram
+            n_tokens += states[0].shape[0]
+            states[:] = [None] * (num_layers + 1)
+    if sums is None:
+        raise ValueError("empty calibration set: no batch was given")
+    if n_tokens == 0:
+        raise ValueError("every token was masked out: no non-padding token to average over")
+    return (sums / n_tokens).cpu()
