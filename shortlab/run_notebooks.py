@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import logging
 import sys
 from pathlib import Path
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where executed copies go (default: <repo>/outputs)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output
     paths = numbered_notebooks() if args.all else args.notebooks
     if not paths:
         parser.error("name notebooks to run, or --all")
