@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,9 @@ PROJECTOR_FILE = "llava_mini_projector.safetensors"
 LORA_FILE = "llava_mini_lora.safetensors"
 CARD_FILE = "llava_mini_card.json"
 LOG_FILE = "llava_mini_train.log"
+
+# (packed input_ids, question-end mask) -> a context manager around the decoder forward
+Intervention = Callable[[torch.Tensor, torch.Tensor], AbstractContextManager]
 
 EASY_VQA = WheelFile("easy-vqa", "easy_vqa", "data/answers.txt")
 ANSWER_INSTRUCTION = "Answer with one word."
@@ -329,25 +334,42 @@ class PromptTokens:
 _QUESTION_MARKER = "\x00QUESTION\x00"
 
 
-def prompt_tokens(processor, image_size: int | None = None) -> PromptTokens:
+def prompt_tokens(processor) -> PromptTokens:
     """Split the single-question prompt into the shared prefix and the per-question text.
 
     The image token is special, so text on either side of it tokenizes independently: prefix +
     block(question) equals the processor's ``input_ids`` for that question (checked in tests).
+    The processor itself expands the image token (so any LLaVA tower's token count is right), and
+    the end-of-turn token is the one the chat template writes after an assistant answer.
     """
+    from PIL import Image
+
     tokenizer = processor.tokenizer
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_MARKER}]}]
-    template = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_MARKER}]}
+    template = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     if template.count(IMAGE_TOKEN) != 1:
         raise ValueError("the chat template must place exactly one image token")
-    size = image_size or processor.image_processor.crop_size["height"]
+    crop = processor.image_processor.crop_size
+    blank = Image.new("RGB", (crop["width"], crop["height"]))
     before = template.split(IMAGE_TOKEN, 1)[0]
-    prefix = tokenizer(before, add_special_tokens=False)["input_ids"]
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    prefix = prefix + [image_token_id] * num_image_tokens(size)
-    return PromptTokens(prefix=prefix, image_token_id=image_token_id,
-                        end_id=tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer=tokenizer,
+    prefix = processor(images=blank, text=before + IMAGE_TOKEN, add_special_tokens=False)["input_ids"][0]
+    return PromptTokens(prefix=list(map(int, prefix)), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                        end_id=_turn_end_id(processor, user, template), tokenizer=tokenizer,
                         template=template)
+
+
+def _turn_end_id(processor, user: dict, prompt: str) -> int:
+    """The first token the chat template writes after an assistant answer (``<|im_end|>`` for
+    ChatML, ``</s>`` for Vicuna-style templates)."""
+    answer = "yes"
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+    full = processor.apply_chat_template([user, assistant], tokenize=False)
+    if not full.startswith(prompt + answer):
+        raise ValueError("the chat template does not write the assistant answer right after the generation prompt")
+    after = processor.tokenizer(full[len(prompt + answer):], add_special_tokens=False)["input_ids"]
+    if not after:
+        raise ValueError("the chat template writes nothing after an assistant answer; no end-of-turn token")
+    return int(after[0])
 
 
 @dataclass
@@ -421,15 +443,20 @@ def packed_batch(sequences: list[PackedSequence], pad_id: int, dtype: torch.dtyp
     return input_ids, position_ids, packed_attention_mask(sequences, length, dtype)
 
 
+def input_embeddings(model, input_ids, image_features):
+    """The decoder's input [batch, seq, hidden]: token embeddings of ``input_ids`` with
+    ``image_features`` (already projected, [batch, image tokens, hidden]) at the image tokens."""
+    embeds = model.model.language_model.embed_tokens(input_ids)
+    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+
+
 def packed_hidden_states(model, input_ids, position_ids, attention_mask, image_features):
     """Run the decoder stack of a LLaVA model on packed sequences, placing ``image_features``
     (already projected, [batch, image tokens, hidden]) at the image-token positions."""
-    language_model = model.model.language_model
-    embeds = language_model.embed_tokens(input_ids)
-    image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
-    out = language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                         position_ids=position_ids, use_cache=False)
+    out = model.model.language_model(inputs_embeds=input_embeddings(model, input_ids, image_features),
+                                     attention_mask=attention_mask, position_ids=position_ids,
+                                     use_cache=False)
     return out.last_hidden_state
 
 
@@ -466,7 +493,8 @@ def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers: lis
 
 @torch.no_grad()
 def score_answers(model, processor, images, question_lists, answers=None, batch_size: int = 2,
-                  tokens: PromptTokens | None = None, features: list[torch.Tensor] | None = None):
+                  tokens: PromptTokens | None = None, features: list[torch.Tensor] | None = None,
+                  intervention: Intervention | None = None):
     """Closed-set easy-VQA scoring with packed sequences (one forward per ``batch_size`` images).
 
     ``images``: PIL images, or None when ``features`` (the vision features of each image, as
@@ -475,6 +503,12 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
     log-likelihood of the full assistant turn ``answer<|im_end|>`` (sum over its tokens), and
     ``greedy`` the answer whose turn greedy decoding reproduces token by token (None if greedy
     decoding would write anything else).
+
+    ``intervention(input_ids, question_ends)``, if given, returns a context manager that wraps the
+    decoder forward of each batch: ``input_ids`` [batch, seq] are the packed token ids (token groups
+    come from them, e.g. ``input_ids == image_token_id``) and ``question_ends`` a bool mask
+    [batch, seq] of each question's last token (where the answer is read; FastV ranks visual tokens
+    by the attention they get from there).
     """
     answers = answers or easy_vqa_answers()
     tokens = tokens or prompt_tokens(processor)
@@ -491,7 +525,11 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
         projected = model.model.multi_modal_projector(feats)
         built = [build_eval_sequence(tokens, question_lists[i], answers) for i in chunk]
         input_ids, position_ids, mask = packed_batch([b[0] for b in built], tokens.end_id, dtype)
-        hidden = packed_hidden_states(model, input_ids, position_ids, mask, projected)
+        question_ends = torch.zeros(input_ids.shape, dtype=torch.bool)
+        for row, (_, per_question, _) in enumerate(built):
+            question_ends[row, [last for last, _ in per_question]] = True
+        with intervention(input_ids, question_ends) if intervention else nullcontext():
+            hidden = packed_hidden_states(model, input_ids, position_ids, mask, projected)
         for row, (seq, per_question, answer_ids) in enumerate(built):
             needed = sorted({i for last, br in per_question for i in [last, *sum(br.values(), [])]})
             logits = model.lm_head(hidden[row, needed]).float()
@@ -513,9 +551,11 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
 
 
 def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", batch_size: int = 2,
-                   features: dict[int, torch.Tensor] | None = None) -> dict:
+                   features: dict[int, torch.Tensor] | None = None,
+                   intervention: Intervention | None = None) -> dict:
     """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over the 13
-    answers (``accuracy``) and greedy exact match (``greedy_accuracy``)."""
+    answers (``accuracy``) and greedy exact match (``greedy_accuracy``). ``intervention``: as in
+    ``score_answers``."""
     by_image: dict[int, list[VQAItem]] = defaultdict(list)
     for item in items:
         by_image[item.image_id].append(item)
@@ -523,7 +563,7 @@ def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", 
     images = None if features is not None else [easy_vqa_image(split, i) for i in image_ids]
     feats = [features[i] for i in image_ids] if features is not None else None
     results = score_answers(model, processor, images, [[it.question for it in by_image[i]] for i in image_ids],
-                            batch_size=batch_size, features=feats)
+                            batch_size=batch_size, features=feats, intervention=intervention)
     correct = greedy_correct = total = 0
     predictions = []
     for image_id, image_results in zip(image_ids, results):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -65,14 +65,44 @@ class BlockInfluenceAccumulator:
         return {i: 1.0 - (self.sums[i] / self.counts[i]).item() for i in self.layers}
 
 
+TokenMask = torch.Tensor | Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+"""A bool [batch, seq] mask, or a function of a batch returning one."""
+
+
+def _tokens_to_average(batch: Mapping[str, torch.Tensor], token_mask: TokenMask | None
+                       ) -> torch.Tensor | None:
+    """The [batch, seq] mask of tokens whose cosines enter the mean: the batch's attention mask,
+    restricted to ``token_mask`` where one is given (None: every token)."""
+    attention_mask = batch.get("attention_mask")
+    if token_mask is None:
+        return attention_mask
+    selected = token_mask(batch) if callable(token_mask) else token_mask
+    if not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool:
+        got = getattr(selected, "dtype", type(selected).__name__)
+        raise TypeError(f"token_mask must be a bool tensor [batch, seq], got {got}")
+    if attention_mask is None:
+        return selected
+    if selected.shape != attention_mask.shape:  # ``&`` would broadcast a [1, seq] mask silently
+        raise ValueError(f"token_mask shape {tuple(selected.shape)} does not match the attention "
+                         f"mask {tuple(attention_mask.shape)}")
+    return attention_mask.bool() & selected.to(attention_mask.device)
+
+
 def block_influence(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
-                    layers: Iterable[int] | None = None) -> dict[int, float]:
+                    layers: Iterable[int] | None = None,
+                    token_mask: TokenMask | None = None) -> dict[int, float]:
     """ShortGPT's Block Influence of each decoder layer over calibration batches.
 
     ``batches`` yields model inputs (``input_ids`` [batch, seq] and ``attention_mask``, which
     excludes padding from the mean). One forward pass per batch; layer inputs and outputs are
     taken from the decoder layers themselves and reduced on the fly, so no more than one layer's
     hidden states are alive at a time. Returns {layer index: BI}.
+
+    ``token_mask`` restricts the mean to some tokens (padding stays excluded): a bool
+    [batch, seq] tensor used for every batch, or a function of a batch returning one, e.g. the
+    visual tokens for ShortV's cosine-similarity baseline (``token_groups`` from
+    ``shortlab.contribution``),
+    ``lambda b: token_groups(model, b["input_ids"], b["attention_mask"])["visual"]``.
     """
     parts = model_parts(model)
     chosen = range(parts.num_layers) if layers is None else validate_layer_indices(parts, layers)
@@ -81,7 +111,7 @@ def block_influence(model: nn.Module, batches: Iterable[Mapping[str, torch.Tenso
     with torch.inference_mode(), capture_layer_io(model, accumulator.layers, reduce=accumulator):
         for batch in batches:
             seen_batch = True
-            accumulator.mask = batch.get("attention_mask")
+            accumulator.mask = _tokens_to_average(batch, token_mask)
             forward_for_hidden_states(model, batch)
     if not seen_batch:
         raise ValueError("empty calibration set: no batch was given")

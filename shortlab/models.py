@@ -217,6 +217,8 @@ def _build_tiny_llava(tokenizer):
     """A LLaVA-1.5-style model (CLIP tower, 2-layer projector, Llama decoder) with random weights."""
     import transformers as tf
 
+    from shortlab.llava_mini import CHAT_TEMPLATE  # it imports this module
+
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vision = tf.CLIPVisionConfig(
@@ -238,7 +240,7 @@ def _build_tiny_llava(tokenizer):
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
         vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
-        chat_template=tokenizer.chat_template,
+        chat_template=CHAT_TEMPLATE,  # llava-mini's: images in the user turn, ChatML otherwise
     )
     return model, processor
 

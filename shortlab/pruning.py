@@ -165,7 +165,11 @@ def angular_distances(model: nn.Module, batches: Batches, block_size: int) -> di
     num_layers = model_parts(model).num_layers
     if not 1 <= block_size <= num_layers:
         raise ValueError(f"block_size must be in [1, {num_layers}], got {block_size}")
-    states = _last_token_states(model, batches)
+    return _angular_distances_from_states(_last_token_states(model, batches), block_size)
+
+
+def _angular_distances_from_states(states: list[torch.Tensor], block_size: int) -> dict[int, float]:
+    num_layers = len(states) - 1
     distances = {}
     for start in range(num_layers - block_size + 1):
         cosine = torch.nn.functional.cosine_similarity(states[start], states[start + block_size], dim=-1)
@@ -179,9 +183,13 @@ def rank_angular_distance(model: nn.Module, batches: Batches, n_remove: int, see
     _check_n_remove(model, n_remove)
     if n_remove == 0:
         return []
-    distances = angular_distances(model, batches, n_remove)
+    return _closest_block(_last_token_states(model, batches), n_remove)
+
+
+def _closest_block(states: list[torch.Tensor], block_size: int) -> list[int]:
+    distances = _angular_distances_from_states(states, block_size)
     start = min(distances, key=lambda l: (distances[l], l))
-    return list(range(start, start + n_remove))
+    return list(range(start, start + block_size))
 
 
 Ranking = Callable[[nn.Module, Batches, int, int], list[int]]
@@ -201,3 +209,35 @@ def rank_layers(method: str, model: nn.Module, batches: Batches, n_remove: int, 
     if method not in RANKINGS:
         raise ValueError(f"unknown ranking {method!r}; known: {sorted(RANKINGS)}")
     return RANKINGS[method](model, batches, n_remove, seed)
+
+
+def rank_layers_for_counts(method: str, model: nn.Module, batches: Batches, counts: Iterable[int],
+                           seed: int = 0) -> dict[int, list[int]]:
+    """``{k: rank_layers(method, model, batches, k, seed)}`` for every ``k`` in ``counts``, with
+    one analysis of the model instead of one per ``k``: score-based rankings (BI, relative
+    magnitude) score the layers once; iterative BI runs once up to the largest ``k`` (it is
+    greedy, so its choice for ``k`` is its first ``k`` removals); angular distance collects the
+    last-token states once and compares blocks of every size on them."""
+    if method not in RANKINGS:
+        raise ValueError(f"unknown ranking {method!r}; known: {sorted(RANKINGS)}")
+    counts = sorted(set(counts))
+    for n_remove in counts:
+        _check_n_remove(model, n_remove)
+    if not counts:
+        return {}
+    if method in _SCORES:
+        scores = _SCORES[method](model, batches)
+        return {k: _lowest(scores, k) for k in counts}
+    if method == "iterative_block_influence":
+        order = rank_iterative_block_influence(model, batches, counts[-1])
+        return {k: order[:k] for k in counts}
+    if method == "angular_distance":
+        states = _last_token_states(model, batches) if counts[-1] else []
+        return {k: _closest_block(states, k) if k else [] for k in counts}
+    return {k: RANKINGS[method](model, batches, k, seed) for k in counts}
+
+
+_SCORES: dict[str, Callable[[nn.Module, Batches], dict[int, float]]] = {
+    "block_influence": block_influence,
+    "relative_magnitude": relative_magnitude,
+}

@@ -170,3 +170,46 @@ def test_trained_projector_beats_the_majority_answer(llava):
     result = lm.evaluate_items(model, processor, items, batch_size=2)
     assert result["n"] == 40
     assert result["accuracy"] > baseline + 0.1, (result["accuracy"], baseline)
+
+
+def test_intervention_wraps_each_forward_with_the_packed_ids_and_question_ends(llava):
+    from contextlib import contextmanager
+
+    from shortlab.hooks import keep_tokens_unchanged
+
+    model, processor = llava
+    questions = lm.fixed_test_questions(40, seed=0)
+    items = [item for item in questions if item.image_id in {q.image_id for q in questions[:2]}]
+    seen = []
+
+    @contextmanager
+    def record(input_ids, question_ends):
+        seen.append((input_ids, question_ends))
+        yield
+
+    plain = lm.evaluate_items(model, processor, items, batch_size=8)
+    recorded = lm.evaluate_items(model, processor, items, batch_size=8, intervention=record)
+    assert recorded["accuracy"] == plain["accuracy"] and len(seen) == 1
+    input_ids, question_ends = seen[0]
+    assert int(question_ends.sum()) == len(items)
+    header_end = processor.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-1]
+    assert (input_ids[question_ends] == header_end).all()
+
+    def frozen_visual(input_ids, question_ends):
+        return keep_tokens_unchanged(model, range(30), input_ids == model.config.image_token_id)
+
+    blind = lm.evaluate_items(model, processor, items, batch_size=8, intervention=frozen_visual)
+    assert [p[1] for p in blind["predictions"]] != [p[1] for p in plain["predictions"]]
+
+
+def test_prompt_tokens_follow_the_processor_of_any_llava():
+    from shortlab.models import load_model
+
+    model, processor = load_model("tiny-llava")  # CLIP tower: 16 visual tokens at 56 px
+    tokens = lm.prompt_tokens(processor)
+    assert tokens.prefix.count(model.config.image_token_id) == 16
+    assert tokens.end_id == processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    image = lm.easy_vqa_image("test", 0)
+    ids = processor(images=image, text=lm.chat_text(processor, "is there a red shape?"),
+                    return_tensors="pt")["input_ids"][0].tolist()
+    assert ids == tokens.prefix + tokens.block("is there a red shape?")

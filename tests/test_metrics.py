@@ -90,3 +90,34 @@ def test_block_influence_of_an_identity_layer_is_zero_and_batches_accumulate(tin
 def test_block_influence_refuses_empty_calibration(tiny):
     with pytest.raises(ValueError, match="empty calibration set"):
         block_influence(tiny[0], [])
+
+
+def test_block_influence_restricted_to_a_token_mask(tiny):
+    model, tokenizer = tiny
+    batch = tokenizer(["A short one.", "A somewhat longer sentence with more tokens in it."],
+                      return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        states = model(**batch, output_hidden_states=True).hidden_states
+    chosen = torch.rand(batch["input_ids"].shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    chosen[:, 0] = True
+    counted = chosen & batch["attention_mask"].bool()  # padding stays excluded
+    assert (chosen & ~batch["attention_mask"].bool()).any()  # ... even where the mask says True
+    as_tensor = block_influence(model, [batch], layers=[0, 1, 2], token_mask=chosen)
+    as_function = block_influence(model, [batch], layers=[0, 1, 2], token_mask=lambda b: chosen)
+    for i in range(3):
+        cos = torch.nn.functional.cosine_similarity(states[i], states[i + 1], dim=-1)
+        assert as_tensor[i] == pytest.approx(1 - cos[counted].mean().item(), abs=1e-5)
+        assert as_function[i] == as_tensor[i]
+    assert as_tensor != block_influence(model, [batch], layers=[0, 1, 2])
+
+
+def test_block_influence_token_mask_errors(tiny):
+    model, tokenizer = tiny
+    batch = tokenizer(["one two three"], return_tensors="pt")
+    ones = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    with pytest.raises(TypeError, match="bool tensor"):
+        block_influence(model, [batch], token_mask=batch["attention_mask"])
+    with pytest.raises(ValueError, match="does not match the attention mask"):
+        block_influence(model, [batch], token_mask=ones[:, :2])
+    with pytest.raises(ValueError, match="every token was masked out"):
+        block_influence(model, [batch], token_mask=~ones)

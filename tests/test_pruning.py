@@ -7,7 +7,7 @@ from shortlab.hooks import replace_layer_outputs, skip_layers
 from shortlab.models import load_model
 from shortlab.pruning import (
     RANKINGS, angular_distances, rank_angular_distance, rank_block_influence,
-    rank_iterative_block_influence, rank_layers, rank_random, rank_relative_magnitude,
+    rank_iterative_block_influence, rank_layers, rank_layers_for_counts, rank_random, rank_relative_magnitude,
     rank_reverse_order, relative_magnitude, remove_layers,
 )
 
@@ -164,3 +164,28 @@ def test_every_ranking_by_name_returns_distinct_valid_layers(calibration, method
 def test_unknown_ranking_is_named():
     with pytest.raises(ValueError, match="unknown ranking 'bogus'"):
         rank_layers("bogus", None, [], 1)
+
+
+@pytest.mark.parametrize("method", sorted(RANKINGS))
+def test_choices_for_several_counts_equal_one_ranking_per_count(calibration, method):
+    model, batches = calibration
+    counts = [3, 0, 1, 2]
+    assert rank_layers_for_counts(method, model, batches, counts, seed=5) == {
+        k: rank_layers(method, model, batches, k, seed=5) for k in sorted(counts)
+    }
+    assert rank_layers_for_counts(method, model, batches, []) == {}
+    with pytest.raises(ValueError, match="n_remove"):
+        rank_layers_for_counts(method, model, batches, [1, 4])
+
+
+def test_choices_for_several_counts_analyse_the_model_once(calibration, monkeypatch):
+    model, batches = calibration
+    from shortlab import pruning
+
+    calls = []
+    monkeypatch.setitem(pruning._SCORES, "block_influence",
+                        lambda m, b: calls.append(1) or pruning.block_influence(m, b))
+    choices = rank_layers_for_counts("block_influence", model, batches, [1, 2, 3])
+    assert len(calls) == 1 and choices[3][:2] == choices[2]
+    with pytest.raises(ValueError, match="unknown ranking 'bogus'"):
+        rank_layers_for_counts("bogus", model, batches, [1])

@@ -98,6 +98,7 @@ def test_numbered_notebooks_are_found_in_order():
 FAST_OVERRIDES = {
     "00_quickstart.ipynb": {"MODEL": "tiny-llama"},
     "01_block_influence_pruning.ipynb": {"MODEL": "tiny-llama"},
+    "02_shortv_visual_freezing.ipynb": {"MODEL": "tiny-llava"},
 }
 
 
