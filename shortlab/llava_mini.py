@@ -360,7 +360,8 @@ def prompt_tokens(processor) -> PromptTokens:
 
 def _turn_end_id(processor, user: dict, prompt: str) -> int:
     """The first token the chat template writes after an assistant answer (``<|im_end|>`` for
-    ChatML, ``</s>`` for Vicuna-style templates)."""
+    ChatML). Packed scoring appends answers right after the generation prompt, so a template that
+    writes anything in between (Vicuna's space after "ASSISTANT:") is refused."""
     answer = "yes"
     assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
     full = processor.apply_chat_template([user, assistant], tokenize=False)
