@@ -35,7 +35,6 @@ to the continuation, and without special tokens, as the harness's HF backend doe
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import random
 import re
@@ -333,7 +332,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return context_ids, whole[len(context_ids) :]
 
 
-@functools.cache
 def input_device(model) -> torch.device:
     """Where the model wants its input ids (the input embeddings' device)."""
     return model.get_input_embeddings().weight.device

@@ -328,3 +328,19 @@ def test_evaluate_mc_end_to_end_leaves_model_and_tokenizer_as_they_were(tiny):
         evaluate_mc(model, no_pad, "arc_easy", limit=6, batch_size=4, progress=False)["arc_easy"]
         == results["arc_easy"]
     )
+
+
+def test_evaluation_keeps_no_reference_to_the_model(tiny):
+    """Notebooks evaluate one pruned copy after another; a cache holding each copy (this once
+    leaked ~2.3 GB per Qwen2.5-0.5B copy) would run the machine out of memory."""
+    import gc
+    import weakref
+
+    model, tokenizer = tiny
+    copy_of_model = copy.deepcopy(model)
+    evaluate_mc(copy_of_model, tokenizer, ["piqa"], limit=2, batch_size=2)
+    perplexity(copy_of_model, torch.randint(0, 1000, (2, 16)))
+    alive = weakref.ref(copy_of_model)
+    del copy_of_model
+    gc.collect()
+    assert alive() is None
