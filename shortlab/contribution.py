@@ -13,8 +13,7 @@ public code. Layers whose visual contribution is smallest are the ones ShortV fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shortlab.arch import ModelParts, forward_for_hidden_states, model_parts, validate_layer_indices
-from shortlab.hooks import _hidden_in, _hidden_out, _hooks, keep_tokens_unchanged
+from shortlab.hooks import _hidden_in, _hidden_out, _hooks, eval_mode, keep_tokens_unchanged
 
 Method = Literal["rerun", "full_forward"]
 METHODS: tuple[str, ...] = ("rerun", "full_forward")
@@ -127,18 +126,6 @@ def _kl_divergence(modified_logits: torch.Tensor, original_logits: torch.Tensor)
     log_p = F.log_softmax(modified_logits.double(), dim=-1)
     log_q = F.log_softmax(original_logits.double().to(log_p.device), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean().item()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the duration, restoring every module's own training flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags.items():
-            module.training = training
 
 
 def _head_logits(model: nn.Module, parts: ModelParts, hidden: torch.Tensor) -> torch.Tensor:
@@ -275,7 +262,7 @@ def layer_contribution(
     )
     token_mask = _check_bool_mask("token_mask", token_mask, _token_shape(batch))
     read = reading_positions(batch, positions)
-    with torch.inference_mode(), _eval_mode(model):
+    with torch.inference_mode(), eval_mode(model):
         if method == "rerun":
             return _rerun_contributions(model, parts, batch, token_mask, chosen, read)
         return _full_forward_contributions(model, batch, token_mask, chosen, read)

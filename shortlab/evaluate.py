@@ -34,7 +34,6 @@ to the continuation, and without special tokens, as the harness's HF backend doe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from shortlab.arch import supports_logits_to_keep
+from shortlab.hooks import eval_mode
 from shortlab.wheels import WheelFile
 
 TARGET_DELIMITER = " "
@@ -380,18 +380,6 @@ def _model_inputs(
     return tokens if max_length is None else tokens[-max_length:]
 
 
-@contextlib.contextmanager
-def _eval_mode(model) -> Iterator[None]:
-    """Eval mode for the duration, then every module's own training flag back as it was."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _batches(items: list, batch_size: int) -> Iterator[list]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -427,7 +415,7 @@ def loglikelihoods(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=desc, unit="batch")
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch in batches:
             width = max(len(tokens) for tokens, _ in batch)
             # Only positions from the earliest scored one to the end of the widest row are needed.
@@ -478,7 +466,7 @@ def perplexity(
         raise ValueError("no token to predict: every row has fewer than two unmasked tokens")
     device = input_device(model)
     total_nll, n_tokens = 0.0, 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for rows in _batches(list(range(input_ids.shape[0])), batch_size):
             ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
             logprobs = next_token_logprobs(model, ids, mask)[:, :-1]

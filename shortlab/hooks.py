@@ -63,6 +63,19 @@ def _cache_argument(layer: nn.Module, args: tuple, kwargs: dict):
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the duration, then every module's own training flag back as it
+    was, on every exit path."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
 def _hooks(
     pre: Iterable[tuple[nn.Module, Callable]] = (),
     post: Iterable[tuple[nn.Module, Callable]] = (),

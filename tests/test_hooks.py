@@ -14,6 +14,7 @@ from torch import nn
 from shortlab.arch import model_parts
 from shortlab.hooks import (
     capture_layer_io,
+    eval_mode,
     keep_tokens_unchanged,
     replace_layer_outputs,
     skip_layers,
@@ -520,3 +521,15 @@ def test_cleanup_after_nesting_on_the_same_layer(guarded, outer, inner):
         with CONTEXTS[inner](guarded):
             _logits(guarded.model, guarded.inputs)
         assert torch.equal(_logits(guarded.model, guarded.inputs), outer_only)
+
+
+def test_eval_mode_restores_each_module_flag_even_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5), torch.nn.Linear(2, 2))
+    model.train()
+    model[1].eval()  # a mixed state must come back exactly
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model):
+            assert not any(m.training for m in model.modules())
+            raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == before
