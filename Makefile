@@ -1,5 +1,5 @@
 # The README's two commands: `make figures` (the main job) and `make test` (the test suite).
-.PHONY: env figures test bench
+.PHONY: env figures test bench lint
 
 env:
 	bash scripts/setup_env.sh
@@ -12,3 +12,6 @@ test: env
 
 bench: env
 	.venv/bin/python bench/run_all.py
+
+lint: env
+	.venv/bin/ruff check shortlab tests bench scripts notebooks

@@ -9,6 +9,8 @@ millisecond during the mode, and the peak above the RSS just before it is what t
 The children run with glibc's mmap threshold lowered so freed tensors go back to the OS at once
 and RSS follows live memory instead of the allocator's free lists.
 Storing every layer's hidden states (``output_hidden_states=True``) is shown for contrast.
+On CUDA (``--device cuda``) the memory is the peak of allocated CUDA memory above what was
+allocated before the mode ran (``peak_cuda_growth_mib_*``) instead of the resident set.
 """
 
 import argparse
@@ -20,7 +22,9 @@ import threading
 import torch
 
 from shortlab.arch import forward_for_hidden_states
-from shortlab.benchmarking import median_ratio, report, time_side_by_side
+from shortlab.benchmarking import (
+    add_device_arguments, cuda_devices, median_ratio, report, time_side_by_side,
+)
 from shortlab.data import calibration_batch
 from shortlab.metrics import block_influence
 from shortlab.models import DEFAULT_MODEL, load_model
@@ -28,10 +32,11 @@ from shortlab.models import DEFAULT_MODEL, load_model
 N_BLOCKS, SEQ_LEN = 8, 512
 
 
-def setup():
+def setup(device: str, dtype: str):
     torch.manual_seed(0)
-    model, tokenizer = load_model(DEFAULT_MODEL)
-    return model, calibration_batch(tokenizer, "wiki", N_BLOCKS, SEQ_LEN)
+    model, tokenizer = load_model(DEFAULT_MODEL, dtype=dtype, device=device)
+    batch = calibration_batch(tokenizer, "wiki", N_BLOCKS, SEQ_LEN)
+    return model, {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 def plain_forward(model, batch):
@@ -61,10 +66,25 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_growth_mib(mode: str) -> float:
-    """Run in a child process: peak growth of the resident set during one pass of ``mode``."""
-    model, batch = setup()
+def peak_cuda_growth_mib(mode: str, model, batch) -> float:
+    """Peak allocated CUDA memory above the allocation before one pass of ``mode``."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kept = MODES[mode](model, batch)  # held until measured, as a caller would hold it
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del kept
+    return (peak - before) / 2**20
+
+
+def peak_growth_mib(mode: str, device: str, dtype: str) -> float:
+    """Run in a child process: peak growth of the resident set (CUDA memory on a CUDA device)
+    during one pass of ``mode``."""
+    model, batch = setup(device, dtype)
     plain_forward(model, batch)
+    if torch.device(device).type == "cuda":
+        return peak_cuda_growth_mib(mode, model, batch)
     before = resident_bytes()
     peak, done = [before], threading.Event()
 
@@ -85,33 +105,34 @@ def peak_growth_mib(mode: str) -> float:
     return (peak[0] - before) / 2**20
 
 
-def main() -> None:
-    model, batch = setup()
+def main(device: str, dtype: str) -> None:
+    model, batch = setup(device, dtype)
     seconds = time_side_by_side(
         {"forward": lambda: plain_forward(model, batch),
          "full_logits_forward": lambda: full_logits_forward(model, batch),
          "block_influence": lambda: block_influence(model, [batch])},
-        repeats=7, warmup=1,
+        repeats=7, warmup=1, devices=cuda_devices(model),
     )
     report("bi_time_over_forward", median_ratio(seconds, "block_influence", "forward"))
     report("bi_time_over_full_logits_forward",
            median_ratio(seconds, "block_influence", "full_logits_forward"))
-    growth = {}
+    memory = "cuda" if torch.device(device).type == "cuda" else "rss"
     for mode in MODES:
-        out = subprocess.run([sys.executable, __file__, "--memory", mode], capture_output=True,
-                             text=True, check=True,
+        out = subprocess.run([sys.executable, __file__, "--memory", mode, "--device", device,
+                              "--dtype", dtype], capture_output=True, text=True, check=True,
                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}).stdout
-        growth[mode] = float(out.strip().splitlines()[-1])
-        report(f"peak_rss_growth_mib_{mode}", growth[mode])
-    hidden_mib = (model.config.num_hidden_layers + 1) * N_BLOCKS * SEQ_LEN * model.config.hidden_size * 4 / 2**20
+        report(f"peak_{memory}_growth_mib_{mode}", float(out.strip().splitlines()[-1]))
+    element_bytes = next(model.parameters()).element_size()  # hidden states share the weights' dtype
+    hidden_mib = ((model.config.num_hidden_layers + 1) * N_BLOCKS * SEQ_LEN * model.config.hidden_size
+                  * element_bytes / 2**20)
     report("all_layers_hidden_states_mib_if_kept", hidden_mib)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = add_device_arguments(argparse.ArgumentParser())
     parser.add_argument("--memory", choices=sorted(MODES))
     args = parser.parse_args()
     if args.memory:
-        print(peak_growth_mib(args.memory))
+        print(peak_growth_mib(args.memory, args.device, args.dtype))
     else:
-        main()
+        main(args.device, args.dtype)

@@ -1,23 +1,27 @@
-"""Cached safetensors load vs GGUF load (de-quantising) of the default model, side by side."""
+"""Cached safetensors load vs GGUF load (de-quantising) of the default model, side by side, each
+ending with the model on ``--device`` in ``--dtype``."""
 
+import argparse
 import statistics
 
 from transformers import AutoModelForCausalLM
 
-from shortlab.benchmarking import median_ratio, report, time_side_by_side
-from shortlab.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model
+from shortlab.benchmarking import add_device_arguments, median_ratio, report, time_side_by_side
+from shortlab.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, resolve_dtype
 
 
-def main(repeats: int = 3) -> None:
+def main(device: str, dtype: str, repeats: int = 3) -> None:
     gguf = EMBEDDED_MODELS[DEFAULT_MODEL].parts[0].locate()
+    torch_dtype = resolve_dtype(dtype)
     load_model(DEFAULT_MODEL)  # make sure the cache exists before timing it
 
     seconds = time_side_by_side(
         {
-            "gguf": lambda: AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name),
-            "cached": lambda: load_model(DEFAULT_MODEL),
+            "gguf": lambda: AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, dtype=torch_dtype).to(device),
+            "cached": lambda: load_model(DEFAULT_MODEL, dtype=dtype, device=device),
         },
-        repeats=repeats, warmup=0,
+        repeats=repeats, warmup=0, devices=[device],
     )
     report("model_load_gguf_median_s", statistics.median(seconds["gguf"]))
     report("model_load_cached_median_s", statistics.median(seconds["cached"]))
@@ -25,4 +29,5 @@ def main(repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    args = add_device_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args()
+    main(args.device, args.dtype)

@@ -6,12 +6,15 @@ alternate in one run (``speed.measure_speed``, medians). Printed next to each me
 the ideal L / (L − n), and the ratio of weights each token is multiplied by (decoder linear
 layers + LM head), which accounts for the LM head that removing layers does not shrink.
 Memory: parameter bytes and measured KV-cache bytes for a 1024-token context.
+``--device`` and ``--dtype`` choose where and in what precision both models run.
 """
+
+import argparse
 
 import torch
 
 from shortlab.arch import model_parts
-from shortlab.benchmarking import report
+from shortlab.benchmarking import add_device_arguments, report
 from shortlab.data import calibration_batch, iter_batches
 from shortlab.models import DEFAULT_MODEL, load_model
 from shortlab.pruning import remove_layers, rank_layers
@@ -23,11 +26,13 @@ KV_CONTEXT = 1024
 
 
 def main() -> None:
+    args = add_device_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_model(DEFAULT_MODEL)
+    model, tokenizer = load_model(DEFAULT_MODEL, dtype=args.dtype, device=args.device)
     num_layers = model_parts(model).num_layers
     n_remove = round(FRACTION * num_layers)
-    calibration = list(iter_batches(calibration_batch(tokenizer, "wiki", 4, 256), 4))
+    calibration = [{name: tensor.to(args.device) for name, tensor in batch.items()}
+                   for batch in iter_batches(calibration_batch(tokenizer, "wiki", 4, 256), 4)]
     removed = rank_layers("block_influence", model, calibration, n_remove)
     pruned = remove_layers(model, removed)
     report("layers_dense", num_layers)

@@ -11,8 +11,9 @@ the same). Timed side by side (interleaved repetitions, medians):
 * full model: vision tower, projector, decoder and the LM head on the last position, for scale
   (the tower and head are not sped up, so this speedup is smaller).
 
-Usage: ``python bench/bench_shortv_speed.py [--threads 1 2]`` (torch intra-op threads per run,
-each printed with its own suffix).
+Usage: ``python bench/bench_shortv_speed.py [--threads 1 2] [--device cuda] [--dtype bfloat16]``
+(torch intra-op threads per run, each printed with its own suffix; on CUDA they only set the
+CPU threads that launch the kernels).
 """
 
 import argparse
@@ -22,7 +23,7 @@ import torch
 
 from shortlab import llava_mini as lm
 from shortlab.arch import model_parts
-from shortlab.benchmarking import report, time_side_by_side
+from shortlab.benchmarking import add_device_arguments, cuda_devices, report, time_side_by_side
 from shortlab.flops import flops_ratio
 from shortlab.models import load_model
 from shortlab.shortv import freeze_visual_tokens
@@ -32,12 +33,12 @@ N_FROZEN = 18
 REPEATS, WARMUP = 7, 1
 
 
-def setup():
-    model, processor = load_model(MODEL)
+def setup(device: str, dtype: str):
+    model, processor = load_model(MODEL, dtype=dtype, device=device)
     item = lm.fixed_test_questions(1)[0]
     image = lm.easy_vqa_image("test", item.image_id)  # 64 px; the processor upscales it
     inputs = processor(text=lm.chat_text(processor, item.question), images=image,
-                       return_tensors="pt")
+                       return_tensors="pt").to(device)
     with torch.inference_mode():
         features = lm.vision_features(model, inputs["pixel_values"])
         embeds = lm.input_embeddings(model, inputs["input_ids"], model.model.multi_modal_projector(features))
@@ -45,12 +46,12 @@ def setup():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = add_device_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model, inputs, embeds, image_mask = setup()
+    model, inputs, embeds, image_mask = setup(args.device, args.dtype)
     parts = model_parts(model)
     decoder = parts.decoder
     frozen = list(range(parts.num_layers - N_FROZEN, parts.num_layers))
@@ -89,7 +90,7 @@ def main() -> None:
                     "model_dense": lambda: run_model(False),
                     "model_frozen": lambda: run_model(True),
                 },
-                repeats=REPEATS, warmup=WARMUP,
+                repeats=REPEATS, warmup=WARMUP, devices=cuda_devices(model),
             )
             median = {name: statistics.median(times) for name, times in seconds.items()}
             measured = median["decoder_dense"] / median["decoder_frozen"]

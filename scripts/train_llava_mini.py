@@ -251,7 +251,6 @@ def main() -> None:
 
     train_items = lm.easy_vqa_questions("train")
     test_items = lm.easy_vqa_questions("test")
-    answers = lm.easy_vqa_answers()
     majority, majority_share = lm.majority_answer(train_items)
     by_image = defaultdict(list)
     for item in train_items:

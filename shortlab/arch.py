@@ -11,8 +11,11 @@ is a property of the class, and one ``model_type`` covers classes with different
 (``LlamaModel`` and ``LlamaForCausalLM`` are both "llama"; a Gemma 3 text model is "gemma3_text"
 inside a "gemma3" multimodal wrapper). Walking the MRO keeps user subclasses working, and matching
 names rather than classes avoids importing every model module. Wrappers and decoder stacks are
-registered separately, so a LLaVA wrapper around any supported stack (Llama, Mistral, Qwen2...)
-works without a new entry.
+registered separately, so a LLaVA (or LLaVA-NeXT) wrapper around any supported stack (Llama,
+Mistral, Qwen2...) works without a new entry.
+
+Supported: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 and Phi-3 causal LMs, GPT-2, and
+the multimodal LLaVA, LLaVA-NeXT, Gemma 3, Qwen2-VL and Qwen2.5-VL wrappers.
 """
 
 from __future__ import annotations
@@ -70,6 +73,9 @@ STACKS: dict[str, StackSpec] = {
     # Gemma 3 decoder layers keep their own copy of the index next to the attention's.
     "Gemma3TextModel": _llama_like("gemma3", "layer_idx"),
     "Phi3Model": _llama_like("phi3"),
+    # The text stacks of Qwen2-VL / Qwen2.5-VL (multimodal RoPE, computed by the stack).
+    "Qwen2VLTextModel": _llama_like("qwen2_vl"),
+    "Qwen2_5_VLTextModel": _llama_like("qwen2_5_vl"),
     # GPT-2 blocks built with add_cross_attention carry a second attention indexed the same way.
     "GPT2Model": StackSpec(
         family="gpt2", layers="h", embed_tokens="wte", final_norm="ln_f", attention="attn",
@@ -95,6 +101,15 @@ WRAPPERS: dict[str, WrapperSpec] = {
     # Multimodal wrappers: the stack's config is the wrapper's ``config.text_config``.
     "LlavaForConditionalGeneration": WrapperSpec(
         family="llava", decoder="model.language_model", lm_head="lm_head"
+    ),
+    "LlavaNextForConditionalGeneration": WrapperSpec(
+        family="llava_next", decoder="model.language_model", lm_head="lm_head"
+    ),
+    "Qwen2VLForConditionalGeneration": WrapperSpec(
+        family="qwen2_vl", decoder="model.language_model", lm_head="lm_head"
+    ),
+    "Qwen2_5_VLForConditionalGeneration": WrapperSpec(
+        family="qwen2_5_vl", decoder="model.language_model", lm_head="lm_head"
     ),
     "Gemma3ForConditionalGeneration": WrapperSpec(
         family="gemma3", decoder="model.language_model", lm_head="lm_head"

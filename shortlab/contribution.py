@@ -9,11 +9,15 @@ positions (by default the answer position, the last real token of each row), as 
 public code. Layers whose visual contribution is smallest are the ones ShortV freezes.
 
 ``token_groups`` builds the visual / text masks from the image token id in the model config.
+
+Works on every architecture ``arch.model_parts`` supports; for ShortV on VLMs: LLaVA, LLaVA-NeXT
+(anyres: the visual mask follows each row's own number of image tokens), Gemma 3, Qwen2-VL and
+Qwen2.5-VL (the rerun reuses each layer's recorded multimodal RoPE table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
@@ -266,3 +270,50 @@ def layer_contribution(
         if method == "rerun":
             return _rerun_contributions(model, parts, batch, token_mask, chosen, read)
         return _full_forward_contributions(model, batch, token_mask, chosen, read)
+
+
+TOKEN_GROUPS: tuple[str, ...] = ("visual", "text")
+
+
+def mean_layer_contribution(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    group: str | Callable[[Mapping[str, torch.Tensor]], torch.Tensor] = "visual",
+    layers: Iterable[int] | None = None,
+    method: Method = "rerun",
+) -> dict[int, float]:
+    """Layer Contribution averaged over calibration batches, as ShortV scores layers before it
+    picks the lowest: the mean of ``layer_contribution`` over every reading position of every
+    batch. With the default reading position (the answer position, one per row) every question
+    counts once, however the questions are split into batches: each batch's mean is weighted by
+    its number of reading positions.
+
+    ``group`` is the token group that layer l stops updating: a ``token_groups`` key ("visual"
+    or "text"), recomputed for each batch from its ``input_ids`` and ``attention_mask``, or a
+    function of a batch returning a bool mask [batch, seq]. ``batches`` yields model inputs
+    (``input_ids`` [batch, seq], ``attention_mask``, ``pixel_values``); it is iterated once, so
+    a generator building batches lazily is fine. ``layers`` and ``method`` as in
+    ``layer_contribution``.
+
+    Returns ``{l: mean KL(P_modified_l ‖ P_original)}`` in nats. Raises ``ValueError`` for an
+    unknown group name or when ``batches`` yields nothing.
+    """
+    if isinstance(group, str) and group not in TOKEN_GROUPS:
+        raise ValueError(f"unknown token group {group!r}; choose one of {', '.join(TOKEN_GROUPS)} "
+                         f"or pass a function of the batch returning a bool mask")
+    chosen = None if layers is None else list(layers)  # reused for every batch
+    totals: dict[int, float] = {}
+    n_positions = 0
+    for batch in batches:
+        if isinstance(group, str):
+            mask = token_groups(model, batch["input_ids"], batch.get("attention_mask"))[group]
+        else:
+            mask = group(batch)
+        weight = int(reading_positions(batch).sum())
+        values = layer_contribution(model, batch, mask, layers=chosen, method=method)
+        for layer, value in values.items():
+            totals[layer] = totals.get(layer, 0.0) + weight * value
+        n_positions += weight
+    if not n_positions:
+        raise ValueError("empty calibration set: no batch was given")
+    return {layer: total / n_positions for layer, total in totals.items()}

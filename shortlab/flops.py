@@ -168,6 +168,40 @@ def flops_ratio(
     return reduced / prefill_flops(config_or_shape, n_text, n_visual)
 
 
+def fastv_ratio_matching_flops(
+    config_or_shape, n_text: int, n_visual: int, target_flops: float, k: int
+) -> float:
+    """The smallest FastV ratio (after layer ``k``) whose ``prefill_flops`` do not exceed
+    ``target_flops``, e.g. a ShortV setting's, for a FLOPs-matched comparison.
+
+    FastV drops a whole number of tokens, so the answer is ``d / n_visual`` for the smallest
+    count ``d`` that meets the budget (any ratio that rounds to ``d`` costs the same); FLOPs
+    fall as ``d`` grows, so ``d`` is found by bisection over 0 … n_visual. Returns 0.0 when the
+    dense prefill already fits. Raises ValueError when even dropping every visual token from
+    layer ``k`` on costs more than ``target_flops``.
+    """
+    s = _shape(config_or_shape)
+    check_fastv_k(s.num_layers, k)
+    if n_visual < 1:
+        raise ValueError(f"FastV needs visual tokens to drop, got n_visual = {n_visual}")
+
+    def cost(dropped: int) -> int:
+        return prefill_flops(s, n_text, n_visual, fastv_k=k, fastv_ratio=dropped / n_visual)
+
+    if cost(n_visual) > target_flops:
+        dense = prefill_flops(s, n_text, n_visual)
+        raise ValueError(
+            f"no FastV ratio after layer {k} reaches {target_flops:.4g} FLOPs "
+            f"({target_flops / dense:.1%} of dense): dropping all {n_visual} visual tokens "
+            f"still costs {cost(n_visual) / dense:.1%}"
+        )
+    low, high = -1, n_visual  # cost(low) > target (by convention at -1), cost(high) <= target
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if cost(middle) > target_flops else (low, middle)
+    return high / n_visual
+
+
 def counted_layer_flops(model: nn.Module, run: Callable[[], object]) -> dict[int, int]:
     """The FLOPs torch's ``FlopCounterMode`` counts inside each decoder layer while ``run()``
     executes (e.g. a forward pass under ``freeze_visual_tokens``): ``{layer index: FLOPs}``

@@ -13,6 +13,11 @@ Layer indices are positions in ``model_parts(model).layers`` and may be negative
 
 Hooks on a layer run in the order they were registered, so a capture entered inside a
 ``replace_layer_outputs`` sees the replaced output, and one entered outside sees the layer's own.
+
+Under a ``device_map`` that spreads the layers over devices, a layer's input arrives on the
+device of the layer before it (accelerate moves it inside the layer's forward, after our hooks
+see it) while its output is on the layer's own device; functions that combine the two get them
+on one device, as each one's docstring says.
 """
 
 from __future__ import annotations
@@ -117,8 +122,8 @@ def capture_layer_io(
     """Record each chosen layer's input and output hidden states over any number of forward passes.
 
     ``layers=None`` chooses every layer; an empty selection is an error. With ``reduce``, each
-    ``(layer_index, hidden_in, hidden_out)`` pair (detached, ``[batch, seq, hidden]``) goes to
-    ``reduce`` inside the hook and nothing is stored, so a metric over many layers (e.g. a
+    ``(layer_index, hidden_in, hidden_out)`` pair (detached, ``[batch, seq, hidden]``, the output
+    moved to the input's device) goes to ``reduce`` inside the hook and nothing is stored, so a metric over many layers (e.g. a
     streaming Block Influence sum) never holds more than one layer's states::
 
         with capture_layer_io(model, reduce=accumulator) as record:
@@ -140,7 +145,7 @@ def capture_layer_io(
             hidden_in = _hidden_in(args, kwargs).detach()
             hidden_out = _hidden_out(output).detach()
             if reduce is not None:
-                reduce(index, hidden_in, hidden_out)
+                reduce(index, hidden_in, hidden_out.to(hidden_in.device))
             else:
                 record.inputs[index].append(hidden_in)
                 record.outputs[index].append(hidden_out)
@@ -157,7 +162,7 @@ def capture_layer_io(
 def _output_hook(index: int, fn: HiddenFn):
     def hook(module, args, kwargs, output):
         hidden_out = _hidden_out(output)
-        new = fn(_hidden_in(args, kwargs), hidden_out)
+        new = fn(_hidden_in(args, kwargs).to(hidden_out.device), hidden_out)
         if not isinstance(new, torch.Tensor) or new.shape != hidden_out.shape:
             shape = tuple(new.shape) if isinstance(new, torch.Tensor) else type(new).__name__
             raise ValueError(
@@ -174,7 +179,8 @@ def replace_layer_outputs(
     model: nn.Module, replacements: Mapping[int, HiddenFn]
 ) -> Iterator[None]:
     """Replace layer outputs: for each ``index: fn``, layer ``index`` returns
-    ``fn(hidden_in, hidden_out)`` (same ``[batch, seq, hidden]`` shape) instead of ``hidden_out``.
+    ``fn(hidden_in, hidden_out)`` (same ``[batch, seq, hidden]`` shape) instead of ``hidden_out``;
+    ``hidden_in`` is moved to the device of ``hidden_out``, where the result must stay.
 
     The layer still runs (and fills its KV cache); only what flows on changes. An empty mapping
     is a no-op, so sweeps can include the unpatched baseline.

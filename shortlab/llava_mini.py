@@ -131,7 +131,7 @@ def merge_lora(model, lora_state: dict[str, torch.Tensor], scale: float) -> list
             raise KeyError(f"LoRA delta for unknown parameter {name}")
         weight = params[name]
         with torch.no_grad():
-            weight.add_((scale * (b @ a)).to(weight.dtype))
+            weight.add_((scale * (b @ a)).to(device=weight.device, dtype=weight.dtype))
         merged.append(name)
     return merged
 
@@ -433,23 +433,30 @@ def packed_attention_mask(sequences: list[PackedSequence], length: int, dtype: t
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def packed_batch(sequences: list[PackedSequence], pad_id: int, dtype: torch.dtype):
-    """``(input_ids, position_ids, attention_mask)`` tensors for a batch of packed sequences."""
+def packed_batch(sequences: list[PackedSequence], pad_id: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None):
+    """``(input_ids, position_ids, attention_mask)`` tensors for a batch of packed sequences:
+    [batch, length], [batch, length] and [batch, 1, length, length], on ``device`` (default
+    the CPU). They are built on the CPU, where their many small writes are cheap, and moved once."""
     length = max(len(s.input_ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(sequences), length), dtype=torch.long)
     for row, seq in enumerate(sequences):
         input_ids[row, : len(seq.input_ids)] = torch.tensor(seq.input_ids)
         position_ids[row, : len(seq.input_ids)] = torch.tensor(seq.position_ids)
-    return input_ids, position_ids, packed_attention_mask(sequences, length, dtype)
+    mask = packed_attention_mask(sequences, length, dtype)
+    return input_ids.to(device), position_ids.to(device), mask.to(device)
 
 
 def input_embeddings(model, input_ids, image_features):
-    """The decoder's input [batch, seq, hidden]: token embeddings of ``input_ids`` with
-    ``image_features`` (already projected, [batch, image tokens, hidden]) at the image tokens."""
-    embeds = model.model.language_model.embed_tokens(input_ids)
+    """The decoder's input [batch, seq, hidden] on the embedding's device: token embeddings of
+    ``input_ids`` with ``image_features`` (already projected, [batch, image tokens, hidden]) at
+    the image tokens."""
+    embed_tokens = model.model.language_model.embed_tokens
+    input_ids = input_ids.to(embed_tokens.weight.device)
+    embeds = embed_tokens(input_ids)
     image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    return embeds.masked_scatter(image_mask, image_features.to(embeds.dtype))
+    return embeds.masked_scatter(image_mask, image_features.to(device=embeds.device, dtype=embeds.dtype))
 
 
 def packed_hidden_states(model, input_ids, position_ids, attention_mask, image_features):
@@ -462,9 +469,13 @@ def packed_hidden_states(model, input_ids, position_ids, attention_mask, image_f
 
 
 def vision_features(model, pixel_values) -> torch.Tensor:
-    """The vision tower's selected features (before the projector), exactly as LLaVA selects them."""
+    """The vision tower's selected features (before the projector), exactly as LLaVA selects them:
+    [batch, patches (+ CLS for the "full" strategy), tower width], on the tower's device.
+    ``pixel_values`` [batch, 3, height, width] may live anywhere."""
     config = model.config
-    out = model.model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True)
+    tower = model.model.vision_tower
+    weight = next(tower.parameters())
+    out = tower(pixel_values.to(device=weight.device, dtype=weight.dtype), output_hidden_states=True)
     features = out.hidden_states[config.vision_feature_layer]
     return features[:, 1:] if config.vision_feature_select_strategy == "default" else features
 
@@ -509,11 +520,18 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
     decoder forward of each batch: ``input_ids`` [batch, seq] are the packed token ids (token groups
     come from them, e.g. ``input_ids == image_token_id``) and ``question_ends`` a bool mask
     [batch, seq] of each question's last token (where the answer is read; FastV ranks visual tokens
-    by the attention they get from there).
+    by the attention they get from there), both on the device of the token embeddings.
+
+    Every tensor goes to the device of the module that reads it (vision tower, projector, token
+    embeddings, LM head), so models placed with a ``device_map`` work as well.
     """
     answers = answers or easy_vqa_answers()
     tokens = tokens or prompt_tokens(processor)
     dtype = model.dtype
+    projector = model.model.multi_modal_projector
+    projector_device = next(projector.parameters()).device
+    input_device = model.model.language_model.embed_tokens.weight.device
+    head_device = model.lm_head.weight.device
     results = []
     order = list(range(len(question_lists)))
     for start in range(0, len(order), batch_size):
@@ -522,19 +540,26 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
             pixel_values = processor.image_processor([images[i] for i in chunk], return_tensors="pt")["pixel_values"]
             feats = vision_features(model, pixel_values)
         else:
-            feats = torch.stack([features[i] for i in chunk]).to(dtype)
-        projected = model.model.multi_modal_projector(feats)
+            feats = torch.stack([features[i] for i in chunk])
+        projected = projector(feats.to(device=projector_device, dtype=dtype))
         built = [build_eval_sequence(tokens, question_lists[i], answers) for i in chunk]
-        input_ids, position_ids, mask = packed_batch([b[0] for b in built], tokens.end_id, dtype)
+        input_ids, position_ids, mask = packed_batch([b[0] for b in built], tokens.end_id, dtype,
+                                                     device=input_device)
         question_ends = torch.zeros(input_ids.shape, dtype=torch.bool)
         for row, (_, per_question, _) in enumerate(built):
             question_ends[row, [last for last, _ in per_question]] = True
+        question_ends = question_ends.to(input_device)
         with intervention(input_ids, question_ends) if intervention else nullcontext():
             hidden = packed_hidden_states(model, input_ids, position_ids, mask, projected)
-        for row, (seq, per_question, answer_ids) in enumerate(built):
+        for row, (_, per_question, answer_ids) in enumerate(built):
             needed = sorted({i for last, br in per_question for i in [last, *sum(br.values(), [])]})
-            logits = model.lm_head(hidden[row, needed]).float()
-            logp = dict(zip(needed, torch.log_softmax(logits, -1)))
+            logits = model.lm_head(hidden[row, needed].to(head_device)).float()
+            # Only the answer and end tokens are ever read: one small copy to the CPU instead of
+            # a GPU wait for every scalar read below.
+            vocab_ids = sorted({t for ids in answer_ids.values() for t in ids} | {tokens.end_id})
+            column = {t: k for k, t in enumerate(vocab_ids)}
+            target_logp = torch.log_softmax(logits, -1)[:, vocab_ids].cpu()
+            logp = dict(zip(needed, target_logp))  # logp[r][column[t]]: log p(token t | reader r)
             argmax = dict(zip(needed, logits.argmax(-1).tolist()))
             image_results = []
             for last, branches in per_question:
@@ -543,7 +568,7 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
                     ids = answer_ids[answer]
                     readers = [last, *positions]  # position k predicts token k of ids + [end]
                     targets = [*ids, tokens.end_id]
-                    scores[answer] = float(sum(logp[r][t] for r, t in zip(readers, targets)))
+                    scores[answer] = float(sum(logp[r][column[t]] for r, t in zip(readers, targets)))
                     if all(argmax[r] == t for r, t in zip(readers, targets)):
                         greedy = answer
                 image_results.append((scores, greedy))

@@ -15,12 +15,14 @@ from shortlab.hooks import capture_layer_io
 def token_cosine(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each token's hidden state before and after a layer.
 
-    x_in, x_out: [batch, seq, hidden] → [batch, seq], computed in float32 per token (never an
-    N×N matrix), so half-precision models do not lose the small differences BI is made of.
+    x_in, x_out: [batch, seq, hidden] → [batch, seq] on x_in's device (x_out is moved there: under
+    a ``device_map`` a layer's input and output can sit on different devices), computed in
+    float32 per token (never an N×N matrix), so half-precision models do not lose the small
+    differences BI is made of.
     """
     if x_in.shape != x_out.shape:
         raise ValueError(f"hidden-state shapes differ: {tuple(x_in.shape)} vs {tuple(x_out.shape)}")
-    return F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+    return F.cosine_similarity(x_in.float(), x_out.to(x_in.device).float(), dim=-1)
 
 
 def masked_sum_and_count(values: torch.Tensor, mask: torch.Tensor | None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from shortlab.wheels import WheelFile
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV_VAR = "SHORTLAB_CACHE"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,15 +63,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "shortlab")
 
 
+AUTO_DTYPE = "auto"
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``None``/"auto" → float32 (the safe default on CPU); names like "bfloat16" → torch dtypes."""
+    """The torch dtype for a model shortlab builds itself: ``None`` and "auto" → float32 (what its
+    parts are stored in; ``load_model`` keeps a checkpoint's own dtype for "auto"); names like
+    "bfloat16" → torch dtypes."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
+    if dtype in (None, AUTO_DTYPE):
         return torch.float32
     resolved = getattr(torch, str(dtype), None)
     if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'float16'")
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
     return resolved
 
 
@@ -184,10 +191,21 @@ def _tiny_text_config(arch: str, tokenizer):
         return tf.Qwen3Config(**common, head_dim=16)
     if arch == "gemma":
         return tf.GemmaConfig(**common, head_dim=16)
+    # Windows shorter than the test prompts, so that sliding layers get masks of their own.
     if arch == "gemma2":
-        return tf.Gemma2Config(**common, head_dim=16, sliding_window=64)
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=TINY_SLIDING_WINDOW)
     if arch == "gemma3":
-        return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
+        # Alternating local/global layers (each type has its own RoPE base) instead of 5:1.
+        return tf.Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=TINY_SLIDING_WINDOW,
+            layer_types=["sliding_attention", "full_attention"] * (TINY_SIZES["num_hidden_layers"] // 2),
+        )
+    if arch == "qwen2_vl":
+        # A dict: the Qwen2-VL and Qwen2.5-VL configs each build their own text config from it.
+        # mrope_section: the temporal/height/width shares of head_dim / 2 = 8 rotary frequencies.
+        return dict(common, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+        })
     if arch == "phi3":
         return tf.Phi3Config(**common)
     if arch == "gpt2":
@@ -199,8 +217,12 @@ def _tiny_text_config(arch: str, tokenizer):
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
-TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + ("tiny-llava",)
+TINY_SLIDING_WINDOW = 8
+TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + TINY_MULTIMODAL
 IMAGE_TOKEN = "<image>"
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a prompt
 LLAVA_MINI_MODELS = {"llava-mini": 224, "llava-mini-336": 336}  # name -> image size
 
 
@@ -219,6 +241,10 @@ def _build_tiny(name: str, seed: int):
         torch.manual_seed(seed)
         if name == "tiny-llava":
             return _build_tiny_llava(tokenizer)
+        if name == "tiny-llava-next":
+            return _build_tiny_llava_next(tokenizer)
+        if name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
+            return _build_tiny_qwen_vl(tokenizer, qwen25=name == "tiny-qwen2.5-vl")
         config = _tiny_text_config(name.removeprefix("tiny-"), tokenizer)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer
 
@@ -255,6 +281,104 @@ def _build_tiny_llava(tokenizer):
     return model, processor
 
 
+def _build_tiny_llava_next(tokenizer):
+    """A LLaVA-NeXT model (anyres: the image is tiled on the best of a few grids, so the number of
+    image tokens depends on its size) with a tiny CLIP tower and a Llama decoder, random weights."""
+    import transformers as tf
+
+    from shortlab.llava_mini import CHAT_TEMPLATE  # it imports this module
+
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    side, patch = 28, 14  # 2 x 2 patches per tile
+    pinpoints = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    vision = tf.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=side, patch_size=patch, projection_dim=32,
+    )
+    config = tf.LlavaNextConfig(
+        vision_config=vision,
+        text_config=_tiny_text_config("llama", tokenizer),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = tf.LlavaNextForConditionalGeneration(config)
+    image_processor = tf.LlavaNextImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = tf.LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+        vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def _build_tiny_qwen_vl(tokenizer, qwen25: bool):
+    """A Qwen2-VL (or Qwen2.5-VL) model with a one-block (two for 2.5: one windowed, one full)
+    vision tower of 4-pixel patches and the tiny Qwen2-style decoder with multimodal RoPE, random
+    weights. Returns the tokenizer with Qwen's vision tokens added; build inputs with
+    ``tiny_qwen_vl_inputs`` (``Qwen2VLProcessor`` needs torchvision for its video processor)."""
+    import transformers as tf
+
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VL_TOKENS)})
+    start, image, end, video = tokenizer.convert_tokens_to_ids(list(QWEN_VL_TOKENS))
+    text = _tiny_text_config("qwen2_vl", tokenizer)
+    common = dict(patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_heads=2)
+    tokens = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start,
+                  vision_end_token_id=end)
+    if qwen25:
+        vision = dict(common, depth=2, hidden_size=32, intermediate_size=64,
+                      out_hidden_size=text["hidden_size"], window_size=16, fullatt_block_indexes=[1])
+        model = tf.Qwen2_5_VLForConditionalGeneration(
+            tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        )
+    else:
+        vision = dict(common, depth=1, embed_dim=32, hidden_size=text["hidden_size"], mlp_ratio=2)
+        model = tf.Qwen2VLForConditionalGeneration(
+            tf.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        )
+    return model, tokenizer
+
+
+def tiny_qwen_vl_inputs(model, tokenizer, texts: list[str], images: list) -> dict:
+    """Model inputs for ``tiny-qwen2-vl`` / ``tiny-qwen2.5-vl``, as ``Qwen2VLProcessor`` builds
+    them: each ``QWEN_VL_IMAGE`` in ``texts`` (one per image, in order) gets the image's
+    ``t · h · w / merge²`` image tokens. Images are resized to at most 1024 pixels.
+
+    Returns ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the tokenizer's side),
+    ``mm_token_type_ids`` [batch, seq] (1 at image tokens, as the model's M-RoPE index reads it),
+    ``pixel_values`` [patches, 3 · 2 · 4 · 4] and ``image_grid_thw`` [images, 3].
+    """
+    import transformers as tf
+
+    placeholder = QWEN_VL_TOKENS[1]
+    if sum(text.count(QWEN_VL_IMAGE) for text in texts) != len(images):
+        raise ValueError(
+            f"{len(images)} images for {sum(t.count(QWEN_VL_IMAGE) for t in texts)} "
+            f"{QWEN_VL_IMAGE!r} placeholders in the texts; give one image per placeholder"
+        )
+    vision = model.config.vision_config
+    image_processor = tf.Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size, min_pixels=64, max_pixels=1024,
+    )
+    pixels = dict(image_processor(images=images, return_tensors="pt"))
+    counts = iter((pixels["image_grid_thw"].prod(dim=-1) // vision.spatial_merge_size**2).tolist())
+
+    def expand(text: str) -> str:
+        first, *rest = text.split(QWEN_VL_IMAGE)
+        return first + "".join(
+            QWEN_VL_IMAGE.replace(placeholder, placeholder * next(counts)) + part for part in rest
+        )
+
+    batch = dict(tokenizer([expand(text) for text in texts], return_tensors="pt", padding=True))
+    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).long()
+    return {**batch, **pixels}
+
+
 # ---------------------------------------------------------------- public entry point
 
 
@@ -273,25 +397,29 @@ def _is_multimodal(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def _load_pretrained(path_or_id: str, dtype: torch.dtype, device_map):
+def _load_pretrained(path_or_id: str, dtype: torch.dtype | str, device_map,
+                     trust_remote_code: bool = False):
+    """A checkpoint folder or hub id through the Auto classes; ``dtype`` may be "auto" (the
+    checkpoint's own dtype, as transformers reads it from the config or the weights)."""
     from transformers import (
         AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
         AutoTokenizer,
     )
 
+    remote = dict(trust_remote_code=trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path_or_id, **remote)
     except OSError as error:
         raise OSError(
             f"cannot load model {path_or_id!r}: it is not a shortlab name ({known_models()}), "
             f"a local checkpoint folder or .gguf file, or a hub id reachable from here ({error})"
         ) from error
-    kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=False, use_safetensors=True)
+    kwargs = dict(dtype=dtype, device_map=device_map, use_safetensors=True, **remote)
     if _is_multimodal(config):
         model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
-        return model, AutoProcessor.from_pretrained(path_or_id, trust_remote_code=False)
+        return model, AutoProcessor.from_pretrained(path_or_id, **remote)
     model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=False)
+    return model, AutoTokenizer.from_pretrained(path_or_id, **remote)
 
 
 def load_model(
@@ -300,19 +428,31 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
     seed: int = 0,
+    trust_remote_code: bool = False,
 ):
     """Load a model in eval mode and its tokenizer (a processor for multimodal models).
 
     ``name_or_path`` is one of the embedded defaults (``EMBEDDED_MODELS``), a tiny random test
     model (``TINY_MODELS``, built with ``seed``), a local ``.gguf`` file, a local checkpoint
     folder or a Hugging Face model id. ``device_map="auto"`` lets accelerate place a model too
-    large for one device (then ``device`` must be None). Remote code is never trusted and only
-    safetensors weights are read.
+    large for one device (then ``device`` must be None).
+
+    ``dtype``: None loads float32 whatever the checkpoint stores (unlike transformers 5, whose
+    default is "auto"); "auto" keeps the checkpoint's dtype (the config's ``dtype``, else the
+    weights'; float32 for the embedded GGUF models, whose cached conversion is float32, and for the
+    tiny and llava-mini models, built in float32); a name ("bfloat16") or torch dtype casts.
+
+    Only safetensors weights are read. ``trust_remote_code=True`` runs the Python code a hub
+    checkpoint ships (models transformers lacks, e.g. Baichuan2): only for checkpoints whose code
+    you trust; it is logged as a warning. shortlab's own models ship no code.
     """
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
-    torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
+    if trust_remote_code:
+        logger.warning("loading %s with trust_remote_code=True: the Python code a checkpoint "
+                       "ships will run", name)
+    torch_dtype = resolve_dtype(dtype)
     if name in TINY_MODELS:
         model, tokenizer = _build_tiny(name, seed)
         model = model.to(torch_dtype)
@@ -327,7 +467,8 @@ def load_model(
             source = cached_gguf_checkpoint([Path(name)])
         else:
             source = name
-        model, tokenizer = _load_pretrained(str(source), torch_dtype, device_map)
+        load_dtype = AUTO_DTYPE if dtype == AUTO_DTYPE else torch_dtype
+        model, tokenizer = _load_pretrained(str(source), load_dtype, device_map, trust_remote_code)
     if device is not None:
         model = model.to(device)
     model.eval()

@@ -139,9 +139,10 @@ def _last_token_states(model: nn.Module, batches: Batches) -> list[torch.Tensor]
 
     def keep_last(index: int, hidden_in: torch.Tensor, hidden_out: torch.Tensor) -> None:
         rows = torch.arange(hidden_in.shape[0], device=hidden_in.device)
-        states[index].append(hidden_in[rows, last[0]].float().cpu())
+        last_positions = last[0].to(hidden_in.device)
+        states[index].append(hidden_in[rows, last_positions].float().cpu())
         if index == num_layers - 1:
-            states[num_layers].append(hidden_out[rows, last[0]].float().cpu())
+            states[num_layers].append(hidden_out[rows, last_positions].float().cpu())
 
     with torch.inference_mode(), capture_layer_io(model, reduce=keep_last):
         for batch in batches:
@@ -151,7 +152,7 @@ def _last_token_states(model: nn.Module, batches: Batches) -> list[torch.Tensor]
                 mask = torch.ones_like(ids)
             # last index where the mask is 1 (right or left padding alike)
             positions = torch.arange(ids.shape[1], device=mask.device).expand_as(mask)
-            last[0] = torch.where(mask.bool(), positions, -1).amax(dim=1).to(ids.device)
+            last[0] = torch.where(mask.bool(), positions, -1).amax(dim=1)
             forward_for_hidden_states(model, batch)
     if not states[0]:
         raise ValueError("empty calibration set: no batch was given")
@@ -188,7 +189,7 @@ def rank_angular_distance(model: nn.Module, batches: Batches, n_remove: int, see
 
 def _closest_block(states: list[torch.Tensor], block_size: int) -> list[int]:
     distances = _angular_distances_from_states(states, block_size)
-    start = min(distances, key=lambda l: (distances[l], l))
+    start = min(distances, key=lambda first: (distances[first], first))
     return list(range(start, start + block_size))
 
 
@@ -241,3 +242,21 @@ _SCORES: dict[str, Callable[[nn.Module, Batches], dict[int, float]]] = {
     "block_influence": block_influence,
     "relative_magnitude": relative_magnitude,
 }
+
+
+def lowest_layers(scores: Mapping[int, float] | Sequence[float], k: int) -> list[int]:
+    """The ``k`` layers with the lowest scores, lowest first, ties broken by the smaller index.
+
+    ``scores``: ``{layer: score}`` (as ``block_influence`` returns) or one score per layer in
+    order (a list or 1-D array). ``k`` may be 0 … the number of layers; the full ordering is
+    ``lowest_layers(scores, len(scores))``. Raises ValueError on a NaN score, which would make
+    the order arbitrary.
+    """
+    by_layer = dict(scores) if isinstance(scores, Mapping) else dict(enumerate(scores))
+    values = {layer: float(value) for layer, value in by_layer.items()}
+    nan = [layer for layer, value in values.items() if math.isnan(value)]
+    if nan:
+        raise ValueError(f"scores of layers {nan} are NaN; cannot rank them")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(values):
+        raise ValueError(f"k must be an int in 0..{len(values)} (the number of scores), got {k!r}")
+    return _lowest(values, k)

@@ -37,15 +37,21 @@ masked). Attention masks: none (causal), the 4D masks transformers builds from a
 and custom 4D additive or boolean masks (e.g. ``llava_mini.packed_batch``): the engine slices the
 rows of the kept queries and the columns of the kept keys.
 
-Supported: Llama, Mistral, Qwen2 and Qwen3 decoder layers (q/k norms included), alone or inside a
-LLaVA wrapper, with the ``eager`` or ``sdpa`` attention implementation; anything else raises
-``arch.UnsupportedArchitectureError`` naming the class. Limitations: FastV is prefill-only (call
-with ``use_cache=False``; a KV cache or ``generate`` raises, because the dropped tokens would
-leave later layers' caches shorter than the others); a layer that skips tokens computes its
-attention itself, without calling its attention module's ``forward``, so hooks on ``self_attn``
-and ``output_attentions`` miss it (hooks on the decoder layers and their linear submodules see
-it); FastV's dropped positions keep, from layer ``k`` on, the hidden state they entered layer
-``k`` with, so the final hidden states there are not meaningful.
+Supported: Llama, Mistral, Qwen2, Qwen3 (q/k norms), Gemma, Gemma 2 (post-attention and pre/post
+feed-forward norms, attention-logit soft-capping, query_pre_attn_scalar, sliding-window layers) and
+Gemma 3 (also q/k norms and local/global RoPE tables) decoder layers, alone or inside a LLaVA,
+LLaVA-NeXT or Gemma 3 multimodal wrapper, and the Qwen2-VL / Qwen2.5-VL text stacks (their
+multimodal RoPE reaches the layers as one merged cos/sin table), with the ``eager`` or ``sdpa``
+attention implementation (Gemma 2 is eager-only in transformers); anything else, and stacks with
+bidirectional attention, raise ``arch.UnsupportedArchitectureError`` naming the class.
+
+Limitations: FastV is prefill-only (call with ``use_cache=False``; a KV cache or ``generate``
+raises, because the dropped tokens would leave later layers' caches shorter than the others); a
+layer that skips tokens computes its attention itself, without calling its attention module's
+``forward``, so hooks on ``self_attn`` and ``output_attentions`` miss it (hooks on the decoder
+layers and their linear submodules see it); FastV's dropped positions keep, from layer ``k``
+on, the hidden state they entered layer ``k`` with, so the final hidden states there are not
+meaningful.
 """
 
 from __future__ import annotations
@@ -68,7 +74,15 @@ from .hooks import _check_token_mask, _hidden_in, _mask_window, _patched_forward
 
 SUPPORTED_LAYERS = (
     "LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+    "GemmaDecoderLayer", "Gemma2DecoderLayer", "Gemma3DecoderLayer",
+    # Qwen2-VL's multimodal RoPE reaches the layers already merged: the text stack's rotary
+    # embedding interleaves the temporal/height/width sections (mrope_section) into one cos/sin
+    # table [batch, seq, head_dim], which the attention applies like Llama's.
+    "Qwen2VLDecoderLayer", "Qwen2_5_VLDecoderLayer",
 )
+# Attention classes that pass ``attn_logit_softcapping`` to the attention function. Gemma 3's
+# keeps the attribute but, in transformers 5.23, does not pass it.
+SOFTCAP_ATTENTION = ("Gemma2Attention",)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 PREFILL_ONLY = (
@@ -88,6 +102,13 @@ def _check_supported(parts: ModelParts) -> None:
                 f"ShortV/FastV token skipping does not support decoder layer {index} "
                 f"({type(layer).__name__}) of {type(parts.model).__name__}; supported: "
                 f"{', '.join(SUPPORTED_LAYERS)}"
+            )
+        if not getattr(getattr(layer, parts.attention_attr), "is_causal", True):
+            # The engine reads "no mask" as causal; a bidirectional stack has no such default.
+            raise UnsupportedArchitectureError(
+                f"ShortV/FastV token skipping needs causal attention; decoder layer {index} of "
+                f"{type(parts.model).__name__} attends bidirectionally "
+                f"(config.use_bidirectional_attention)"
             )
     _check_attention(parts.text_config._attn_implementation)
 
@@ -263,6 +284,19 @@ class _Plan:
         return out
 
 
+def _softcap(attention: nn.Module) -> float | None:
+    """The attention-logit soft-cap the model's own attention applies (Gemma 2), else None."""
+    names = {cls.__name__ for cls in type(attention).__mro__}
+    return attention.attn_logit_softcapping if names & set(SOFTCAP_ATTENTION) else None
+
+
+def _sandwich_norms(layer: nn.Module) -> bool:
+    """Whether the layer norms the attention and MLP outputs too (Gemma 2/3: the attention output
+    goes through ``post_attention_layernorm`` before the residual add, and the MLP sits between
+    ``pre_feedforward_layernorm`` and ``post_feedforward_layernorm``)."""
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
 def _heads(attention: nn.Module, projected: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
     """``[batch, tokens, heads · head_dim]`` → ``[batch, heads, tokens, head_dim]``, with the
     per-head norm (Qwen3's q_norm/k_norm) applied before the transpose, as the models do."""
@@ -293,9 +327,12 @@ def _attend(attention: nn.Module, implementation: str, query, key, value,
     On CPU, sdpa takes the key/value heads as they are (``enable_gqa``): transformers' sdpa path
     copies them ``heads / kv_heads`` times whenever a mask is given (CUDA kernels need that), and
     with the few queries of a frozen layer that copy costs as much as the attention itself.
+    Attention with a logit soft-cap (Gemma 2, eager only) goes through the model's own attention
+    function, which applies it.
     """
     dropout = attention.attention_dropout if attention.training else 0.0
-    if implementation == "sdpa" and query.device.type == "cpu":
+    softcap = _softcap(attention)
+    if implementation == "sdpa" and query.device.type == "cpu" and softcap is None:
         attended = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=attention.scaling,
             is_causal=mask is None and query.shape[2] > 1,
@@ -306,7 +343,7 @@ def _attend(attention: nn.Module, implementation: str, query, key, value,
         implementation, sys.modules[type(attention).__module__].eager_attention_forward
     )
     attended, _ = attend(attention, query, key, value, mask, dropout=dropout,
-                         scaling=attention.scaling)
+                         scaling=attention.scaling, softcap=softcap)
     return attended
 
 
@@ -552,8 +589,15 @@ class _Engine:
             attention_mask, key_states.shape[2], batch, eager=implementation == "eager"
         )
         attended = _attend(attention, implementation, query_states, key_states, value_states, mask)
-        updated = residual + attention.o_proj(attended.reshape(*query_in.shape[:2], -1))
-        updated = updated + layer.mlp(layer.post_attention_layernorm(updated))
+        attended = attention.o_proj(attended.reshape(*query_in.shape[:2], -1))
+        if _sandwich_norms(layer):
+            updated = residual + layer.post_attention_layernorm(attended)
+            updated = updated + layer.post_feedforward_layernorm(
+                layer.mlp(layer.pre_feedforward_layernorm(updated))
+            )
+        else:
+            updated = residual + attended
+            updated = updated + layer.mlp(layer.post_attention_layernorm(updated))
         return plan.scatter(hidden, updated)
 
     # -- FastV
@@ -575,6 +619,9 @@ class _Engine:
         )  # [batch, heads, q, head_dim]
         keys = _repeat_kv(key_states, attention.num_key_value_groups)
         logits = (query @ keys.transpose(2, 3)) * attention.scaling  # [batch, heads, q, seq]
+        softcap = _softcap(attention)
+        if softcap is not None:  # as Gemma 2's eager attention: cap, then mask
+            logits = torch.tanh(logits / softcap) * softcap
         if attention_mask is None:
             allowed = torch.arange(length, device=visual.device)[None, None, :] <= rows.index[:, :, None]
             logits = logits.masked_fill(~allowed[:, None], float("-inf"))

@@ -3,7 +3,8 @@
 Speeds are measured side by side (``benchmarking.time_side_by_side``: every model's prefill and
 decode alternate within one run, in rotating order) and reported as medians, because the
 machines this runs on are shared and noisy; compare models measured in the same call, not
-numbers from different calls.
+numbers from different calls. On CUDA every timed call is bracketed by synchronising the
+devices the models live on, so the seconds count the GPU work, not only its queueing.
 
 * prefill: one forward pass over a [batch, prompt_len] prompt that fills a KV cache, the LM head
   on the last position only (as ``generate`` runs it);
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from shortlab.arch import model_parts, supports_logits_to_keep
-from shortlab.benchmarking import time_side_by_side
+from shortlab.benchmarking import cuda_devices, time_side_by_side
 from shortlab.quantize import decoder_weight_modules
 
 
@@ -46,11 +47,6 @@ def matmul_weight_count(model: nn.Module) -> int:
 
 def _device(model: nn.Module) -> torch.device:
     return model_parts(model).embed_tokens.weight.device
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _head_kwargs(model: nn.Module) -> dict:
@@ -140,20 +136,18 @@ def measure_speed(models: Mapping[str, nn.Module], prompt_len: int = 128, new_to
     candidates = {}
     for name, model in models.items():
         prompt = random_prompt(model, batch_size, prompt_len, seed)
-        device = prompt.device
         cache, first = prefill(model, prompt)
 
-        def run_prefill(model=model, prompt=prompt, device=device):
+        def run_prefill(model=model, prompt=prompt):
             prefill(model, prompt)
-            _synchronize(device)
 
-        def run_decode(model=model, cache=cache, first=first, device=device):
+        def run_decode(model=model, cache=cache, first=first):
             decode(model, copy.deepcopy(cache), first, new_tokens)
-            _synchronize(device)
 
         candidates[f"{name}/prefill"] = run_prefill
         candidates[f"{name}/decode"] = run_decode
-    seconds = time_side_by_side(candidates, repeats=repeats, warmup=warmup)
+    seconds = time_side_by_side(candidates, repeats=repeats, warmup=warmup,
+                                devices=cuda_devices(*models.values()))
     return {
         name: SpeedMeasurement(
             prefill_tokens=batch_size * prompt_len,

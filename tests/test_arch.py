@@ -15,7 +15,7 @@ from shortlab.arch import (
     supported_architectures,
     validate_layer_indices,
 )
-from shortlab.models import TINY_MODELS, load_model
+from shortlab.models import TINY_MODELS, TINY_MULTIMODAL, TINY_SLIDING_WINDOW, load_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +32,9 @@ EXPECTED = {  # name: (family, text_family, layers_path)
     "tiny-phi3": ("phi3", "phi3", "model.layers"),
     "tiny-gpt2": ("gpt2", "gpt2", "transformer.h"),
     "tiny-llava": ("llava", "llama", "model.language_model.layers"),
+    "tiny-llava-next": ("llava_next", "llama", "model.language_model.layers"),
+    "tiny-qwen2-vl": ("qwen2_vl", "qwen2_vl", "model.language_model.layers"),
+    "tiny-qwen2.5-vl": ("qwen2_5_vl", "qwen2_5_vl", "model.language_model.layers"),
 }
 
 
@@ -65,7 +68,7 @@ def test_parts_locate_the_real_modules(loaded):
     assert parts.lm_head is model.get_output_embeddings()
     assert parts.text_config is model.config.get_text_config()
     assert parts.text_config is parts.decoder.config  # the object the stack actually reads
-    if name == "tiny-llava":
+    if name in TINY_MULTIMODAL:
         assert parts.text_config is model.config.text_config
 
 
@@ -105,7 +108,9 @@ def test_kv_cache_index_is_what_the_cache_is_indexed_by(loaded):
     """Swapping the indices of layers 0 and 1 swaps where their keys land in the cache."""
     _, model = loaded
     parts = model_parts(model)
-    ids = _ids(model)
+    # Shorter than the tiny Gemmas' sliding window: a sliding layer's cache keeps only the last
+    # window - 1 tokens, a full layer's all of them.
+    ids = _ids(model, length=TINY_SLIDING_WINDOW - 2)
     with torch.no_grad():
         plain = model(input_ids=ids, use_cache=True).past_key_values
         parts.set_kv_cache_index(0, 1)
@@ -150,7 +155,7 @@ def test_per_layer_config_fields_cover_every_per_layer_list(loaded):
         if isinstance(value, (list, tuple)) and len(value) == parts.num_layers
     }
     assert per_layer == set(parts.per_layer_config_fields)
-    expected = {"qwen2", "qwen3", "gemma2", "gemma3"}
+    expected = {"qwen2", "qwen3", "gemma2", "gemma3", "qwen2_vl", "qwen2_5_vl"}
     assert ("layer_types" in parts.per_layer_config_fields) == (parts.text_family in expected)
 
 

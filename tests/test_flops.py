@@ -10,8 +10,8 @@ import torch
 
 from shortlab.arch import model_parts
 from shortlab.flops import (
-    DecoderShape, counted_layer_flops, dense_layer_flops, fastv_num_dropped, flops_ratio, frozen_layer_flops,
-    prefill_flops,
+    DecoderShape, counted_layer_flops, dense_layer_flops, fastv_num_dropped, fastv_ratio_matching_flops, flops_ratio,
+    frozen_layer_flops, prefill_flops,
 )
 from shortlab.models import load_model
 from shortlab.shortv import fastv, freeze_visual_tokens
@@ -79,6 +79,48 @@ def test_prefill_totals_and_validation():
         prefill_flops(s, 10, 20, fastv_ratio=0.5)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         prefill_flops(s, 10, 20, fastv_k=1, fastv_ratio=-0.1)
+
+
+def test_fastv_ratio_matching_shortv_flops_is_the_smallest_that_fits():
+    t, v, k = 64, 576, 2
+    shortv = prefill_flops(LLAVA_7B, t, v, frozen_layers=range(13, 32))
+    ratio = fastv_ratio_matching_flops(LLAVA_7B, t, v, shortv, k)
+    dropped = fastv_num_dropped(v, ratio)
+    assert ratio == dropped / v
+    assert prefill_flops(LLAVA_7B, t, v, fastv_k=k, fastv_ratio=ratio) <= shortv
+    # one token fewer dropped no longer fits: the ratio is the smallest, within one token
+    assert prefill_flops(LLAVA_7B, t, v, fastv_k=k, fastv_ratio=(dropped - 1) / v) > shortv
+    assert flops_ratio(LLAVA_7B, t, v, fastv_k=k, fastv_ratio=ratio) == pytest.approx(
+        flops_ratio(LLAVA_7B, t, v, frozen_layers=range(13, 32)), abs=1e-3)
+    # the same token count as bisecting the ratio itself, as notebook 02 used to
+    low, high = 0.0, 1.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        cost = prefill_flops(LLAVA_7B, t, v, fastv_k=k, fastv_ratio=middle)
+        low, high = (middle, high) if cost > shortv else (low, middle)
+    assert fastv_num_dropped(v, high) == dropped
+
+
+def test_fastv_matched_ratio_falls_as_the_budget_grows():
+    t, v, k = 10, 20, 1
+    dense = prefill_flops(LLAVA_7B, t, v)
+    floor = prefill_flops(LLAVA_7B, t, v, fastv_k=k, fastv_ratio=1.0)
+    budgets = [floor + (dense - floor) * j / 10 for j in range(11)]
+    ratios = [fastv_ratio_matching_flops(LLAVA_7B, t, v, budget, k) for budget in budgets]
+    assert ratios == sorted(ratios, reverse=True) and len(set(ratios)) > 5
+    assert ratios[0] == 1.0 and ratios[-1] == 0.0
+    assert fastv_ratio_matching_flops(LLAVA_7B, t, v, 2 * dense, k) == 0.0
+
+
+def test_fastv_matched_ratio_errors():
+    t, v = 10, 20
+    floor = prefill_flops(LLAVA_7B, t, v, fastv_k=3, fastv_ratio=1.0)
+    with pytest.raises(ValueError, match="no FastV ratio after layer 3 reaches"):
+        fastv_ratio_matching_flops(LLAVA_7B, t, v, floor - 1, 3)
+    with pytest.raises(ValueError, match="n_visual = 0"):
+        fastv_ratio_matching_flops(LLAVA_7B, t, 0, floor, 3)
+    with pytest.raises(ValueError, match="k must be in 1..31"):
+        fastv_ratio_matching_flops(LLAVA_7B, t, v, floor, 32)
 
 
 # ---------------------------------------------------------------- against FlopCounterMode

@@ -7,10 +7,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from shortlab.rope import check_base, max_context, rope_bias, rope_frequencies
 from shortlab.rope_experiment import (
-    CharTokenizer, PasskeyPrompt, lm_losses, nearest_valid_base, published_checks, valid_bases, RetrievalTask, binned_perplexity, build_model, char_stream,
-    distance_batch, passkey_prompt, passkey_trial, per_position_nll, qk_pair_weights,
-    retrieval_accuracy, retrieval_example, rope_matrix, rope_model_config, rotate,
-    score_gap_monte_carlo, stack_examples, text_batch, train_lm, training_batches,
+    CharTokenizer, PasskeyPrompt, RetrievalTask, binned_perplexity, build_model, char_stream,
+    distance_batch, lm_losses, nearest_valid_base, passkey_prompt, passkey_trial, per_position_nll,
+    published_checks, qk_pair_weights, retrieval_accuracy, retrieval_example, rope_matrix,
+    rope_model_config, rotate, score_gap_monte_carlo, text_batch, train_lm, training_batches,
+    valid_bases,
 )
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "

@@ -339,7 +339,7 @@ def test_freeze_validates_its_arguments():
     assert _is_clean(model)
 
 
-@pytest.mark.parametrize("name, layer_class", [("tiny-gemma", "GemmaDecoderLayer"),
+@pytest.mark.parametrize("name, layer_class", [("tiny-phi3", "Phi3DecoderLayer"),
                                                ("tiny-gpt2", "GPT2Block")])
 def test_unsupported_architectures_are_named(name, layer_class):
     model, _ = _prototype(name)

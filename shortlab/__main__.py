@@ -1,0 +1,7 @@
+"""``python -m shortlab <command>``: see ``shortlab.cli``."""
+
+import sys
+
+from shortlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""Experiments around RoPE's long-context bound (Men et al., 2024, arXiv 2405.14591).
+
+``shortlab.rope`` holds the maths of the bound; this package holds what notebook 03 runs,
+split by topic (every name is importable from ``shortlab.rope_experiment`` itself):
+
+* ``theory``: the derivation's objects, to check the theorem numerically: ``rope_matrix`` R_m,
+  ``rotate`` (RoPE applied to vectors at positions, in either pair layout) and
+  ``score_gap_monte_carlo`` (E[qᵀR_m k*] − E[qᵀR_m k] by sampling, to set beside 2σ²B(m));
+  and the published bounds re-checked (``valid_bases``, ``nearest_valid_base``,
+  ``published_checks``);
+* ``retrieval_data``: a character-level ``CharTokenizer``, real text mixed with a synthetic
+  key–value retrieval task (``retrieval_example``, ``training_batches``, ``distance_batch``);
+* ``training``: small Llama models trained from scratch that differ only in RoPE base
+  (``rope_model_config``, ``build_model``, ``train_lm``);
+* ``measurements``: on any causal LM, ``per_position_nll`` (loss by position, masked),
+  ``retrieval_accuracy``, ``qk_pair_weights`` (per-head weights for the paper's B_w(m) from
+  the pre-rotation queries and keys);
+* ``passkey``: the passkey test (``passkey_prompt``, ``passkey_trial``).
+
+Positions and distances are token indices; "distance" is always the index of the token that
+asks minus the index of the token it must find (defined exactly where each is built).
+"""
+
+from shortlab.rope_experiment.measurements import (
+    binned_perplexity, per_position_nll, qk_pair_weights, retrieval_accuracy,
+)
+from shortlab.rope_experiment.passkey import (
+    PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PasskeyPrompt, passkey_prompt, passkey_trial,
+)
+from shortlab.rope_experiment.retrieval_data import (
+    CharTokenizer, RetrievalExample, RetrievalTask, answer_mask, char_stream, distance_batch,
+    retrieval_example, stack_examples, text_batch, training_batches,
+)
+from shortlab.rope_experiment.theory import (
+    nearest_valid_base, published_checks, rope_matrix, rotate, score_gap_monte_carlo, valid_bases,
+)
+from shortlab.rope_experiment.training import build_model, lm_losses, rope_model_config, train_lm
+
+__all__ = [
+    "PASSKEY_INTRO", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "CharTokenizer", "PasskeyPrompt",
+    "RetrievalExample", "RetrievalTask", "answer_mask", "binned_perplexity", "build_model",
+    "char_stream", "distance_batch", "lm_losses", "nearest_valid_base", "passkey_prompt",
+    "passkey_trial", "per_position_nll", "published_checks", "qk_pair_weights",
+    "retrieval_accuracy", "retrieval_example", "rope_matrix", "rope_model_config", "rotate",
+    "score_gap_monte_carlo", "stack_examples", "text_batch", "train_lm", "training_batches",
+    "valid_bases",
+]
