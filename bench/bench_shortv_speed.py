@@ -41,7 +41,7 @@ def setup(device: str, dtype: str):
                        return_tensors="pt").to(device)
     with torch.inference_mode():
         features = lm.vision_features(model, inputs["pixel_values"])
-        embeds = lm.input_embeddings(model, inputs["input_ids"], model.model.multi_modal_projector(features))
+        embeds = lm.input_embeddings(model, inputs["input_ids"], model_parts(model).projector(features))
     return model, dict(inputs), embeds, inputs["input_ids"] == model.config.image_token_id
 
 

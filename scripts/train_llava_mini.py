@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from shortlab import llava_mini as lm
-from shortlab.models import _sha256_of, cache_dir
+from shortlab.arch import model_parts
+from shortlab.checkpoints import _sha256_of, cache_dir
 from shortlab.vision import locate_dinov2_onnx
 
 
@@ -122,8 +123,7 @@ class LoRALinear(nn.Module):
 def add_lora(model, rank: int, alpha: float, targets: tuple[str, ...]) -> dict[str, LoRALinear]:
     """Wrap the LLM's linear layers named in ``targets``; returns {parameter name: wrapper}."""
     wrapped = {}
-    language_model = model.model.language_model
-    for layer_index, layer in enumerate(language_model.layers):
+    for layer_index, layer in enumerate(model_parts(model).layers):
         for owner_name, owner in (("self_attn", layer.self_attn), ("mlp", layer.mlp)):
             for name in targets:
                 base = getattr(owner, name, None)
@@ -278,8 +278,9 @@ def main() -> None:
     train_model = model
     for p in train_model.parameters():
         p.requires_grad_(False)
-    train_model.model.language_model.to(torch.bfloat16)
-    projector = train_model.model.multi_modal_projector.float()
+    parts = model_parts(train_model)
+    parts.decoder.to(torch.bfloat16)
+    projector = parts.projector.float()
     params = [{"params": list(projector.parameters()), "lr": args.lr, "name": "projector"}]
     if args.stage == 1 and args.lora_rank:
         raise SystemExit("LoRA belongs to stage 2 (it starts from the stage-1 projector)")

@@ -33,7 +33,8 @@ __version__ = "0.1.0"  # the only copy: pyproject.toml reads it (dynamic version
 # Public name -> the submodule defining it, imported on first attribute access (PEP 562): importing
 # torch and transformers takes seconds, which `python -m shortlab --help` should not pay.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "shortlab.models": ("DEFAULT_MODEL", "load_model", "known_models", "resolve_dtype", "cache_dir"),
+    "shortlab.models": ("load_model", "known_models"),
+    "shortlab.checkpoints": ("DEFAULT_MODEL", "resolve_dtype", "cache_dir"),
     "shortlab.arch": (
         "model_parts", "ModelParts", "supported_architectures", "UnsupportedArchitectureError",
     ),

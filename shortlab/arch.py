@@ -2,7 +2,8 @@
 
 ``model_parts(model)`` finds, for a causal LM or a LLaVA-style wrapper, the decoder stack, its
 ``nn.ModuleList`` of layers, the token embeddings, the final norm, the LM head, the text config the
-stack reads, and each layer's attention module and KV-cache index. Everything else in shortlab
+stack reads, each layer's attention module and KV-cache index, and (LLaVA wrappers) the vision
+tower and the multimodal projector. Everything else in shortlab
 reaches module internals through it, so supporting a new architecture means adding one registry
 entry here.
 
@@ -49,11 +50,17 @@ class StackSpec:
 
 @dataclass(frozen=True)
 class WrapperSpec:
-    """Where a top-level model keeps its decoder stack and LM head (dotted paths)."""
+    """Where a top-level model keeps its decoder stack and LM head (dotted paths), and for
+    LLaVA-style wrappers its vision tower (called with ``pixel_values`` and
+    ``output_hidden_states=True``, features picked by ``config.vision_feature_layer`` and
+    ``config.vision_feature_select_strategy``) and the projector mapping those features to the
+    decoder width."""
 
     family: str
     decoder: str
     lm_head: str
+    vision_tower: str | None = None
+    projector: str | None = None
 
 
 def _llama_like(family: str, *extra_index_attrs: str) -> StackSpec:
@@ -100,10 +107,12 @@ WRAPPERS: dict[str, WrapperSpec] = {
     "GPT2LMHeadModel": WrapperSpec(family="gpt2", decoder="transformer", lm_head="lm_head"),
     # Multimodal wrappers: the stack's config is the wrapper's ``config.text_config``.
     "LlavaForConditionalGeneration": WrapperSpec(
-        family="llava", decoder="model.language_model", lm_head="lm_head"
+        family="llava", decoder="model.language_model", lm_head="lm_head",
+        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
     ),
     "LlavaNextForConditionalGeneration": WrapperSpec(
-        family="llava_next", decoder="model.language_model", lm_head="lm_head"
+        family="llava_next", decoder="model.language_model", lm_head="lm_head",
+        vision_tower="model.vision_tower", projector="model.multi_modal_projector",
     ),
     "Qwen2VLForConditionalGeneration": WrapperSpec(
         family="qwen2_vl", decoder="model.language_model", lm_head="lm_head"
@@ -182,6 +191,9 @@ class ModelParts:
     attention_attr: str  # attribute of each layer holding its attention module
     kv_index_attrs: tuple[str, ...]
     per_layer_config_fields: tuple[str, ...]  # present on ``text_config``, one entry per layer
+    # LLaVA-style wrappers only (None elsewhere): see ``WrapperSpec``.
+    vision_tower: nn.Module | None = None
+    projector: nn.Module | None = None
 
     @property
     def num_layers(self) -> int:
@@ -256,6 +268,8 @@ def model_parts(model: nn.Module) -> ModelParts:
             field for field in PER_LAYER_CONFIG_FIELDS
             if getattr(text_config, field, None) is not None
         ),
+        vision_tower=None if wrapper.vision_tower is None else _get_path(model, wrapper.vision_tower),
+        projector=None if wrapper.projector is None else _get_path(model, wrapper.projector),
     )
 
 

@@ -507,8 +507,8 @@ def run_rope_bound(args) -> int:
         below = bound.smallest_bracket[0]
         print(f"context {bound.context} ({bound.m_range}: B(m) >= 0 for every m up to "
               f"{'L' if bound.m_range == 'closed' else 'L - 1'}), head_dim {bound.head_dim}")
-        print(f"smallest base: {bound.smallest:.6g}"
-              + (f" (fails just below, at {below:.6g})" if below is not None else
+        print(f"smallest base: {bound.smallest:.10g}"
+              + (f" (fails just below, at {below:.10g})" if below is not None else
                  " (the first base searched)"))
         if bound.stable is None:
             print(f"stable: none (the top of the search, {bound.search_max:.6g}, fails)")

