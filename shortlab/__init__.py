@@ -14,7 +14,8 @@ The submodules hold more (``shortlab.hooks``, ``shortlab.llava_mini``, ``shortla
 ``shortlab.plotting``, ...). Names are imported on first use, so ``import shortlab`` is quick and
 pulls in neither torch nor transformers until a function needs them; ``shortlab.vision`` (ONNX),
 ``shortlab.plotting`` (matplotlib) and ``shortlab.run_notebooks`` (papermill) need the
-``vision`` and ``notebooks`` extras.
+``vision`` and ``notebooks`` extras; ``evaluate_with_lm_eval`` needs the ``eval`` extra (lm-eval),
+imported when it is called. The command line is ``python -m shortlab`` (``shortlab.cli``).
 
 Constants exported besides the functions and classes:
 
@@ -41,8 +42,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.hooks": ("capture_layer_io", "LayerIO", "skip_layers", "replace_layer_outputs"),
     "shortlab.metrics": ("block_influence", "layer_similarity", "token_cosine"),
     "shortlab.pruning": (
-        "remove_layers", "RANKINGS", "rank_layers", "rank_layers_for_counts", "relative_magnitude",
-        "angular_distances",
+        "remove_layers", "RANKINGS", "rank_layers", "rank_layers_for_counts", "lowest_layers",
+        "iterative_block_influence", "relative_magnitude", "angular_distances",
     ),
     "shortlab.contribution": (
         "layer_contribution", "mean_layer_contribution", "token_groups", "reading_positions",
@@ -59,7 +60,9 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "shortlab.evaluate": (
         "TASKS", "load_task", "MCExample", "mmlu_subjects", "loglikelihoods", "evaluate_mc", "perplexity",
+        "EvaluationCache",
     ),
+    "shortlab.harness": ("evaluate_with_lm_eval", "lm_eval_task_configs"),
     "shortlab.data": ("SOURCES", "load_documents", "token_blocks", "calibration_batch", "iter_batches"),
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
     "shortlab.quantize": ("quantize_weights_int8",),

