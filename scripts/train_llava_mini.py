@@ -211,6 +211,77 @@ def eval_items(split_items: list[lm.VQAItem], n_images: int, seed: int) -> list[
     return [item for i in ids[:n_images] for item in by_image[i]]
 
 
+# ---------------------------------------------------------------- data order and checkpoints
+
+
+def image_schedule(image_ids: list[int], seed: int, first: int, count: int) -> list[int]:
+    """``count`` training images from position ``first`` of an endless seeded order: epoch e is
+    ``image_ids`` shuffled with seed (seed, e), so every image is seen once per epoch."""
+    schedule: list[int] = []
+    epoch = first // len(image_ids)
+    offset = first % len(image_ids)
+    while len(schedule) < count:
+        order = list(image_ids)
+        random.Random(f"{seed}-{epoch}").shuffle(order)
+        schedule += order[offset:]
+        epoch, offset = epoch + 1, 0
+    return schedule[:count]
+
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# What must match for a checkpoint to continue a run: everything that shapes the data, model or schedule.
+SIGNATURE_ARGS = ("stage", "steps", "batch_images", "first_image", "lr", "warmup", "lora_rank",
+                  "lora_alpha", "lora_lr", "lora_targets", "image_size", "seed")
+
+
+def checkpoint_signature(args) -> dict:
+    return {name: getattr(args, name) for name in SIGNATURE_ARGS}
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of a trainable module: a LoRA wrapper's A and B (not its frozen base),
+    or every parameter of the projector."""
+    if isinstance(module, LoRALinear):
+        return {"lora_A": module.lora_A, "lora_B": module.lora_B}
+    return dict(module.named_parameters())
+
+
+def save_checkpoint(folder: Path, signature: dict, trainable: dict[str, nn.Module], optimizer,
+                    progress: dict) -> None:
+    """Trainable weights (float32), optimizer state and progress, written atomically."""
+    state = {
+        "signature": signature,
+        "weights": {name: {k: v.detach().float().cpu() for k, v in trainable_state(module).items()}
+                    for name, module in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        **progress,
+    }
+    atomic_write(folder / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(folder: Path, signature: dict, trainable: dict[str, nn.Module], optimizer):
+    """Restore a checkpoint into ``trainable`` and ``optimizer``; None when there is none yet."""
+    path = folder / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=False)
+    if state["signature"] != signature:
+        changed = {k: (state["signature"].get(k), v) for k, v in signature.items()
+                   if state["signature"].get(k) != v}
+        raise SystemExit(f"{path} belongs to another run (checkpoint vs now: {changed}); "
+                         f"use another --checkpoint-dir or the same arguments")
+    if set(state["weights"]) != set(trainable):
+        raise SystemExit(f"{path}: its trainable modules differ from this run's")
+    for name, module in trainable.items():
+        with torch.no_grad():
+            for key, value in trainable_state(module).items():
+                value.copy_(state["weights"][name][key])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -232,12 +303,22 @@ def main() -> None:
     parser.add_argument("--eval-images-336", type=int, default=20, help="test images at 336 px")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=lm.WEIGHTS_DIR)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (features stay cached on disk)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="resumable training state (trainable weights, optimizer, step, losses); "
+                             "rerunning the same command continues from it")
+    parser.add_argument("--checkpoint-every", type=int, default=25, help="steps between checkpoints")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop at the first checkpoint after this much training time; rerun to resume")
     args = parser.parse_args()
+    if args.max_minutes is not None and args.checkpoint_dir is None:
+        parser.error("--max-minutes needs --checkpoint-dir (a stopped run resumes from it)")
 
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     stage_log = args.out / (lm.LOG_FILE if args.stage == 1 else lm.LOG_FILE.replace(".log", f"_stage{args.stage}.log"))
-    handle = open(stage_log, "w")
+    resuming = args.checkpoint_dir is not None and (args.checkpoint_dir / CHECKPOINT_FILE).is_file()
+    handle = open(stage_log, "a" if resuming else "w")
     t_start = time.perf_counter()
     log(handle, f"args: {vars(args)} | torch {torch.__version__}, threads {torch.get_num_threads()}")
 
@@ -255,15 +336,12 @@ def main() -> None:
     by_image = defaultdict(list)
     for item in train_items:
         by_image[item.image_id].append(item)
-    order = sorted(by_image)
-    random.Random(args.seed).shuffle(order)
     n_images = args.steps * args.batch_images
-    chosen = order[args.first_image: args.first_image + n_images]
-    if len(chosen) < n_images:
-        raise SystemExit(f"only {len(chosen)} training images left after --first-image")
+    chosen = image_schedule(sorted(by_image), args.seed, args.first_image, n_images)
     n_questions = sum(len(by_image[i]) for i in chosen)
-    log(handle, f"train: {n_images} images / {n_questions} questions (of {len(order)} / "
-                f"{len(train_items)}); majority answer {majority!r} ({majority_share:.3f} of train)")
+    log(handle, f"train: {n_images} image visits ({len(set(chosen))} distinct) / {n_questions} questions "
+                f"(of {len(by_image)} / {len(train_items)}); majority answer {majority!r} "
+                f"({majority_share:.3f} of train)")
     # Token layout sanity: packed prompt + answer == the processor's tokens for the same turn.
     probe = by_image[chosen[0]][0]
     full = processor(text=lm.chat_text(processor, probe.question) + probe.answer + "<|im_end|>",
@@ -271,7 +349,7 @@ def main() -> None:
     assert list(full) == tokens.prefix + tokens.block(probe.question) + tokens.answer(probe.answer) + [tokens.end_id]
 
     t0 = time.perf_counter()
-    features = cached_features(model, processor, "train", chosen, args.image_size, handle)
+    features = cached_features(model, processor, "train", sorted(set(chosen)), args.image_size, handle)
     feature_seconds = time.perf_counter() - t0
 
     # ---- training copy: frozen LLM and tower in bfloat16, trainable parts in float32
@@ -297,21 +375,33 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.999), weight_decay=0.0)
     peak = {g["name"]: g["lr"] for g in optimizer.param_groups}
     train_model.eval()  # no dropout anywhere (SmolLM2 and DINOv2 have none at rate > 0 anyway)
+    train_model.to(args.device)
+    trainable = {"projector": projector, **{name: wrapper for name, wrapper in loras.items()}}
 
-    t_train = time.perf_counter()
-    losses = []
-    for step in range(args.steps):
+    losses: list[float] = []
+    start_step, trained_seconds = 0, 0.0
+    if args.checkpoint_dir is not None:
+        state = load_checkpoint(args.checkpoint_dir, checkpoint_signature(args), trainable, optimizer)
+        if state is not None:
+            start_step, losses, trained_seconds = state["step"], state["losses"], state["train_seconds"]
+            log(handle, f"resumed from {args.checkpoint_dir} at step {start_step} "
+                        f"({trained_seconds:.0f}s trained so far)")
+
+    t_train = time.perf_counter() - trained_seconds
+    t_session = time.perf_counter()
+    for step in range(start_step, args.steps):
         batch_ids = chosen[step * args.batch_images: (step + 1) * args.batch_images]
         built = [training_sequence(tokens, by_image[i]) for i in batch_ids]
         input_ids, position_ids, mask = bucketed_batch([b[0] for b in built], tokens.end_id, torch.bfloat16)
-        feats = torch.stack([features[i] for i in batch_ids])
+        input_ids, position_ids, mask = (t.to(args.device) for t in (input_ids, position_ids, mask))
+        feats = torch.stack([features[i] for i in batch_ids]).to(args.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, peak[group["name"]], args.warmup)
         projected = projector(feats).to(torch.bfloat16)
         hidden = lm.packed_hidden_states(train_model, input_ids, position_ids, mask, projected)
-        rows = torch.tensor([r for r, b in enumerate(built) for _ in b[1]])
-        cols = torch.tensor([c for b in built for c in b[1]])
-        labels = torch.tensor([t for b in built for t in b[2]])
+        rows = torch.tensor([r for r, b in enumerate(built) for _ in b[1]], device=args.device)
+        cols = torch.tensor([c for b in built for c in b[1]], device=args.device)
+        labels = torch.tensor([t for b in built for t in b[2]], device=args.device)
         logits = train_model.lm_head(hidden[rows, cols]).float()
         loss = nn.functional.cross_entropy(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -324,7 +414,19 @@ def main() -> None:
                     f"(avg10 {sum(losses[-10:]) / len(losses[-10:]):.4f}) grad {grad_norm:.3f} "
                     f"lr {optimizer.param_groups[0]['lr']:.2e} len {input_ids.shape[1]} "
                     f"answers {len(labels)} | {elapsed:.0f}s")
+        done = step + 1
+        if args.checkpoint_dir is not None and (done % args.checkpoint_every == 0 or done == args.steps):
+            save_checkpoint(args.checkpoint_dir, checkpoint_signature(args), trainable, optimizer,
+                            {"step": done, "losses": losses, "train_seconds": elapsed})
+            out_of_time = (args.max_minutes is not None
+                           and time.perf_counter() - t_session > 60 * args.max_minutes)
+            if out_of_time and done < args.steps:
+                log(handle, f"stopping at step {done} after {args.max_minutes} min; rerun the same "
+                            f"command to resume from {args.checkpoint_dir}")
+                handle.close()
+                return
     train_seconds = time.perf_counter() - t_train
+    train_model.to("cpu")
 
     # ---- save the trained parts (float32) atomically
     from safetensors.torch import save_file
