@@ -66,6 +66,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.data": ("SOURCES", "load_documents", "token_blocks", "calibration_batch", "iter_batches"),
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
     "shortlab.quantize": ("quantize_weights_int8",),
+    "shortlab.stats": ("Interval", "wilson_interval", "bootstrap_interval", "paired_interval", "verdict"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

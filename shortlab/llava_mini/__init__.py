@@ -19,7 +19,8 @@ The result is a plain ``LlavaForConditionalGeneration`` with a ``LlavaProcessor`
 The package is split by topic; every name is importable from ``shortlab.llava_mini`` itself:
 
 * ``build``: the processor, the trained weights' files, ``merge_lora``, ``build_llava_mini``;
-* ``easy_vqa``: the easy-VQA questions, answers and images, and the chat prompt;
+* ``easy_vqa``: the easy-VQA questions, answers and images, the chat prompt, and what an accuracy
+  is judged against: the question-only prior, a blank image, per-type intervals clustered by image;
 * ``packing``: several questions about one image packed into one sequence (the image prefix
   shared, each question seeing only the prefix and itself, through a 4D attention mask and
   position ids that restart after the prefix). A packed question gets exactly the logits it would
@@ -35,8 +36,9 @@ from shortlab.llava_mini.build import (
     build_processor, merge_lora, num_image_tokens,
 )
 from shortlab.llava_mini.easy_vqa import (
-    ANSWER_INSTRUCTION, EASY_VQA, VQAItem, chat_text, easy_vqa_answers, easy_vqa_image,
-    easy_vqa_questions, easy_vqa_root, fixed_test_questions, majority_answer, user_prompt,
+    ANSWER_INSTRUCTION, EASY_VQA, QUESTION_TYPES, SHAPE_ANSWERS, QuestionPrior, VQAItem,
+    accuracy_report, blank_image, chat_text, easy_vqa_answers, easy_vqa_image, easy_vqa_questions,
+    easy_vqa_root, fixed_test_questions, majority_answer, question_type, user_prompt,
 )
 from shortlab.llava_mini.packing import (
     PackedSequence, PromptTokens, build_eval_sequence, pack, packed_attention_mask, packed_batch,
@@ -51,7 +53,8 @@ __all__ = [
     "ANSWER_INSTRUCTION", "CARD_FILE", "CHAT_TEMPLATE", "DEFAULT_IMAGE_SIZE", "EASY_VQA",
     "IMAGE_TOKEN", "LANGUAGE_MODEL", "LOG_FILE", "LORA_FILE", "PATCH_SIZE", "PROJECTOR_FILE",
     "VISION_FEATURE_LAYER", "VISION_FEATURE_SELECT_STRATEGY", "WEIGHTS_DIR", "Intervention",
-    "PackedSequence", "PromptTokens", "VQAItem", "build_eval_sequence", "build_llava_mini",
+    "PackedSequence", "PromptTokens", "QUESTION_TYPES", "QuestionPrior", "SHAPE_ANSWERS", "VQAItem",
+    "accuracy_report", "blank_image", "question_type", "build_eval_sequence", "build_llava_mini",
     "build_processor", "chat_text", "easy_vqa_answers", "easy_vqa_image", "easy_vqa_questions",
     "easy_vqa_root", "evaluate_items", "fixed_test_questions", "input_embeddings", "majority_answer",
     "merge_lora", "num_image_tokens", "pack", "packed_attention_mask", "packed_batch",

@@ -83,3 +83,68 @@ def majority_answer(items: list[VQAItem]) -> tuple[str, float]:
         counts[item.answer] += 1
     answer = max(sorted(counts), key=counts.__getitem__)
     return answer, counts[answer] / len(items)
+
+
+# ---------------------------------------------------------------- baselines and intervals
+
+SHAPE_ANSWERS = ("circle", "rectangle", "triangle")
+QUESTION_TYPES = ("yes/no", "shape", "colour")
+
+
+def question_type(item: VQAItem) -> str:
+    """easy-VQA's three kinds of question, told apart by their answer set."""
+    if item.answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if item.answer in SHAPE_ANSWERS else "colour"
+
+
+class QuestionPrior:
+    """The answer a model that never looks at the image would give: for each question text, its
+    most frequent answer in ``train_items`` (ties: alphabetical); unseen texts get the overall
+    majority answer. This is the floor an image-using model must clear."""
+
+    def __init__(self, train_items: list[VQAItem]):
+        if not train_items:
+            raise ValueError("QuestionPrior needs at least one training question")
+        counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for item in train_items:
+            counts[item.question][item.answer] += 1
+        self.by_question = {q: max(sorted(c), key=c.__getitem__) for q, c in counts.items()}
+        self.fallback = majority_answer(train_items)[0]
+
+    def predict(self, question: str) -> str:
+        return self.by_question.get(question, self.fallback)
+
+
+def blank_image(size: int = 64, colour: tuple[int, int, int] = (255, 255, 255)):
+    """A uniform image the size of easy-VQA's: shown instead of the real one, it tells how much of
+    a model's accuracy comes from the question alone."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), colour)
+
+
+def accuracy_report(items: list[VQAItem], predicted: list[str], *, n_resamples: int = 4000,
+                    seed: int = 0) -> dict:
+    """Accuracy of ``predicted`` answers (aligned with ``items``), overall and per question type,
+    each with a 95 % bootstrap interval clustered by image (questions about one image share it, so
+    they are not independent). Returns {"all" | type: {"accuracy", "low", "high", "n", "images"}}
+    and "correct": the per-item 0/1 list, for paired comparisons."""
+    from shortlab.stats import bootstrap_interval
+
+    if len(items) != len(predicted) or not items:
+        raise ValueError(f"need one prediction per item and at least one item: {len(items)} items, "
+                         f"{len(predicted)} predictions")
+    correct = [float(p == item.answer) for item, p in zip(items, predicted)]
+    report: dict = {"correct": correct}
+    groups = {"all": list(range(len(items)))}
+    for kind in QUESTION_TYPES:
+        groups[kind] = [i for i, item in enumerate(items) if question_type(item) == kind]
+    for name, index in groups.items():
+        if not index:
+            continue
+        interval = bootstrap_interval([correct[i] for i in index], [items[i].image_id for i in index],
+                                      n_resamples=n_resamples, seed=seed)
+        report[name] = {"accuracy": interval.estimate, "low": interval.low, "high": interval.high,
+                        "n": len(index), "images": len({items[i].image_id for i in index})}
+    return report

@@ -143,15 +143,21 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
 
 def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", batch_size: int = 2,
                    features: dict[int, torch.Tensor] | None = None,
-                   intervention: Intervention | None = None) -> dict:
+                   intervention: Intervention | None = None, image=None) -> dict:
     """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over the 13
     answers (``accuracy``) and greedy exact match (``greedy_accuracy``). ``intervention``: as in
-    ``score_answers``."""
+    ``score_answers``. ``image``: one image shown with every question instead of its own (e.g.
+    ``blank_image()``, the blank-image baseline)."""
     by_image: dict[int, list[VQAItem]] = defaultdict(list)
     for item in items:
         by_image[item.image_id].append(item)
     image_ids = list(by_image)
-    images = None if features is not None else [easy_vqa_image(split, i) for i in image_ids]
+    if image is not None and features is not None:
+        raise ValueError("pass either features or one image for every question, not both")
+    if image is not None:
+        images = [image] * len(image_ids)
+    else:
+        images = None if features is not None else [easy_vqa_image(split, i) for i in image_ids]
     feats = [features[i] for i in image_ids] if features is not None else None
     results = score_answers(model, processor, images, [[it.question for it in by_image[i]] for i in image_ids],
                             batch_size=batch_size, features=feats, intervention=intervention)
