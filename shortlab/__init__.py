@@ -65,7 +65,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.harness": ("evaluate_with_lm_eval", "lm_eval_task_configs"),
     "shortlab.data": ("SOURCES", "load_documents", "token_blocks", "calibration_batch", "iter_batches"),
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
-    "shortlab.quantize": ("quantize_weights_int8",),
+    "shortlab.quantize": ("quantize_weights", "quantize_weights_int8", "quantized_parameter_bytes"),
+    "shortlab.references": ("paper_numbers",),
     "shortlab.stats": ("Interval", "wilson_interval", "bootstrap_interval", "paired_interval", "verdict"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -6,7 +6,8 @@ from shortlab.arch import model_parts
 from shortlab.models import load_model
 from shortlab.pruning import remove_layers
 from shortlab.quantize import (
-    decoder_weight_modules, int8_parameter_bytes, int8_round_trip, quantize_weights_int8,
+    decoder_weight_modules, int8_parameter_bytes, int8_round_trip, quantize_weights, quantize_weights_int8,
+    quantized_parameter_bytes, round_trip,
 )
 
 
@@ -105,3 +106,60 @@ def test_a_model_without_linear_layers_is_refused(tiny):
         setattr(stripped.get_submodule(owner), attribute, nn.Identity())
     with pytest.raises(ValueError, match="no nn.Linear or Conv1D"):
         quantize_weights_int8(stripped)
+
+
+def test_group_wise_4_bit_uses_15_levels_per_group_within_half_a_step():
+    torch.manual_seed(1)
+    weight = torch.randn(5, 70)  # 70 = 2 groups of 32 and a short group of 6
+    out = round_trip(weight, bits=4, group_size=32)
+    assert out.shape == weight.shape and out.dtype == weight.dtype
+    for row in range(5):
+        for start in (0, 32, 64):
+            w, q = weight[row, start:start + 32], out[row, start:start + 32]
+            step = w.abs().max() / 7
+            levels = torch.round(q / step)
+            assert torch.allclose(q, levels * step, atol=1e-6) and levels.abs().max() <= 7
+            assert (q - w).abs().max() <= step / 2 + 1e-6
+            assert len(torch.unique(levels)) <= 15
+
+
+def test_grouping_lowers_the_error_and_fewer_bits_raise_it():
+    torch.manual_seed(2)
+    weight = torch.randn(64, 256) * torch.logspace(-2, 0, 256)  # input channels of very different size
+    error = {key: (round_trip(weight, bits=b, group_size=g) - weight).pow(2).mean().item()
+             for key, (b, g) in {"8": (8, None), "4": (4, None), "4g32": (4, 32), "3g32": (3, 32)}.items()}
+    assert error["8"] < error["4g32"] < error["4"]
+    assert error["4g32"] < error["3g32"]
+
+
+def test_group_size_equal_to_the_width_is_per_channel_and_int8_is_the_8_bit_case():
+    torch.manual_seed(3)
+    weight = torch.randn(4, 48)
+    assert torch.equal(round_trip(weight, bits=4, group_size=48), round_trip(weight, bits=4))
+    assert torch.equal(round_trip(weight, bits=4, group_size=1000), round_trip(weight, bits=4))
+    assert torch.equal(int8_round_trip(weight), round_trip(weight, bits=8))
+    assert torch.equal(round_trip(weight, 1, bits=4, group_size=16), round_trip(weight.T, bits=4, group_size=16).T)
+
+
+def test_4_bit_model_is_a_copy_and_its_bytes_count_packed_nibbles(tiny):
+    model, _ = tiny
+    quantized = quantize_weights(model, bits=4, group_size=32)
+    modules = decoder_weight_modules(model)
+    name, module = next(iter(modules.items()))
+    copied = dict(quantized.named_modules())[name]
+    assert not torch.equal(copied.weight, module.weight)
+    assert torch.equal(copied.weight, round_trip(module.weight, bits=4, group_size=32))
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(m.weight.numel() for m in modules.values())
+    groups = sum(m.weight.shape[0] * -(-m.weight.shape[1] // 32) for m in modules.values())
+    assert quantized_parameter_bytes(model, 4, 32, scale_bytes=2) == float_bytes - 4 * weights + weights // 2 + 2 * groups
+
+
+@pytest.mark.parametrize("bits, group_size, match", [(1, None, "bits"), (4.0, None, "bits"), (4, 0, "group_size"),
+                                                     (True, None, "bits")])
+def test_bad_schemes_are_named(tiny, bits, group_size, match):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=match):
+        quantize_weights(model, bits=bits, group_size=group_size)
+    with pytest.raises(ValueError, match=match):
+        round_trip(torch.ones(2, 2), bits=bits, group_size=group_size)
