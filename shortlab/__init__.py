@@ -60,14 +60,17 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "shortlab.evaluate": (
         "TASKS", "load_task", "MCExample", "mmlu_subjects", "loglikelihoods", "evaluate_mc", "perplexity",
-        "EvaluationCache",
+        "block_nll", "EvaluationCache",
     ),
     "shortlab.harness": ("evaluate_with_lm_eval", "lm_eval_task_configs"),
     "shortlab.data": ("SOURCES", "load_documents", "token_blocks", "calibration_batch", "iter_batches"),
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
     "shortlab.quantize": ("quantize_weights", "quantize_weights_int8", "quantized_parameter_bytes"),
     "shortlab.references": ("paper_numbers",),
-    "shortlab.stats": ("Interval", "wilson_interval", "bootstrap_interval", "paired_interval", "verdict"),
+    "shortlab.stats": (
+        "Interval", "wilson_interval", "bootstrap_interval", "paired_interval", "ratio_interval",
+        "perplexity_interval", "paired_perplexity_ratio", "verdict",
+    ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -88,7 +88,7 @@ def _tiny_text_config(arch: str, tokenizer):
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 TINY_SLIDING_WINDOW = 8
-TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
+TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-1.5", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + TINY_MULTIMODAL
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a prompt
@@ -109,17 +109,55 @@ def _build_tiny(name: str, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny-llava":
-            return _build_tiny_llava(tokenizer)
+            return _build_tiny_llava(tokenizer, CHAT_TEMPLATE)
+        if name == "tiny-llava-1.5":
+            return _build_tiny_llava(_llama_style(tokenizer), LLAVA_15_CHAT_TEMPLATE)
         if name == "tiny-llava-next":
-            return _build_tiny_llava_next(tokenizer)
+            return _build_tiny_llava_next(_llama_style(tokenizer))
         if name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
             return _build_tiny_qwen_vl(tokenizer, qwen25=name == "tiny-qwen2.5-vl")
         config = _tiny_text_config(name.removeprefix("tiny-"), tokenizer)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer
 
 
-def _build_tiny_llava(tokenizer):
-    """A LLaVA-1.5-style model (CLIP tower, 2-layer projector, Llama decoder) with random weights."""
+# The real checkpoints' chat templates, copied verbatim, so that the tiny models prompt exactly as
+# they do. llava-hf/llava-1.5-7b-hf (chat_template.json; the same text is the LLaVA processor's in
+# transformers' tests/models/llava/test_processing_llava.py): "USER: <image>\nQ ASSISTANT:", and an
+# answer is written "ASSISTANT: yes " (a space before it, none but a space after it, no EOS).
+LLAVA_15_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] "
+    "!= 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}"
+    "{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# llava-hf/llava-v1.6-mistral-7b-hf (chat_template.json): "[INST] <image>\nQ [/INST]", and an
+# answer is written " yes</s> " (no generation prompt of its own).
+LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
+    "message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}{% elif message['role'] == 'user' %}"
+    "{{ '[INST] ' }}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% for content in "
+    "message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + "
+    "'</s> '}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _llama_style(tokenizer):
+    """The SmolLM2 tokenizer with Llama's special tokens: ``<s>`` (BOS, prepended to every text
+    like a Llama/Mistral tokenizer does) and ``</s>`` (EOS), as the real LLaVA checkpoints have."""
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    tokenizer.add_bos_token = True
+    return tokenizer
+
+
+def _build_tiny_llava(tokenizer, chat_template: str):
+    """A LLaVA-1.5-style model (CLIP tower, 2-layer projector, Llama decoder) with random weights;
+    ``chat_template``: llava-mini's (``tiny-llava``) or LLaVA-1.5's (``tiny-llava-1.5``)."""
     import transformers as tf
 
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -142,15 +180,15 @@ def _build_tiny_llava(tokenizer):
     processor = tf.LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
         vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,  # llava-mini's: images in the user turn, ChatML otherwise
+        num_additional_image_tokens=1, chat_template=chat_template,
     )
     return model, processor
 
 
 def _build_tiny_llava_next(tokenizer):
     """A LLaVA-NeXT model (anyres: the image is tiled on the best of a few grids, so the number of
-    image tokens depends on its size) with a tiny CLIP tower and a Llama decoder, random weights."""
+    image tokens depends on its size) with a tiny CLIP tower and a Llama decoder, random weights,
+    LLaVA-NeXT-Mistral's chat template and a Llama-style tokenizer."""
     import transformers as tf
 
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -176,7 +214,7 @@ def _build_tiny_llava_next(tokenizer):
     processor = tf.LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
         vision_feature_select_strategy="default", image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1, chat_template=LLAVA_NEXT_MISTRAL_CHAT_TEMPLATE,
     )
     return model, processor
 

@@ -9,6 +9,9 @@
   drawn clusters (a ratio estimator), so clusters of different sizes weigh by their size.
 * ``paired_interval(a, b, clusters=None)`` — the mean of ``a − b`` over aligned items (two models
   on the same questions), which is far tighter than comparing two separate intervals.
+* ``perplexity_interval(nll_sums, counts)`` and ``paired_perplexity_ratio(a, b, counts)`` —
+  perplexity over held-out blocks, and one model's over another's on the same blocks, resampling
+  blocks (tokens of one block are not independent).
 * ``verdict(interval, threshold)`` — "supported" when the whole interval lies on the claimed
   side of ``threshold``, "contradicted" when it lies wholly on the other side, and otherwise
   "cannot tell at this sample size".
@@ -86,23 +89,59 @@ def _cluster_sums(values: np.ndarray, clusters: Sequence | None) -> tuple[np.nda
     return np.bincount(index, weights=values), np.bincount(index).astype(np.float64)
 
 
+def ratio_interval(sums: Sequence[float] | np.ndarray, counts: Sequence[float] | np.ndarray, *,
+                   level: float = 0.95, n_resamples: int = 4000, seed: int = 0,
+                   method: str = "bootstrap") -> Interval:
+    """Percentile-bootstrap interval of Σ sums / Σ counts over clusters (one entry per cluster:
+    e.g. a block's total NLL and its token count), resampling whole clusters. Seeded."""
+    _check_level(level)
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    sums, counts = _as_values(sums, "sums"), _as_values(counts, "counts")
+    if sums.shape != counts.shape:
+        raise ValueError(f"sums and counts must be aligned: {sums.shape} vs {counts.shape}")
+    if (counts <= 0).any():
+        raise ValueError("every cluster needs a positive count")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, sums.size, size=(n_resamples, sums.size))
+    ratios = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    return Interval(float(sums.sum() / counts.sum()), float(low), float(high), level, method)
+
+
 def bootstrap_interval(values: Sequence[float] | np.ndarray, clusters: Sequence | None = None, *,
                        level: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> Interval:
     """Percentile-bootstrap interval of the mean of ``values`` [n], resampling whole ``clusters``
     (one label per value) when given. Seeded: the same inputs give the same interval."""
-    _check_level(level)
-    if n_resamples < 100:
-        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
     array = _as_values(values)
     sums, counts = _cluster_sums(array, clusters)
-    rng = np.random.default_rng(seed)
-    n_clusters = sums.size
-    draws = rng.integers(0, n_clusters, size=(n_resamples, n_clusters))
-    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    method = f"bootstrap over {n_clusters} clusters" if clusters is not None else "bootstrap"
-    return Interval(float(array.mean()), float(low), float(high), level, method)
+    method = f"bootstrap over {sums.size} clusters" if clusters is not None else "bootstrap"
+    return ratio_interval(sums, counts, level=level, n_resamples=n_resamples, seed=seed, method=method)
+
+
+def perplexity_interval(nll_sums: Sequence[float] | np.ndarray, counts: Sequence[float] | np.ndarray, *,
+                        level: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Perplexity exp(Σ NLL / Σ tokens) with its interval, resampling held-out blocks (one entry
+    per block: its summed NLL in nats and its number of predicted tokens)."""
+    log_ppl = ratio_interval(nll_sums, counts, level=level, n_resamples=n_resamples, seed=seed,
+                             method=f"bootstrap over {len(counts)} blocks")
+    return Interval(math.exp(log_ppl.estimate), math.exp(log_ppl.low), math.exp(log_ppl.high), level,
+                    log_ppl.method)
+
+
+def paired_perplexity_ratio(nll_sums_a: Sequence[float] | np.ndarray, nll_sums_b: Sequence[float] | np.ndarray,
+                            counts: Sequence[float] | np.ndarray, *, level: float = 0.95,
+                            n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Perplexity of model a over model b on the same blocks, exp(Σ(NLL_a − NLL_b) / Σ tokens),
+    with a paired interval (blocks resampled jointly): above 1 means a is worse."""
+    a, b = _as_values(nll_sums_a, "nll_sums_a"), _as_values(nll_sums_b, "nll_sums_b")
+    if a.shape != b.shape:
+        raise ValueError(f"the two models must be scored on the same blocks: {a.shape} vs {b.shape}")
+    log_ratio = ratio_interval(a - b, counts, level=level, n_resamples=n_resamples, seed=seed,
+                               method=f"paired bootstrap over {len(counts)} blocks")
+    return Interval(math.exp(log_ratio.estimate), math.exp(log_ratio.low), math.exp(log_ratio.high), level,
+                    log_ratio.method)
 
 
 def paired_interval(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,

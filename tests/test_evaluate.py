@@ -1,6 +1,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,6 +9,7 @@ from shortlab.evaluate import (
     TASKS,
     MCExample,
     arc_example,
+    block_nll,
     boolq_example,
     encode_examples,
     encode_pair,
@@ -280,6 +282,20 @@ def test_perplexity_equals_the_manual_computation(tiny):
     assert math.isclose(
         perplexity(model, ids, torch.ones_like(ids), batch_size=2), math.exp(nll), rel_tol=1e-5
     )
+
+
+def test_block_nll_gives_each_row_its_own_sum_and_count(tiny):
+    model, _ = tiny
+    ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0  # row 2 predicts 7 tokens, the others 11
+    nll, counts = block_nll(model, ids, mask, batch_size=2)
+    assert counts.tolist() == [11, 11, 7] and nll.dtype == np.float64
+    for row in range(3):
+        n = int(counts[row]) + 1
+        alone = perplexity(model, ids[row:row + 1, :n])
+        assert math.isclose(math.exp(nll[row] / counts[row]), alone, rel_tol=1e-5)
+    assert math.isclose(perplexity(model, ids, mask), math.exp(nll.sum() / counts.sum()), rel_tol=1e-12)
 
 
 def test_perplexity_ignores_padding(tiny):

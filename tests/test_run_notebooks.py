@@ -105,7 +105,20 @@ FAST_OVERRIDES = {
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", rn.numbered_notebooks(), ids=lambda p: p.name)
 def test_notebook_runs_in_fast_mode(path, tmp_path):
-    overrides = {"FAST": True, "FIG_DIR": str(tmp_path / "figures"), **FAST_OVERRIDES.get(path.name, {})}
+    _run_in_fast_mode(path, tmp_path, FAST_OVERRIDES.get(path.name, {}))
+
+
+# The ShortV notebook on the real LLaVA chat templates and classes (LLaVA-1.5's Vicuna prompt,
+# LLaVA-NeXT's anyres tiling and Mistral prompt).
+@pytest.mark.notebook
+@pytest.mark.parametrize("model", ["tiny-llava-1.5", "tiny-llava-next"])
+def test_shortv_notebook_runs_on_real_llava_templates(model, tmp_path):
+    path = next(p for p in rn.numbered_notebooks() if p.name == "02_shortv_visual_freezing.ipynb")
+    _run_in_fast_mode(path, tmp_path, {"MODEL": model})
+
+
+def _run_in_fast_mode(path, tmp_path, overrides):
+    overrides = {"FAST": True, "FIG_DIR": str(tmp_path / "figures"), **overrides}
     rn.run_notebook(path, tmp_path / path.name, overrides, progress_bar=False)
     figures = sorted(p.name for p in (tmp_path / "figures").glob("*.png"))
     number = path.name[:2]

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from shortlab.stats import (
-    CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, bootstrap_interval, paired_interval, verdict,
-    wilson_interval,
+    CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, bootstrap_interval, paired_interval,
+    paired_perplexity_ratio, perplexity_interval, ratio_interval, verdict, wilson_interval,
 )
 
 
@@ -94,3 +94,35 @@ def test_bad_input_is_named(call, match):
 ])
 def test_verdicts(low, high, threshold, claim, expected):
     assert verdict(Interval((low + high) / 2, low, high, 0.95, "test"), threshold, claim=claim) == expected
+
+
+def test_perplexity_interval_resamples_blocks():
+    rng = np.random.default_rng(4)
+    counts = np.full(64, 255.0)
+    nll = counts * rng.normal(3.0, 0.2, size=64)  # blocks of mean NLL around 3 nats
+    interval = perplexity_interval(nll, counts)
+    assert interval.estimate == pytest.approx(np.exp(nll.sum() / counts.sum()))
+    assert interval.low < interval.estimate < interval.high
+    log_se = (nll / counts).std(ddof=1) / np.sqrt(64)
+    assert np.log(interval.high / interval.low) / 2 == pytest.approx(1.96 * log_se, rel=0.15)
+    assert "64 blocks" in interval.method
+
+
+def test_paired_perplexity_ratio_sees_a_small_shift_that_separate_intervals_miss():
+    rng = np.random.default_rng(5)
+    counts = np.full(40, 255.0)
+    base = counts * rng.normal(3.0, 0.3, size=40)
+    worse = base + counts * (0.02 + 0.002 * rng.normal(size=40))  # 2 % worse on every block
+    ratio = paired_perplexity_ratio(worse, base, counts)
+    assert ratio.estimate == pytest.approx(np.exp(0.02), rel=2e-3) and ratio.low > 1
+    separate_a, separate_b = perplexity_interval(worse, counts), perplexity_interval(base, counts)
+    assert separate_a.low < separate_b.high  # the unpaired intervals overlap
+    with pytest.raises(ValueError, match="same blocks"):
+        paired_perplexity_ratio(worse[:-1], base, counts)
+
+
+def test_ratio_interval_needs_positive_counts():
+    with pytest.raises(ValueError, match="positive count"):
+        ratio_interval([1.0, 2.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="aligned"):
+        ratio_interval([1.0, 2.0], [1.0])

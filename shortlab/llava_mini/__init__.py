@@ -45,8 +45,8 @@ from shortlab.llava_mini.packing import (
     prompt_tokens,
 )
 from shortlab.llava_mini.scoring import (
-    Intervention, evaluate_items, input_embeddings, packed_hidden_states, score_answers,
-    vision_features,
+    Intervention, evaluate_items, image_token_features, input_embeddings, packed_hidden_states,
+    score_answers, vision_features,
 )
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
     "PackedSequence", "PromptTokens", "QUESTION_TYPES", "QuestionPrior", "SHAPE_ANSWERS", "VQAItem",
     "accuracy_report", "blank_image", "question_type", "build_eval_sequence", "build_llava_mini",
     "build_processor", "chat_text", "easy_vqa_answers", "easy_vqa_image", "easy_vqa_questions",
-    "easy_vqa_root", "evaluate_items", "fixed_test_questions", "input_embeddings", "majority_answer",
+    "easy_vqa_root", "evaluate_items", "fixed_test_questions", "image_token_features", "input_embeddings", "majority_answer",
     "merge_lora", "num_image_tokens", "pack", "packed_attention_mask", "packed_batch",
     "packed_hidden_states", "prompt_tokens", "score_answers", "user_prompt", "vision_features",
 ]

@@ -5,75 +5,143 @@ fraction of the cost. ``build_eval_sequence`` hangs every candidate answer below
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from shortlab.checkpoints import IMAGE_TOKEN
-from shortlab.llava_mini.easy_vqa import user_prompt
+from shortlab.llava_mini.easy_vqa import blank_image, user_prompt
 
 
 @dataclass
 class PromptTokens:
-    """Token ids for packing: the shared prefix (system, user header, image tokens) and per-question
-    blocks (the text after the image up to the assistant header), answers with their end token."""
+    """Token ids for packing, for any chat template that writes one image, then the question, then
+    the generation prompt, then the answer: the shared prefix (everything up to and including the
+    image tokens, with the tokenizer's BOS if it adds one), per-question blocks (the text after the
+    image up to the end of the generation prompt) and answers with their end token, so that
+    ``prefix + block(q) + answer(a) + [end_id]`` are the ids the processor gives the conversation.
 
-    prefix: list[int]
+    Text is tokenized in context (the ids of a longer text minus those of its start), because
+    SentencePiece tokenizers split "ASSISTANT: yes" differently from " yes" alone; every
+    difference is checked to be a true prefix split, so a template/tokenizer pair that merges
+    tokens across the split is refused instead of scored wrongly."""
+
+    prefix: list[int]  # for an image of ``image_size``
     image_token_id: int
-    end_id: int  # <|im_end|>
+    end_id: int  # see prompt_tokens: the template's end-of-turn token, else the tokenizer's EOS
     tokenizer: object
-    template: str  # the chat-template text with _QUESTION_MARKER in place of the question
+    template: str  # the one-question prompt, _QUESTION_MARKER in place of the question
+    separator: str  # what the template writes between the generation prompt and the answer
+    image_size: tuple[int, int]  # (width, height) the prefix is for
+    processor: object = field(repr=False)
+    _prefixes: dict = field(default_factory=dict, repr=False)
 
     def block(self, question: str) -> list[int]:
-        return self.tokenizer(self._after_image(question), add_special_tokens=False)["input_ids"]
+        before, after = self.template.split(IMAGE_TOKEN, 1)
+        return self._continuation(before + IMAGE_TOKEN, after.replace(_QUESTION_MARKER, user_prompt(question)))
 
     def answer(self, answer: str) -> list[int]:
-        return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        """The answer's ids after the generation prompt (separator included, e.g. "Ġyes")."""
+        return self._continuation(_generation_prompt(self.template), self.separator + answer)
 
-    def _after_image(self, question: str) -> str:
-        return self.template.split(IMAGE_TOKEN, 1)[1].replace(_QUESTION_MARKER, user_prompt(question))
+    def prefix_for(self, image_size: tuple[int, int]) -> list[int]:
+        """The prefix for an image of ``image_size`` (width, height): LLaVA-NeXT tiles an image by
+        its size (anyres), so its number of image tokens depends on it; LLaVA's does not."""
+        if tuple(image_size) == tuple(self.image_size):
+            return self.prefix
+        if tuple(image_size) not in self._prefixes:
+            self._prefixes[tuple(image_size)] = _prefix(self.processor, self.template, image_size)
+        return self._prefixes[tuple(image_size)]
+
+    def _continuation(self, context: str, text: str) -> list[int]:
+        """The ids ``text`` gets after ``context``: ids(context + text) minus ids(context)."""
+        return _continuation_ids(self.tokenizer, context, text)
 
 
 _QUESTION_MARKER = "\x00QUESTION\x00"
+_ANSWER_MARKER = "\x00ANSWER\x00"
+_PROBE_ANSWER = "yes"  # an easy-VQA answer, to find the end token in context
 
 
-def prompt_tokens(processor) -> PromptTokens:
-    """Split the single-question prompt into the shared prefix and the per-question text.
+def _generation_prompt(template: str) -> str:
+    """The text after the question (e.g. " ASSISTANT:"), behind the image token: the special
+    token splits the text there, so this tokenizes as it does in the full prompt."""
+    return IMAGE_TOKEN + template.split(_QUESTION_MARKER, 1)[1]
 
-    The image token is special, so text on either side of it tokenizes independently: prefix +
-    block(question) equals the processor's ``input_ids`` for that question (checked in tests).
-    The processor itself expands the image token (so any LLaVA tower's token count is right), and
-    the end-of-turn token is the one the chat template writes after an assistant answer.
-    """
+
+def _continuation_ids(tokenizer, context: str, text: str) -> list[int]:
+    start = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + text, add_special_tokens=False)["input_ids"]
+    if whole[: len(start)] != start:
+        raise ValueError(
+            f"the tokenizer merges {text!r} with the text before it ({context[-20:]!r}), so the chat "
+            f"template's prompt cannot be split there for packing"
+        )
+    return whole[len(start):]
+
+
+def _prefix(processor, template: str, image_size: tuple[int, int]) -> list[int]:
+    """The processor's ids for the template's text up to the image, with a blank image of
+    ``image_size`` (the image tokens' count depends on the size only). The tokenizer's own special
+    tokens are kept (a Llama tokenizer's BOS), as in the processor's ids for a whole prompt."""
     from PIL import Image
 
+    before = template.split(IMAGE_TOKEN, 1)[0]
+    blank = Image.new("RGB", tuple(image_size))
+    return list(map(int, processor(images=blank, text=before + IMAGE_TOKEN)["input_ids"][0]))
+
+
+def prompt_tokens(processor, image_size: tuple[int, int] | None = None) -> PromptTokens:
+    """Split the single-question prompt of ``processor``'s chat template into the shared prefix,
+    the per-question text and the answer, for images of ``image_size`` (width, height; default
+    easy-VQA's 64 x 64).
+
+    The chat template must write exactly one image, then the question, then the generation prompt,
+    and an assistant answer right after the generation prompt, optionally behind a separator (LLaVA-1.5's
+    "ASSISTANT:" + " yes"; ChatML and LLaVA-NeXT's Mistral template: "[INST] <image>\\nQ [/INST]" +
+    " yes</s>"). Anything else raises ``ValueError`` naming what the template does instead.
+
+    The end token is what a model generates to close its answer: the first token the template
+    writes after an assistant answer (ChatML's ``<|im_end|>``, Mistral's ``</s>``), or, when the
+    template writes only whitespace there (LLaVA-1.5 writes "yes " and no EOS), the tokenizer's EOS
+    token, with which generation stops. Scores are log-likelihoods of answer + end token.
+    """
     tokenizer = processor.tokenizer
     user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_MARKER}]}
     template = processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
     if template.count(IMAGE_TOKEN) != 1:
-        raise ValueError("the chat template must place exactly one image token")
-    crop = processor.image_processor.crop_size
-    blank = Image.new("RGB", (crop["width"], crop["height"]))
-    before = template.split(IMAGE_TOKEN, 1)[0]
-    prefix = processor(images=blank, text=before + IMAGE_TOKEN, add_special_tokens=False)["input_ids"][0]
-    return PromptTokens(prefix=list(map(int, prefix)), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                        end_id=_turn_end_id(processor, user, template), tokenizer=tokenizer,
-                        template=template)
+        raise ValueError(f"the chat template writes {template.count(IMAGE_TOKEN)} image tokens for one image "
+                         f"({template!r}); packing needs exactly one")
+    if template.count(_QUESTION_MARKER) != 1 or template.index(_QUESTION_MARKER) < template.index(IMAGE_TOKEN):
+        raise ValueError(f"the chat template must write the question once, after the image ({template!r})")
+    separator, after = _answer_turn(processor, user, template)
+    if after.strip():
+        context = _generation_prompt(template) + separator + _PROBE_ANSWER
+        end_id = _continuation_ids(tokenizer, context, after)[0]
+    elif tokenizer.eos_token_id is None:
+        raise ValueError("the chat template writes no end-of-turn token after an answer and the tokenizer "
+                         "has no EOS token: nothing marks the end of an answer")
+    else:
+        end_id = tokenizer.eos_token_id
+    image_size = tuple(image_size or blank_image().size)
+    return PromptTokens(prefix=_prefix(processor, template, image_size),
+                        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), end_id=int(end_id),
+                        tokenizer=tokenizer, template=template, separator=separator,
+                        image_size=image_size, processor=processor)
 
 
-def _turn_end_id(processor, user: dict, prompt: str) -> int:
-    """The first token the chat template writes after an assistant answer (``<|im_end|>`` for
-    ChatML). Packed scoring appends answers right after the generation prompt, so a template that
-    writes anything in between (Vicuna's space after "ASSISTANT:") is refused."""
-    answer = "yes"
-    assistant = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
+def _answer_turn(processor, user: dict, prompt: str) -> tuple[str, str]:
+    """What the template writes between the generation prompt and an assistant answer (the
+    separator) and after the answer."""
+    assistant = {"role": "assistant", "content": [{"type": "text", "text": _ANSWER_MARKER}]}
     full = processor.apply_chat_template([user, assistant], tokenize=False)
-    if not full.startswith(prompt + answer):
-        raise ValueError("the chat template does not write the assistant answer right after the generation prompt")
-    after = processor.tokenizer(full[len(prompt + answer):], add_special_tokens=False)["input_ids"]
-    if not after:
-        raise ValueError("the chat template writes nothing after an assistant answer; no end-of-turn token")
-    return int(after[0])
+    if not full.startswith(prompt) or full.count(_ANSWER_MARKER) != 1:
+        raise ValueError(
+            f"the chat template does not write the assistant answer after the generation prompt: prompt "
+            f"{prompt!r}, conversation {full!r}"
+        )
+    separator, after = full[len(prompt):].split(_ANSWER_MARKER)
+    return separator, after
 
 
 @dataclass
@@ -151,9 +219,12 @@ def packed_batch(sequences: list[PackedSequence], pad_id: int, dtype: torch.dtyp
     return input_ids.to(device), position_ids.to(device), mask.to(device)
 
 
-def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers: list[str]):
-    """Pack every question about one image with 13 answer branches each; returns the sequence and
-    per question: (index of the question's last token, {answer: [token index of each answer token]})."""
+def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers: list[str],
+                        prefix: list[int] | None = None):
+    """Pack every question about one image with 13 answer branches each, below ``prefix`` (default
+    ``tokens.prefix``; ``tokens.prefix_for(image.size)`` for an image of another size); returns the
+    sequence and per question: (index of the question's last token, {answer: [token index of each
+    answer token]})."""
     answer_ids = {a: tokens.answer(a) for a in answers}
     segments: list[tuple[list[int], int]] = []
     layout = []
@@ -165,7 +236,7 @@ def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers: lis
             segments.append((answer_ids[answer], q_segment))
             branch_segments[answer] = len(segments)
         layout.append((q_segment, branch_segments))
-    seq = pack(tokens.prefix, segments)
+    seq = pack(tokens.prefix if prefix is None else prefix, segments)
     per_question = []
     for q_segment, branch_segments in layout:
         last = seq.segment_end(q_segment)

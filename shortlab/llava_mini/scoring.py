@@ -36,12 +36,17 @@ def _llava_parts(model) -> ModelParts:
 
 def input_embeddings(model, input_ids, image_features):
     """The decoder's input [batch, seq, hidden] on the embedding's device: token embeddings of
-    ``input_ids`` with ``image_features`` (already projected, [batch, image tokens, hidden]) at
-    the image tokens."""
+    ``input_ids`` with ``image_features`` (already projected: [batch, image tokens, hidden], or
+    [image tokens of all rows, hidden] as ``image_token_features`` returns them) at the image
+    tokens, in order."""
     embed_tokens = model_parts(model).embed_tokens
     input_ids = input_ids.to(embed_tokens.weight.device)
     embeds = embed_tokens(input_ids)
     image_mask = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    n_tokens, n_features = int(image_mask[..., 0].sum()), image_features.numel() // embeds.shape[-1]
+    if n_tokens != n_features:
+        raise ValueError(f"{n_tokens} image tokens in input_ids but features for {n_features}: the prompt's "
+                         f"image tokens were counted for images of another size")
     return embeds.masked_scatter(image_mask, image_features.to(device=embeds.device, dtype=embeds.dtype))
 
 
@@ -66,16 +71,39 @@ def vision_features(model, pixel_values) -> torch.Tensor:
     return features[:, 1:] if config.vision_feature_select_strategy == "default" else features
 
 
+def image_token_features(model, pixel_values, image_sizes=None) -> torch.Tensor:
+    """What the decoder reads at the image tokens of a batch of images, image after image:
+    [image tokens of all images, hidden], in the model's dtype. ``pixel_values`` and
+    ``image_sizes`` are the image processor's outputs. LLaVA: the projected ``vision_features``.
+    LLaVA-NeXT: the model's own anyres path (the image's tiles, unpadded to its aspect ratio, with
+    a learned newline embedding after each row), which needs ``image_sizes`` [images, 2]."""
+    parts = _llava_parts(model)
+    if parts.family == "llava_next":
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT features need the image processor's image_sizes (its anyres grid "
+                             "depends on each image's size)")
+        tower = next(parts.vision_tower.parameters())
+        features = model.model.get_image_features(
+            pixel_values=pixel_values.to(device=tower.device, dtype=tower.dtype), image_sizes=image_sizes,
+        ).pooler_output
+        return torch.cat(list(features)).to(model.dtype)
+    projector = next(parts.projector.parameters())
+    projected = parts.projector(vision_features(model, pixel_values).to(device=projector.device, dtype=model.dtype))
+    return projected.flatten(0, 1)
+
+
 @torch.no_grad()
 def score_answers(model, processor, images, question_lists, answers=None, batch_size: int = 2,
                   tokens: PromptTokens | None = None, features: list[torch.Tensor] | None = None,
                   intervention: Intervention | None = None):
     """Closed-set easy-VQA scoring with packed sequences (one forward per ``batch_size`` images).
 
-    ``images``: PIL images, or None when ``features`` (the vision features of each image, as
-    ``vision_features`` returns them) are given; ``question_lists``: the questions of each image.
-    Returns, per image and question, ``(scores, greedy)``: ``scores[answer]`` is the
-    log-likelihood of the full assistant turn ``answer<|im_end|>`` (sum over its tokens), and
+    ``images``: PIL images (each gets the prompt prefix for its size: ``tokens.prefix_for``), or
+    None when ``features`` (LLaVA only: the vision features of each image, as ``vision_features``
+    returns them, for images of ``tokens.image_size``) are given; ``question_lists``: the questions
+    of each image. Returns, per image and question, ``(scores, greedy)``: ``scores[answer]`` is the
+    log-likelihood of the answer and its end token (``answer<|im_end|>`` for ChatML, `` yes</s>``
+    for LLaVA-1.5 and LLaVA-NeXT-Mistral; sum over its tokens; see ``prompt_tokens``), and
     ``greedy`` the answer whose turn greedy decoding reproduces token by token (None if greedy
     decoding would write anything else).
 
@@ -92,6 +120,9 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
     tokens = tokens or prompt_tokens(processor)
     dtype = model.dtype
     parts = _llava_parts(model)
+    if features is not None and parts.family != "llava":
+        raise ValueError(f"precomputed vision features are supported for LLaVA, not {parts.family} (whose "
+                         f"image tokens depend on each image's size); pass the images instead")
     projector = parts.projector
     projector_device = next(projector.parameters()).device
     input_device = parts.embed_tokens.weight.device
@@ -102,12 +133,15 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         if features is None:
-            pixel_values = processor.image_processor([images[i] for i in chunk], return_tensors="pt")["pixel_values"]
-            feats = vision_features(model, pixel_values)
+            pixels = processor.image_processor([images[i] for i in chunk], return_tensors="pt")
+            projected = image_token_features(model, pixels["pixel_values"], pixels.get("image_sizes"))
+            prefixes = [tokens.prefix_for(images[i].size) for i in chunk]
         else:
             feats = torch.stack([features[i] for i in chunk])
-        projected = projector(feats.to(device=projector_device, dtype=dtype))
-        built = [build_eval_sequence(tokens, question_lists[i], answers) for i in chunk]
+            projected = projector(feats.to(device=projector_device, dtype=dtype))
+            prefixes = [tokens.prefix] * len(chunk)
+        built = [build_eval_sequence(tokens, question_lists[i], answers, prefix)
+                 for i, prefix in zip(chunk, prefixes)]
         input_ids, position_ids, mask = packed_batch([b[0] for b in built], tokens.end_id, dtype,
                                                      device=input_device)
         question_ends = torch.zeros(input_ids.shape, dtype=torch.bool)
