@@ -32,6 +32,7 @@ EXPECTED = {  # name: (family, text_family, layers_path)
     "tiny-phi3": ("phi3", "phi3", "model.layers"),
     "tiny-gpt2": ("gpt2", "gpt2", "transformer.h"),
     "tiny-llava": ("llava", "llama", "model.language_model.layers"),
+    "tiny-llava-1.5": ("llava", "llama", "model.language_model.layers"),
     "tiny-llava-next": ("llava_next", "llama", "model.language_model.layers"),
     "tiny-qwen2-vl": ("qwen2_vl", "qwen2_vl", "model.language_model.layers"),
     "tiny-qwen2.5-vl": ("qwen2_5_vl", "qwen2_5_vl", "model.language_model.layers"),
@@ -75,7 +76,7 @@ def test_parts_locate_the_real_modules(loaded):
 def test_llava_wrappers_expose_their_vision_tower_and_projector(loaded):
     name, model = loaded
     parts = model_parts(model)
-    if name in ("tiny-llava", "tiny-llava-next"):
+    if name in ("tiny-llava", "tiny-llava-1.5", "tiny-llava-next"):
         assert parts.vision_tower is model.model.vision_tower
         assert parts.projector is model.model.multi_modal_projector
         # the projector maps the tower's width to the decoder's
