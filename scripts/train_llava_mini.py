@@ -182,22 +182,43 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(model, processor, items, features, majority: str, batch_size: int = 2) -> dict:
+def _summary(report: dict) -> dict:
+    """An ``accuracy_report`` without its per-item list, rounded for the card."""
+    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}
+            for name, entry in report.items() if name != "correct"}
+
+
+def evaluate(model, processor, items, features, majority: str, prior: lm.QuestionPrior,
+             batch_size: int = 2, blank: bool = True) -> dict:
+    """Accuracy with 95 % intervals clustered by image, overall and per question type, beside the
+    baselines that need no image: the majority answer, the question-only prior (each question's
+    most frequent training answer) and, with ``blank``, the same model shown a blank image; plus
+    the paired difference blank − prior on the same questions."""
+    from shortlab.stats import paired_interval
+
     start = time.perf_counter()
     result = lm.evaluate_items(model, processor, items, features=features, batch_size=batch_size)
     preds = result.pop("predictions")
-    yes_no = [(it, p) for it, p, _ in preds if it.answer in ("yes", "no")]
-    other = [(it, p) for it, p, _ in preds if it.answer not in ("yes", "no")]
+    ordered = [it for it, _, _ in preds]
+    clusters = [it.image_id for it in ordered]
+    model_report = lm.accuracy_report(ordered, [p for _, p, _ in preds])
+    prior_report = lm.accuracy_report(ordered, [prior.predict(it.question) for it in ordered])
     result.update({
-        "accuracy_yes_no": sum(it.answer == p for it, p in yes_no) / max(1, len(yes_no)),
-        "accuracy_other": sum(it.answer == p for it, p in other) / max(1, len(other)),
-        "n_yes_no": len(yes_no),
-        "n_other": len(other),
-        "majority_baseline": sum(it.answer == majority for it, _, _ in preds) / len(preds),
-        "images": len({it.image_id for it, _, _ in preds}),
+        "model": _summary(model_report),
+        "question_prior": _summary(prior_report),
+        "majority_baseline": sum(it.answer == majority for it in ordered) / len(ordered),
+        "images": len(set(clusters)),
         "prediction_counts": dict(Counter(p for _, p, _ in preds).most_common()),
-        "seconds": round(time.perf_counter() - start, 1),
     })
+    if blank:
+        blank_preds = lm.evaluate_items(model, processor, ordered, image=lm.blank_image(),
+                                        batch_size=batch_size)["predictions"]
+        blank_report = lm.accuracy_report(ordered, [p for _, p, _ in blank_preds])
+        difference = paired_interval(blank_report["correct"], prior_report["correct"], clusters)
+        result["blank_image"] = _summary(blank_report)
+        result["blank_minus_prior"] = {"difference": round(difference.estimate, 4),
+                                       "low": round(difference.low, 4), "high": round(difference.high, 4)}
+    result["seconds"] = round(time.perf_counter() - start, 1)
     return result
 
 
@@ -299,7 +320,8 @@ def main() -> None:
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     parser.add_argument("--lora-dtype", default="float16", help="storage dtype of the A/B matrices")
     parser.add_argument("--image-size", type=int, default=lm.DEFAULT_IMAGE_SIZE)
-    parser.add_argument("--eval-images", type=int, default=100, help="test images at --image-size")
+    parser.add_argument("--eval-images", type=int, default=107,
+                        help="test images at --image-size (107 seeded images: 1,014 questions)")
     parser.add_argument("--eval-images-336", type=int, default=20, help="test images at 336 px")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=lm.WEIGHTS_DIR)
@@ -503,15 +525,19 @@ def main() -> None:
     items = eval_items(test_items, args.eval_images, seed=1234)
     ids = sorted({it.image_id for it in items})
     test_features = cached_features(eval_model, eval_processor, "test", ids, args.image_size, handle)
-    evaluation[f"test_{args.image_size}px"] = evaluate(eval_model, eval_processor, items, test_features, majority)
+    prior = lm.QuestionPrior(train_items)
+    evaluation[f"test_{args.image_size}px"] = evaluate(eval_model, eval_processor, items, test_features,
+                                                       majority, prior)
     log(handle, f"test@{args.image_size}: {json.dumps(evaluation[f'test_{args.image_size}px'])}")
     fixed = lm.fixed_test_questions(40, seed=0)
-    evaluation["pytest_fixed_40"] = evaluate(eval_model, eval_processor, fixed, None, majority)
+    evaluation["pytest_fixed_40"] = evaluate(eval_model, eval_processor, fixed, None, majority, prior,
+                                             blank=False)
     log(handle, f"fixed 40 (tests/test_llava_mini.py): {json.dumps(evaluation['pytest_fixed_40'])}")
     if args.eval_images_336:
         model336, processor336 = lm.build_llava_mini(336, trained=True, weights_dir=args.out)
         items336 = eval_items(test_items, args.eval_images_336, seed=1234)
-        evaluation["test_336px"] = evaluate(model336, processor336, items336, None, majority, batch_size=1)
+        evaluation["test_336px"] = evaluate(model336, processor336, items336, None, majority, prior,
+                                            batch_size=1, blank=False)
         log(handle, f"test@336: {json.dumps(evaluation['test_336px'])}")
     full_test_majority = sum(it.answer == majority for it in test_items) / len(test_items)
     evaluation["majority_baseline_full_test"] = round(full_test_majority, 4)
