@@ -25,6 +25,8 @@ The package is split by topic; every name is importable from ``shortlab.llava_mi
   shared, each question seeing only the prefix and itself, through a 4D attention mask and
   position ids that restart after the prefix). A packed question gets exactly the logits it would
   get alone, at a fraction of the cost: the training script and the accuracy test use them;
+* ``sweep``: the settings notebook 02 compares (ShortV on a token group, FastV, both) as scoring
+  interventions, and a resumable on-disk store of each setting's predicted answers;
 * ``scoring``: vision features, the packed decoder forward and closed-set answer scoring, with
   model internals reached through ``shortlab.arch.model_parts`` (any LLaVA-style wrapper).
 """
@@ -49,7 +51,13 @@ from shortlab.llava_mini.scoring import (
     score_answers, vision_features,
 )
 
+from shortlab.llava_mini.sweep import (
+    TOKEN_GROUPS, PredictionStore, Setting, evaluate_setting, items_fingerprint, setting_intervention,
+)
+
 __all__ = [
+    "TOKEN_GROUPS", "PredictionStore", "Setting", "evaluate_setting", "items_fingerprint",
+    "setting_intervention",
     "ANSWER_INSTRUCTION", "CARD_FILE", "CHAT_TEMPLATE", "DEFAULT_IMAGE_SIZE", "EASY_VQA",
     "IMAGE_TOKEN", "LANGUAGE_MODEL", "LOG_FILE", "LORA_FILE", "PATCH_SIZE", "PROJECTOR_FILE",
     "VISION_FEATURE_LAYER", "VISION_FEATURE_SELECT_STRATEGY", "WEIGHTS_DIR", "Intervention",
