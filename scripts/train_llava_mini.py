@@ -46,6 +46,19 @@ from shortlab.checkpoints import _sha256_of, cache_dir
 from shortlab.vision import locate_dinov2_onnx
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def shown(path: Path) -> str:
+    """``path`` for the log: relative to the repository or to the shortlab cache, so a committed
+    log names no machine's folders."""
+    path = Path(path).resolve()
+    for root, label in ((REPOSITORY, ""), (cache_dir().resolve(), "$SHORTLAB_CACHE/")):
+        if path.is_relative_to(root):
+            return label + str(path.relative_to(root))
+    return path.name
+
+
 def log(handle, message: str) -> None:
     line = f"[{time.strftime('%H:%M:%S')}] {message}"
     print(line, flush=True)
@@ -85,7 +98,7 @@ def cached_features(model, processor, split: str, image_ids: list[int], image_si
     missing = [i for i in image_ids if i not in cache]
     if missing:
         log(handle, f"computing {len(missing)} {split} vision features at {image_size}px "
-                    f"({len(cache)} cached) -> {path}")
+                    f"({len(cache)} cached) -> {shown(path)}")
         start = time.perf_counter()
         for k in range(0, len(missing), batch):
             chunk = missing[k: k + batch]
@@ -342,7 +355,8 @@ def main() -> None:
     resuming = args.checkpoint_dir is not None and (args.checkpoint_dir / CHECKPOINT_FILE).is_file()
     handle = open(stage_log, "a" if resuming else "w")
     t_start = time.perf_counter()
-    log(handle, f"args: {vars(args)} | torch {torch.__version__}, threads {torch.get_num_threads()}")
+    shown_args = {k: shown(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    log(handle, f"args: {shown_args} | torch {torch.__version__}, threads {torch.get_num_threads()}")
 
     previous_card = None
     if args.stage == 2:
@@ -548,7 +562,7 @@ def main() -> None:
     card["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0],
                         "transformers": __import__("transformers").__version__}
     atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
-    log(handle, f"done in {time.perf_counter() - t_start:.0f}s; card {card_path}")
+    log(handle, f"done in {time.perf_counter() - t_start:.0f}s; card {shown(card_path)}")
     handle.close()
 
 
