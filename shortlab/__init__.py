@@ -43,7 +43,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.metrics": ("block_influence", "layer_similarity", "token_cosine"),
     "shortlab.pruning": (
         "remove_layers", "RANKINGS", "rank_layers", "rank_layers_for_counts", "lowest_layers",
-        "iterative_block_influence", "relative_magnitude", "angular_distances",
+        "iterative_block_influence", "relative_magnitude", "angular_distances", "random_layers",
     ),
     "shortlab.contribution": (
         "layer_contribution", "mean_layer_contribution", "token_groups", "reading_positions",
@@ -67,9 +67,13 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
     "shortlab.quantize": ("quantize_weights", "quantize_weights_int8", "quantized_parameter_bytes"),
     "shortlab.references": ("paper_numbers",),
+    "shortlab.shortgpt_evidence": (
+        "EvidenceConfig", "EvidenceStore", "prepare", "collect", "quantisation_interaction", "random_versus",
+    ),
     "shortlab.stats": (
         "Interval", "wilson_interval", "bootstrap_interval", "paired_interval", "ratio_interval",
-        "perplexity_interval", "paired_perplexity_ratio", "verdict",
+        "perplexity_interval", "paired_perplexity_ratio", "verdict", "crossed_bootstrap_interval",
+        "retained_fraction_interval", "equivalence_verdict",
     ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -111,8 +111,15 @@ def rank_reverse_order(model: nn.Module, batches: Batches, n_remove: int, seed: 
 
 
 def rank_random(model: nn.Module, batches: Batches, n_remove: int, seed: int = 0) -> list[int]:
-    """A seeded uniformly random choice."""
-    num_layers = _check_n_remove(model, n_remove)
+    """A seeded uniformly random choice (``random_layers``)."""
+    return random_layers(_check_n_remove(model, n_remove), n_remove, seed)
+
+
+def random_layers(num_layers: int, n_remove: int, seed: int = 0) -> list[int]:
+    """``n_remove`` of ``num_layers`` layer indices drawn uniformly without replacement, seeded:
+    the set ``rank_random`` removes from a model of that depth."""
+    if not 0 <= n_remove < num_layers:
+        raise ValueError(f"n_remove must be in [0, {num_layers - 1}] for {num_layers} layers, got {n_remove}")
     return random.Random(seed).sample(range(num_layers), n_remove)
 
 

@@ -9,6 +9,10 @@
   drawn clusters (a ratio estimator), so clusters of different sizes weigh by their size.
 * ``paired_interval(a, b, clusters=None)`` — the mean of ``a − b`` over aligned items (two models
   on the same questions), which is far tighter than comparing two separate intervals.
+* ``crossed_bootstrap_interval(values, clusters)`` — the mean of a [draws, items] table whose
+  rows are random draws of a method (e.g. seeded random layer choices) scored on the same items:
+  draws and item clusters are resampled independently, so the interval covers both the spread
+  between draws and the sampling of the items.
 * ``perplexity_interval(nll_sums, counts)`` and ``paired_perplexity_ratio(a, b, counts)`` —
   perplexity over held-out blocks, and one model's over another's on the same blocks, resampling
   blocks (tokens of one block are not independent).
@@ -120,6 +124,42 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, clusters: Sequence 
     return ratio_interval(sums, counts, level=level, n_resamples=n_resamples, seed=seed, method=method)
 
 
+def crossed_bootstrap_interval(values: Sequence[Sequence[float]] | np.ndarray, clusters: Sequence | None = None, *,
+                               level: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Percentile-bootstrap interval of the mean of ``values`` [draws, items], resampling the rows
+    (independent random draws) and, independently, the item ``clusters`` (one label per column;
+    each item its own cluster when None). The estimate is the mean over all draws and items."""
+    _check_level(level)
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    table = np.asarray(values, dtype=np.float64)
+    if table.ndim != 2 or 0 in table.shape:
+        raise ValueError(f"values must be a non-empty [draws, items] table, got shape {table.shape}")
+    if not np.isfinite(table).all():
+        raise ValueError("values contains NaN or infinite entries")
+    if clusters is None:
+        labels = np.arange(table.shape[1])
+    else:
+        labels = np.asarray(clusters)
+        if labels.shape != (table.shape[1],):
+            raise ValueError(f"clusters must give one label per item (column): {labels.shape} vs {table.shape[1]}")
+    _, index = np.unique(labels, return_inverse=True)
+    n_clusters = int(index.max()) + 1
+    # sums[d, c]: draw d's total over cluster c; counts[c]: the cluster's size
+    sums = np.stack([np.bincount(index, weights=row, minlength=n_clusters) for row in table])
+    counts = np.bincount(index, minlength=n_clusters).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    estimates = np.empty(n_resamples)
+    for r in range(n_resamples):
+        draws = rng.integers(0, table.shape[0], size=table.shape[0])
+        chosen = rng.integers(0, n_clusters, size=n_clusters)
+        estimates[r] = sums[np.ix_(draws, chosen)].sum() / (counts[chosen].sum() * table.shape[0])
+    tail = (1 - level) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail])
+    return Interval(float(table.mean()), float(low), float(high), level,
+                    f"crossed bootstrap over {table.shape[0]} draws x {n_clusters} clusters")
+
+
 def perplexity_interval(nll_sums: Sequence[float] | np.ndarray, counts: Sequence[float] | np.ndarray, *,
                         level: float = 0.95, n_resamples: int = 4000, seed: int = 0) -> Interval:
     """Perplexity exp(Σ NLL / Σ tokens) with its interval, resampling held-out blocks (one entry
@@ -169,5 +209,50 @@ def verdict(interval: Interval, threshold: float = 0.0, *, claim: str = "above")
     if above:
         return SUPPORTED
     if below:
+        return CONTRADICTED
+    return CANNOT_TELL
+
+
+def retained_fraction_interval(pruned: Sequence[float] | np.ndarray, dense: Sequence[float] | np.ndarray,
+                               chance: Sequence[float] | np.ndarray | float = 0.0, *, level: float = 0.95,
+                               n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Share of the dense model's score a pruned model keeps, (mean(pruned) − c) / (mean(dense) − c)
+    with c = mean(chance), by a paired bootstrap over items (``pruned[i]``, ``dense[i]`` and
+    ``chance[i]`` are the same question). ``chance=0`` gives the plain ratio the ShortGPT paper
+    reports ("% retained"); a per-item chance level (1 / number of choices) counts only what the
+    models score above guessing. A resample where the dense model is not above c gives no ratio
+    and is dropped (the interval then says so in ``method``)."""
+    _check_level(level)
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    a, b = _as_values(pruned, "pruned"), _as_values(dense, "dense")
+    if a.shape != b.shape:
+        raise ValueError(f"pruned and dense must be aligned item by item: {a.shape} vs {b.shape}")
+    c = np.broadcast_to(np.asarray(chance, dtype=np.float64), a.shape)
+    if b.mean() <= c.mean():
+        raise ValueError(f"the dense mean {b.mean():.4f} is not above the chance level {c.mean():.4f}: "
+                         "no share of it can be retained")
+    draws = np.random.default_rng(seed).integers(0, a.size, size=(n_resamples, a.size))
+    above = b[draws].mean(axis=1) - c[draws].mean(axis=1)
+    valid = above > 0
+    ratios = (a[draws].mean(axis=1)[valid] - c[draws].mean(axis=1)[valid]) / above[valid]
+    tail = (1 - level) / 2
+    low, high = np.quantile(ratios, [tail, 1 - tail])
+    method = "paired bootstrap over items"
+    if not valid.all():
+        method += f" ({int((~valid).sum())} of {n_resamples} resamples had the dense model at chance)"
+    estimate = (a.mean() - c.mean()) / (b.mean() - c.mean())
+    return Interval(float(estimate), float(low), float(high), level, method)
+
+
+def equivalence_verdict(interval: Interval, margin: float, centre: float = 0.0) -> str:
+    """Judge "the quantity is within ``centre`` ± ``margin``" (e.g. an interaction that is
+    negligible): supported when the whole interval lies inside, contradicted when it lies wholly
+    outside on one side, otherwise it cannot be told at this sample size."""
+    if not margin > 0:
+        raise ValueError(f"margin must be positive, got {margin}")
+    if interval.low > centre - margin and interval.high < centre + margin:
+        return SUPPORTED
+    if interval.low > centre + margin or interval.high < centre - margin:
         return CONTRADICTED
     return CANNOT_TELL

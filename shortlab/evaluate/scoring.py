@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from shortlab.evaluate.examples import MCExample
@@ -27,29 +28,44 @@ def encode_examples(tokenizer, examples: Sequence[MCExample]) -> list[tuple[list
     ]
 
 
-def score_examples(examples: Sequence[MCExample], logliks: Sequence[float]) -> dict[str, float]:
-    """acc, acc_norm (log-likelihood / choice length in characters), their standard errors, n.
+def item_correct(examples: Sequence[MCExample], logliks: Sequence[float]) -> dict[str, np.ndarray]:
+    """Per-item correctness: ``{"acc": bool[n], "acc_norm": bool[n]}``, examples in order.
 
-    ``logliks`` holds one summed log-likelihood per choice, examples in order.
+    ``logliks`` holds one summed log-likelihood per choice, examples in order; ``acc`` picks the
+    largest, ``acc_norm`` the largest after dividing by the choice's length in characters (ties
+    go to the first choice).
     """
-    correct, correct_norm, position = 0, 0, 0
-    for example in examples:
+    n_choices = sum(len(example.choices) for example in examples)
+    if n_choices != len(logliks):
+        raise ValueError(f"{len(logliks)} log-likelihoods for {n_choices} choices")
+    correct = np.zeros(len(examples), dtype=bool)
+    correct_norm = np.zeros(len(examples), dtype=bool)
+    position = 0
+    for index, example in enumerate(examples):
         scores = [float(s) for s in logliks[position : position + len(example.choices)]]
         position += len(example.choices)
         normed = [
             score / max(len(choice), 1)
             for score, choice in zip(scores, example.choices, strict=True)
         ]
-        correct += max(range(len(scores)), key=scores.__getitem__) == example.gold
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == example.gold
-    if position != len(logliks):
-        raise ValueError(f"{len(logliks)} log-likelihoods for {position} choices")
+        correct[index] = max(range(len(scores)), key=scores.__getitem__) == example.gold
+        correct_norm[index] = max(range(len(normed)), key=normed.__getitem__) == example.gold
+    return {"acc": correct, "acc_norm": correct_norm}
+
+
+def score_examples(examples: Sequence[MCExample], logliks: Sequence[float]) -> dict[str, float]:
+    """acc, acc_norm (log-likelihood / choice length in characters), their standard errors, n.
+
+    ``logliks`` holds one summed log-likelihood per choice, examples in order.
+    """
+    per_item = item_correct(examples, logliks)
     n = len(examples)
+    acc, acc_norm = float(per_item["acc"].mean()), float(per_item["acc_norm"].mean())
     return {
-        "acc": correct / n,
-        "acc_stderr": _mean_stderr(correct / n, n),
-        "acc_norm": correct_norm / n,
-        "acc_norm_stderr": _mean_stderr(correct_norm / n, n),
+        "acc": acc,
+        "acc_stderr": _mean_stderr(acc, n),
+        "acc_norm": acc_norm,
+        "acc_norm_stderr": _mean_stderr(acc_norm, n),
         "n": n,
     }
 

@@ -27,6 +27,9 @@ The package is split by topic; every name is importable from ``shortlab.llava_mi
   get alone, at a fraction of the cost: the training script and the accuracy test use them;
 * ``sweep``: the settings notebook 02 compares (ShortV on a token group, FastV, both) as scoring
   interventions, and a resumable on-disk store of each setting's predicted answers;
+* ``evidence``: notebook 02's whole sweep as one plan (shared with ``scripts/shortv_evidence.py``),
+  the per-question Layer Contribution tables every layer choice is made from, and the statistics
+  that turn stored answers into verdicts;
 * ``scoring``: vision features, the packed decoder forward and closed-set answer scoring, with
   model internals reached through ``shortlab.arch.model_parts`` (any LLaVA-style wrapper).
 """
@@ -51,11 +54,17 @@ from shortlab.llava_mini.scoring import (
     score_answers, vision_features,
 )
 
+from shortlab.llava_mini.evidence import (
+    EVIDENCE_DIR, Calibration, EvidenceConfig, calibration, calibration_pools, evidence_plan,
+    max_frozen_within, model_fingerprint, question_layer_contributions, run_plan, store_path,
+)
 from shortlab.llava_mini.sweep import (
     TOKEN_GROUPS, PredictionStore, Setting, evaluate_setting, items_fingerprint, setting_intervention,
 )
 
 __all__ = [
+    "EVIDENCE_DIR", "Calibration", "EvidenceConfig", "calibration", "calibration_pools", "evidence_plan",
+    "max_frozen_within", "model_fingerprint", "question_layer_contributions", "run_plan", "store_path",
     "TOKEN_GROUPS", "PredictionStore", "Setting", "evaluate_setting", "items_fingerprint",
     "setting_intervention",
     "ANSWER_INSTRUCTION", "CARD_FILE", "CHAT_TEMPLATE", "DEFAULT_IMAGE_SIZE", "EASY_VQA",

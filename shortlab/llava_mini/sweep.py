@@ -37,7 +37,8 @@ class Setting:
     ``frozen_layers``: layers in which ``frozen_tokens`` keep their hidden state (ShortV);
     ``frozen_tokens``: "visual", "text", "all", or "random" (as many tokens as there are visual
     ones per row, at positions drawn with ``seed``); ``fastv_k``/``fastv_ratio``: FastV drops that
-    share of the visual tokens from layer ``fastv_k`` on.
+    share of the visual tokens from layer ``fastv_k`` on; ``blank_image``: every question is asked
+    about ``easy_vqa.blank_image()`` instead of its own image (the blank-image baseline).
     """
 
     frozen_layers: tuple[int, ...] = ()
@@ -45,6 +46,7 @@ class Setting:
     fastv_k: int | None = None
     fastv_ratio: float = 0.0
     seed: int = 0
+    blank_image: bool = False
 
     def __post_init__(self):
         if self.frozen_tokens not in TOKEN_GROUPS:
@@ -109,21 +111,32 @@ def items_fingerprint(items: list[VQAItem]) -> str:
 class PredictionStore:
     """Per-setting predicted answers, kept in memory and, with a ``path``, in a JSON file.
 
-    ``fingerprint``: what the predictions depend on (model name, dtype, question fingerprint …);
-    an existing file with another fingerprint raises instead of mixing results.
+    ``fingerprint``: what the predictions depend on (model weights, dtype, question fingerprint …);
+    an existing file with another fingerprint raises instead of mixing results, or, with
+    ``stale="recompute"``, is ignored (``self.stale`` is then True) and replaced at the first
+    write.
     """
 
-    def __init__(self, path: str | Path | None, fingerprint: dict):
+    def __init__(self, path: str | Path | None, fingerprint: dict, *, stale: str = "raise"):
+        if stale not in ("raise", "recompute"):
+            raise ValueError(f"stale must be 'raise' or 'recompute', got {stale!r}")
         self.path = None if path is None else Path(path)
         self.fingerprint = dict(fingerprint)
         self.results: dict[str, list[str]] = {}
         self.computed = 0  # settings computed (not read back) by this store
+        self.stale = False
         if self.path is not None and self.path.is_file():
             saved = json.loads(self.path.read_text())
-            if saved["fingerprint"] != self.fingerprint:
+            if saved["fingerprint"] == self.fingerprint:
+                self.results = saved["results"]
+            elif stale == "raise":
                 raise ValueError(f"{self.path} holds predictions for {saved['fingerprint']}, not "
                                  f"{self.fingerprint}; use another file or delete it to recompute")
-            self.results = saved["results"]
+            else:
+                self.stale = True
+
+    def __contains__(self, setting: Setting) -> bool:
+        return setting.key in self.results
 
     def predictions(self, setting: Setting, compute: Callable[[], list[str]]) -> list[str]:
         """``setting``'s predictions: stored ones, or ``compute()``'s, stored (atomically) first."""
@@ -134,17 +147,22 @@ class PredictionStore:
         return self.results[setting.key]
 
     def _write(self) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump({"fingerprint": self.fingerprint, "results": self.results}, handle)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if self.path is not None:
+            write_json_atomically(self.path, {"fingerprint": self.fingerprint, "results": self.results})
+
+
+def write_json_atomically(path: Path, content) -> None:
+    """Write ``content`` as JSON to ``path`` through a temporary file in the same folder, so that
+    an interrupted write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(content, handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,
@@ -155,8 +173,14 @@ def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,
     from shortlab.llava_mini.scoring import evaluate_items
 
     def compute() -> list[str]:
+        if setting.blank_image:
+            from shortlab.llava_mini.easy_vqa import blank_image
+
+            source = {"image": blank_image()}
+        else:
+            source = {"features": features}
         result = evaluate_items(model, processor, items, split=split, batch_size=batch_size,
-                                features=features, intervention=setting_intervention(model, setting))
+                                intervention=setting_intervention(model, setting), **source)
         by_item = {id(item): predicted for item, predicted, _ in result["predictions"]}
         return [by_item[id(item)] for item in items]
 

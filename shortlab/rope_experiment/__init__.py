@@ -13,19 +13,40 @@ split by topic (every name is importable from ``shortlab.rope_experiment`` itsel
 * ``training``: small Llama models trained from scratch that differ only in RoPE base
   (``rope_model_config``, ``build_model``, ``train_lm``);
 * ``measurements``: on any causal LM, ``per_position_nll`` (loss by position, masked),
-  ``retrieval_accuracy``, ``qk_pair_weights`` (per-head weights for the paper's B_w(m) from
-  the pre-rotation queries and keys);
-* ``passkey``: the passkey test (``passkey_prompt``, ``passkey_trial``).
+  ``retrieval_accuracy``, ``qk_pair_covariances`` (per-head query–key covariance per rotary
+  pair: the theorem's weights, giving the expected score gap ``score_gap`` and its bound
+  ``score_gap_bound``) and ``qk_pair_weights`` (the pooled-variance heuristic);
+* ``from_scratch``: the experiment with power — one pretrained model fine-tuned with bases
+  whose bounds fall inside the context, several seeds (``ExperimentConfig``,
+  ``run_experiment``, ``summarize``, ``load_text`` / ``export_text``);
+* ``passkey``: the passkey test (``passkey_prompt``, ``passkey_trial``; batched and by distance
+  with Wilson intervals: ``passkey_found``, ``passkey_accuracy``);
+* ``finetune``: a pretrained model fine-tuned with another base (``with_rope_base``,
+  ``finetune_batches``, ``fine_tune``) and measured (``perplexity_by_position``,
+  ``distance_grid``, ``bound_verdicts``); ``scripts/rope_finetune.py`` runs it, and
+  ``finetune_summary`` reads its results file back for notebook 03, recomputing intervals and
+  verdicts from the per-trial and per-row measurements.
 
 Positions and distances are token indices; "distance" is always the index of the token that
 asks minus the index of the token it must find (defined exactly where each is built).
 """
 
+from shortlab.rope_experiment.finetune import (
+    bound_verdicts, default_text, difference_of_rates, distance_grid, fine_tune, finetune_batches,
+    finetune_summary, perplexity_by_position, position_edges, rope_base, shipped_bound_verdict,
+    split_stream, tokenize_text, with_rope_base,
+)
+from shortlab.rope_experiment.from_scratch import (
+    SMOKE_SIZES, ExperimentConfig, base_for_bound, checkpoint_path, crossed_bootstrap, export_text, load_text,
+    run_experiment, summarize,
+)
 from shortlab.rope_experiment.measurements import (
-    binned_perplexity, per_position_nll, qk_pair_weights, retrieval_accuracy,
+    binned_perplexity, per_position_nll, qk_pair_covariance, qk_pair_covariances, qk_pair_weights,
+    retrieval_accuracy, score_gap, score_gap_bound,
 )
 from shortlab.rope_experiment.passkey import (
-    PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PasskeyPrompt, passkey_prompt, passkey_trial,
+    PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PasskeyPrompt, min_passkey_distance,
+    passkey_accuracy, passkey_found, passkey_length, passkey_prompt, passkey_trial,
 )
 from shortlab.rope_experiment.retrieval_data import (
     CharTokenizer, RetrievalExample, RetrievalTask, answer_mask, char_stream, distance_batch,
@@ -37,11 +58,20 @@ from shortlab.rope_experiment.theory import (
 from shortlab.rope_experiment.training import build_model, lm_losses, rope_model_config, train_lm
 
 __all__ = [
-    "PASSKEY_INTRO", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "CharTokenizer", "PasskeyPrompt",
+    "PASSKEY_INTRO", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "SMOKE_SIZES", "CharTokenizer",
+    "ExperimentConfig",
+    "PasskeyPrompt", "base_for_bound", "checkpoint_path", "crossed_bootstrap", "export_text",
+    "load_text", "qk_pair_covariance", "qk_pair_covariances", "run_experiment", "score_gap",
+    "score_gap_bound", "summarize",
     "RetrievalExample", "RetrievalTask", "answer_mask", "binned_perplexity", "build_model",
     "char_stream", "distance_batch", "lm_losses", "nearest_valid_base", "passkey_prompt",
     "passkey_trial", "per_position_nll", "published_checks", "qk_pair_weights",
     "retrieval_accuracy", "retrieval_example", "rope_matrix", "rope_model_config", "rotate",
     "score_gap_monte_carlo", "stack_examples", "text_batch", "train_lm", "training_batches",
     "valid_bases",
+    "bound_verdicts", "default_text", "difference_of_rates", "distance_grid", "fine_tune",
+    "finetune_batches", "finetune_summary", "min_passkey_distance", "passkey_accuracy", "passkey_found",
+    "passkey_length", "perplexity_by_position", "position_edges", "rope_base",
+    "shipped_bound_verdict", "split_stream",
+    "tokenize_text", "with_rope_base",
 ]

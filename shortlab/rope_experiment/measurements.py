@@ -1,10 +1,23 @@
 """Measurements on any causal LM: loss by position, retrieval accuracy, per-head B_w weights.
 
 ``per_position_nll`` and ``binned_perplexity`` give perplexity by position;
-``retrieval_accuracy`` scores ``stack_examples`` batches by greedy prediction;
-``qk_pair_weights`` reads the weights σ²_a(i) + σ²_b(i) of the paper's B_w(m) from the model's
-own queries and keys. The LM head runs in chunks of positions (``_next_token_stats``), so long
-inputs with large vocabularies never materialise full logits.
+``retrieval_accuracy`` scores ``stack_examples`` batches by greedy prediction.
+
+Per-head weights of the weighted bias B_w(m), from the model's own queries and keys before
+rotation (outputs of each attention's q_proj and k_proj, captured by hooks):
+
+* ``qk_pair_covariances`` — the theorem's quantity. For a query q and a key k of the same
+  token, E[(R_(p+m) q)·(R_p k)] − E[(R_(p+m) q)·(R_p k')] with k' an independent key is
+  ``score_gap`` G(m) = Σ_i c_i cos(m θ_i) + s_i sin(m θ_i), with c_i = Cov(q_a, k_a) +
+  Cov(q_b, k_b) and s_i = Cov(q_a, k_b) − Cov(q_b, k_a) over the pair (a, b) that θ_i rotates.
+  Under the theorem's assumptions (k = q + noise, i.i.d. dimensions of variance σ²) c_i = 2σ²
+  and s_i = 0, which gives 2σ²B(m); ``score_gap_bound`` is the first m where G turns negative.
+* ``qk_pair_weights`` — a heuristic: the pooled per-dimension variances σ²_a(i) + σ²_b(i) of
+  queries and keys together. It equals c_i only when keys copy queries; it ignores how queries
+  and keys co-vary, which is what the theorem's expectation is about.
+
+The LM head runs in chunks of positions (``_next_token_stats``), so long inputs with large
+vocabularies never materialise full logits.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ import torch
 
 from shortlab.arch import model_parts
 from shortlab.rope import pair_variances_from_vectors
+from shortlab.rope.conventions import _check_layout
 
 
 def _next_token_stats(model, input_ids: torch.Tensor, chunk: int = 512
@@ -110,37 +124,119 @@ def retrieval_accuracy(model, batch: dict[str, torch.Tensor], batch_size: int = 
     return torch.cat(correct).numpy()
 
 
-@torch.inference_mode()
-def qk_pair_weights(model, input_ids: torch.Tensor) -> np.ndarray:
-    """Per layer and head, the weights σ²_a(i) + σ²_b(i) of the paper's B_w(m), from the model's
-    own queries and keys before rotation (outputs of each attention's q_proj and k_proj,
-    captured by hooks), pooled as the theorem's σ² is (``pair_variances_from_vectors``).
-
-    Pairs follow transformers' rotate_half layout ("half"). A query head is pooled with the
-    key head it reads (grouped-query attention). Returns float64 [layers, heads, head_dim/2].
-    """
+def _captured_queries_and_keys(model, input_ids: torch.Tensor
+                               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (queries [N, T, heads, d], keys [N, T, kv_heads, d]) before rotation: the
+    outputs of q_proj and k_proj for input_ids [N, T], captured by hooks that are removed on
+    every exit."""
     parts = model_parts(model)
     config = parts.text_config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     captured: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    for index in range(parts.num_layers):
-        attention = parts.attention(index)
-        for name in ("q_proj", "k_proj"):
-            def hook(module, args, output, index=index, name=name):
-                captured[(index, name)] = output.detach()
-            handles.append(getattr(attention, name).register_forward_hook(hook))
     try:
+        for index in range(parts.num_layers):
+            attention = parts.attention(index)
+            for name in ("q_proj", "k_proj"):
+                def hook(module, args, output, index=index, name=name):
+                    captured[(index, name)] = output.detach()
+                handles.append(getattr(attention, name).register_forward_hook(hook))
         parts.decoder(input_ids=input_ids.to(parts.embed_tokens.weight.device))
     finally:
         for handle in handles:
             handle.remove()
-    weights = np.empty((parts.num_layers, heads, head_dim // 2))
-    for index in range(parts.num_layers):
-        q = captured[(index, "q_proj")].unflatten(-1, (heads, head_dim))
-        k = captured[(index, "k_proj")].unflatten(-1, (kv_heads, head_dim))
+    return [(captured[(index, "q_proj")].unflatten(-1, (heads, head_dim)),
+             captured[(index, "k_proj")].unflatten(-1, (kv_heads, head_dim)))
+            for index in range(parts.num_layers)]
+
+
+@torch.inference_mode()
+def qk_pair_weights(model, input_ids: torch.Tensor) -> np.ndarray:
+    """A heuristic for the weights of B_w(m) (see the module docstring): per layer and head, the
+    pooled variances σ²_a(i) + σ²_b(i) of the model's queries and keys together
+    (``pair_variances_from_vectors``), as if keys were noisy copies of queries.
+
+    Pairs follow transformers' rotate_half layout ("half"). A query head is pooled with the
+    key head it reads (grouped-query attention). Returns float64 [layers, heads, head_dim/2].
+    """
+    layers = _captured_queries_and_keys(model, input_ids)
+    heads, kv_heads, head_dim = layers[0][0].shape[-2], layers[0][1].shape[-2], layers[0][0].shape[-1]
+    weights = np.empty((len(layers), heads, head_dim // 2))
+    for index, (q, k) in enumerate(layers):
         for head in range(heads):
             pooled = torch.cat((q[..., head, :], k[..., head * kv_heads // heads, :]))
             weights[index, head] = pair_variances_from_vectors(pooled, layout="half")
     return weights
+
+
+def qk_pair_covariance(queries: torch.Tensor, keys: torch.Tensor, *, layout: str = "half"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The theorem's per-pair weights from aligned samples: queries [..., d] and keys [..., d],
+    sample j of each from the same token. Returns float64 (c, s), each (d/2,):
+    c_i = Cov(q_a, k_a) + Cov(q_b, k_b) and s_i = Cov(q_a, k_b) − Cov(q_b, k_a) for the pair
+    (a, b) rotated by θ_i in ``layout`` ("half": (i, i + d/2); "interleaved": (2i, 2i + 1)).
+    Population covariances over all leading axes."""
+    if queries.shape != keys.shape or queries.ndim < 1:
+        raise ValueError(f"queries and keys must be aligned samples [..., d], got "
+                         f"{tuple(queries.shape)} and {tuple(keys.shape)}")
+    q = queries.detach().reshape(-1, queries.shape[-1]).to(torch.float64)
+    k = keys.detach().reshape(-1, keys.shape[-1]).to(torch.float64)
+    if q.shape[0] < 2:
+        raise ValueError(f"need at least 2 samples to estimate a covariance, got {q.shape[0]}")
+    if q.shape[1] % 2:
+        raise ValueError(f"the head dimension must be even, got {q.shape[1]}")
+    q, k = q - q.mean(0), k - k.mean(0)
+    half = q.shape[1] // 2
+    a, b = ((torch.arange(0, 2 * half, 2), torch.arange(1, 2 * half, 2))
+            if _check_layout(layout) == "interleaved" else (torch.arange(half), torch.arange(half, 2 * half)))
+
+    def cov(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (x * y).mean(0)
+
+    c = cov(q[:, a], k[:, a]) + cov(q[:, b], k[:, b])
+    s = cov(q[:, a], k[:, b]) - cov(q[:, b], k[:, a])
+    return c.cpu().numpy(), s.cpu().numpy()
+
+
+@torch.inference_mode()
+def qk_pair_covariances(model, input_ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``qk_pair_covariance`` of every layer and head of ``model`` on input_ids [N, T]: each
+    query head with the key head it reads (grouped-query attention), the query and key of the
+    same token paired, in transformers' rotate_half layout. Returns float64 (c, s), each
+    [layers, heads, head_dim/2]."""
+    layers = _captured_queries_and_keys(model, input_ids)
+    heads, kv_heads, head_dim = layers[0][0].shape[-2], layers[0][1].shape[-2], layers[0][0].shape[-1]
+    c = np.empty((len(layers), heads, head_dim // 2))
+    s = np.empty_like(c)
+    for index, (q, k) in enumerate(layers):
+        for head in range(heads):
+            c[index, head], s[index, head] = qk_pair_covariance(
+                q[..., head, :], k[..., head * kv_heads // heads, :], layout="half")
+    return c, s
+
+
+def score_gap(m, thetas, cos_weights, sin_weights) -> np.ndarray:
+    """G(m) = Σ_i c_i cos(m θ_i) + s_i sin(m θ_i) (see the module docstring) for every distance
+    in ``m`` (any shape; the query m positions after the key), float64 with m's shape."""
+    thetas = np.asarray(thetas, dtype=np.float64)
+    c, s = np.asarray(cos_weights, dtype=np.float64), np.asarray(sin_weights, dtype=np.float64)
+    if thetas.ndim != 1 or c.shape != thetas.shape or s.shape != thetas.shape:
+        raise ValueError(f"need one cos and one sin weight per frequency: {thetas.shape}, got "
+                         f"{c.shape} and {s.shape}")
+    angles = np.multiply.outer(np.asarray(m, dtype=np.float64), thetas)
+    return np.cos(angles) @ c + np.sin(angles) @ s
+
+
+def score_gap_bound(thetas, cos_weights, sin_weights, *, limit: int, chunk: int = 8192) -> int:
+    """The largest L with G(m) ≥ 0 for every integer m in [0, L] (``score_gap``), scanning m up
+    to ``limit``: returns ``limit`` when G stays non-negative that far ("at least limit"), and
+    −1 when G(0) < 0 (the head's query and key are anti-correlated: no distance is favoured)."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    for start in range(0, limit + 1, chunk):
+        m = np.arange(start, min(start + chunk, limit + 1))
+        negative = np.flatnonzero(score_gap(m, thetas, cos_weights, sin_weights) < 0)
+        if negative.size:
+            return int(m[negative[0]]) - 1
+    return limit

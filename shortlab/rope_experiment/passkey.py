@@ -3,6 +3,9 @@
 ``passkey_prompt`` builds the prompt with the answer appended (teacher forcing) so that the
 distance between the passkey and its answer is exact in tokens; ``passkey_trial`` scores one
 prompt in one forward pass (found or not, and the filler's loss by position).
+``passkey_found`` scores many prompts of one length in batched forward passes (the same "found"
+as ``passkey_trial``), and ``passkey_accuracy`` runs seeded trials at several distances and
+reports each distance's rate with its Wilson interval.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shortlab.arch import model_parts
 from shortlab.rope_experiment.measurements import _next_token_stats
+from shortlab.stats import wilson_interval
 
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant "
                  "text. Find it and memorize it. I will quiz you about it.\n")
@@ -93,3 +98,106 @@ def passkey_trial(model, prompt: PasskeyPrompt) -> tuple[bool, np.ndarray, np.nd
     nll_sum[1:] = (-logprobs[0].double() * keep).numpy()
     count[1:] = keep.numpy()
     return found, nll_sum, count
+
+
+@torch.inference_mode()
+def passkey_found(model, input_ids: torch.Tensor, answer_positions: torch.Tensor,
+                  batch_size: int = 8) -> np.ndarray:
+    """Whether greedy decoding writes each prompt's passkey: input_ids [N, T] (prompts of one
+    length, answer appended) and answer_positions [N, K] (token indices of the answer). Found
+    when every answer token is the argmax given the true tokens before it — ``passkey_trial``'s
+    definition; the LM head runs only at the K positions that predict the answer, so long
+    prompts cost one decoder pass each. Returns a bool array [N]."""
+    if input_ids.dim() != 2 or answer_positions.dim() != 2 or \
+            answer_positions.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"input_ids must be [N, T] and answer_positions [N, K], got "
+                         f"{tuple(input_ids.shape)} and {tuple(answer_positions.shape)}")
+    if (answer_positions < 1).any() or (answer_positions >= input_ids.shape[1]).any():
+        raise ValueError("answer_positions must lie in 1 .. T - 1 (position 0 has no prediction)")
+    parts = model_parts(model)
+    device = parts.embed_tokens.weight.device
+    found = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start: start + batch_size].to(device)
+            where = answer_positions[start: start + batch_size].to(device)
+            hidden = parts.decoder(input_ids=ids).last_hidden_state  # [n, T, hidden]
+            before = hidden.gather(1, (where - 1)[..., None].expand(-1, -1, hidden.shape[-1]))
+            predicted = parts.lm_head(before).argmax(-1)  # [n, K]
+            found.append((predicted == ids.gather(1, where)).all(-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(found).numpy()
+
+
+def passkey_length(tokenizer, distance: int, digits: int = 5) -> int:
+    """Tokens in a ``passkey_prompt`` (answer included) at ``distance`` with a ``digits``-digit
+    passkey: the distance plus the intro, the needle's head and the answer."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return distance + count(PASSKEY_INTRO) + count(PASSKEY_NEEDLE[0]) + count(" " + "1" * digits)
+
+
+def min_passkey_distance(tokenizer, digits: int = 5) -> int:
+    """The shortest distance a ``passkey_prompt`` can have: the passkey, the needle's tail and
+    the question, with no filler between them."""
+    return sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+               for text in (" " + "1" * digits, PASSKEY_NEEDLE[1], PASSKEY_QUESTION))
+
+
+def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Sequence[int], *,
+                     trials: int = 20, seed: int = 0, max_length: int | None = None,
+                     digits: int = 5, batch_size: int = 8) -> list[dict]:
+    """Passkey retrieval by distance: ``trials`` prompts per distance, each with a random
+    ``digits``-digit passkey and haystack taken from a random offset of ``filler_ids`` (real
+    text token ids), scored by ``passkey_found``.
+
+    Trials depend only on (seed, distance, trial index) and the tokenizer, so two models scored
+    with the same arguments see the same prompts: their results pair trial by trial.
+    ``max_length`` (the context the model is judged at): a distance above it, or a prompt longer
+    than it, raises ``ValueError``. Returns one dict per distance, in the given order:
+    {distance, n, correct, rate, low, high} (the Wilson 95 % interval of the rate) and
+    ``found`` (0/1 per trial).
+    """
+    distances = [int(d) for d in distances]
+    if not distances:
+        raise ValueError("no distances to test")
+    if len(set(distances)) != len(distances):
+        raise ValueError(f"distances repeat: {distances}")
+    if trials < 1:
+        raise ValueError(f"trials must be at least 1, got {trials}")
+    if digits < 1:
+        raise ValueError(f"digits must be at least 1, got {digits}")
+    filler = list(filler_ids)
+    if max_length is not None and max(distances) > max_length:
+        raise ValueError(f"distance {max(distances)} exceeds the context ({max_length} tokens)")
+    if max(distances) > len(filler):
+        raise ValueError(f"distance {max(distances)} needs up to {max(distances)} filler tokens, "
+                         f"the text gives {len(filler)}")
+    rows = []
+    for distance in distances:
+        rng = np.random.default_rng([seed, distance])
+        passkeys = rng.integers(10 ** (digits - 1), 10 ** digits, size=trials)
+        offsets = rng.integers(0, len(filler) - distance + 1, size=trials)
+        prompts = [passkey_prompt(tokenizer, filler[offset: offset + distance], distance, str(key))
+                   for key, offset in zip(passkeys, offsets)]
+        found = np.zeros(trials, dtype=bool)
+        lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
+        if max_length is not None and lengths.max() > max_length:
+            raise ValueError(f"the passkey prompt at distance {distance} has {lengths.max()} "
+                             f"tokens, more than the context ({max_length})")
+        # Passkeys whose digits tokenise differently give prompts of another length: one batch
+        # per length, so that no prompt needs padding.
+        for length in np.unique(lengths):
+            group = np.flatnonzero(lengths == length)
+            found[group] = passkey_found(
+                model, torch.stack([prompts[i].input_ids for i in group]),
+                torch.stack([prompts[i].answer_positions for i in group]), batch_size)
+        interval = wilson_interval(int(found.sum()), trials)
+        rows.append(dict(distance=distance, n=trials, correct=int(found.sum()),
+                         rate=interval.estimate, low=interval.low, high=interval.high,
+                         found=found.astype(int).tolist()))
+    return rows

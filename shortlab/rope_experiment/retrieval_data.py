@@ -1,10 +1,11 @@
 """Training data for small character-level models: real text with key–value retrieval.
 
 ``CharTokenizer`` (newline + printable ASCII, so L tokens are L characters) and ``char_stream``
-turn documents into ids; ``RetrievalTask`` describes records hidden in the text and queried at
-the end; ``retrieval_example`` builds one sequence (optionally with one query at an exact
-distance), ``training_batches`` endless batches of them, ``distance_batch`` probes by distance
-and ``text_batch`` plain windows of text.
+turn documents into ids; ``RetrievalTask`` describes records hidden in the text and queries
+about them, at the end of the sequence or anywhere in it (``layout``); ``retrieval_example``
+builds one sequence (optionally with one query at an exact distance), ``training_batches``
+endless batches of them, ``distance_batch`` probes by distance and ``text_batch`` plain
+windows of text.
 
 A query's distance is the index of its anchor (the token just before its value) minus the index
 of its record's anchor.
@@ -70,6 +71,8 @@ def char_stream(tokenizer: CharTokenizer, documents: Sequence[str], separator: s
 
 # ----------------------------------------------------------------------------- retrieval data
 
+LAYOUTS = ("end", "anywhere")  # where a RetrievalTask puts its queries
+
 @dataclass(frozen=True)
 class RetrievalTask:
     """Key–value records hidden in text, queried at the end of the sequence.
@@ -81,9 +84,13 @@ class RetrievalTask:
     ``[abca=41]``) make records look alike, and ``near_keys`` adds, for every queried key,
     records whose key differs from it in exactly one position.
 
-    ``n_records`` records per sequence (distinct keys), ``n_queries`` queries at its end, each
-    about a different record. The *anchor* of a record or query is the token just before its
-    value; a query's distance is its anchor's index minus its record's anchor's index.
+    ``n_records`` records per sequence (distinct keys), ``n_queries`` queries, each about a
+    different record. ``layout="end"`` puts the queries together at the end of the sequence;
+    ``layout="anywhere"`` scatters records and queries over the whole sequence (each query after
+    its record), so that query positions, and hence the text positions the task occupies, do
+    not depend on the distance being tested. The *anchor* of a record or query is the token
+    just before its value; a query's distance is its anchor's index minus its record's anchor's
+    index.
     """
 
     key_alphabet: str = "#$&*+<>@^_`{|}~"
@@ -94,8 +101,11 @@ class RetrievalTask:
     n_queries: int = 8
     near_keys: int = 0
     separator: str = ""
+    layout: str = "end"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
         if len(set(self.key_alphabet)) != len(self.key_alphabet) or len(self.key_alphabet) < 2:
             raise ValueError(f"key_alphabet needs >= 2 distinct letters, got {self.key_alphabet!r}")
         if self.key_length < 1 or self.value_length < 1:
@@ -125,6 +135,8 @@ class RetrievalTask:
 
     def min_length(self) -> int:
         """Shortest sequence that holds every record and query."""
+        if self.layout == "anywhere":  # every block followed by a free cell
+            return (self.n_records + self.n_queries) * (self.record_length + 1)
         return self.n_records * (self.record_length + 1) + self.n_queries * self.query_length
 
 
@@ -190,12 +202,116 @@ def _place(region: int, count: int, width: int, rng: np.random.Generator) -> np.
     return slots + np.arange(count) * width  # each earlier block is width + 1 cells, not 1
 
 
+def _end_layout(task: RetrievalTask, keys: list[str], queried: list[str], length: int,
+                rng: np.random.Generator, distance: int | None
+                ) -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """Records at random places before the queries, which fill the end of the sequence. Returns
+    (record key → start index, [(query start index, key)] in sequence order)."""
+    queries_start = length - task.n_queries * task.query_length
+    anchor = task.key_length + len(task.separator)
+    query_anchor = queries_start + 1 + anchor  # of the first query
+    width = task.record_length
+    order = [str(key) for key in rng.permutation(keys)]
+    starts: dict[str, int] = {}
+    if distance is None:
+        starts.update(zip(order, (int(x) for x in _place(queries_start, len(order), width, rng))))
+    else:
+        start = query_anchor - distance - anchor
+        if start < 0 or start + width >= queries_start:
+            shortest = query_anchor - (queries_start - width - 1) - anchor
+            longest = query_anchor - anchor
+            raise ValueError(f"distance {distance} does not fit in {length} characters: it "
+                             f"must be in [{shortest}, {longest}]")
+        starts[queried[0]] = start
+        order.remove(queried[0])
+        starts.update(_place_around(order, [(0, max(start - 1, 0)),
+                                            (start + width + 1, queries_start)], width, rng))
+    query_order = [queried[j] for j in rng.permutation(task.n_queries)]
+    return starts, [(queries_start + j * task.query_length, key)
+                    for j, key in enumerate(query_order)]
+
+
+def _place_around(keys: list[str], gaps: Sequence[tuple[int, int]], width: int,
+                  rng: np.random.Generator) -> dict[str, int]:
+    """Start indices for records ``keys`` in the free ``gaps`` [(first cell, end)], each record
+    followed by a free cell: records go one by one to a gap drawn in proportion to the room it
+    has left, then ``_place`` spreads each gap's records uniformly over it."""
+    rooms = np.array([max(end - first, 0) // (width + 1) for first, end in gaps])
+    if rooms.sum() < len(keys):
+        raise ValueError(f"no room for {len(keys)} more records of {width} (+1) cells in the gaps "
+                         f"{list(gaps)}")
+    counts = np.zeros(len(gaps), dtype=int)
+    for _ in keys:
+        left = rooms - counts
+        counts[rng.choice(len(gaps), p=left / left.sum())] += 1
+    offsets = [int(first + x) for (first, end), count in zip(gaps, counts)
+               for x in _place(max(end - first, 0), int(count), width, rng)]
+    return dict(zip(keys, offsets))
+
+
+def _anywhere_layout(task: RetrievalTask, keys: list[str], queried: list[str], length: int,
+                     rng: np.random.Generator, distance: int | None
+                     ) -> tuple[dict[str, int], list[tuple[int, str]]]:
+    """Records and queries scattered over the whole sequence, each query after its record
+    (``layout="anywhere"``); returns what ``_end_layout`` does.
+
+    Without ``distance``: all blocks are placed uniformly (``_place``), the block roles (record
+    or query) are a random order in which every query has more records than queries before it,
+    and each query asks about a random earlier record not yet asked about. With ``distance``
+    (one query): the record's start is uniform over those that fit, the query follows at that
+    distance, and the other records fill the gaps around them.
+    """
+    width = task.record_length  # == task.query_length
+    if distance is not None:
+        shortest, longest = width + 2, length - width + 1
+        if not shortest <= distance <= longest:
+            raise ValueError(f"distance {distance} does not fit in {length} characters: it "
+                             f"must be in [{shortest}, {longest}]")
+        record_start = int(rng.integers(0, length - width - distance + 2))
+        query_start = record_start + distance - 1  # anchors at start + anchor and start + 1 + anchor
+        others = [key for key in rng.permutation(keys) if key != queried[0]]
+        starts = {queried[0]: record_start}
+        starts.update(_place_around([str(key) for key in others],
+                                    [(0, record_start), (record_start + width + 1, query_start),
+                                     (query_start + width + 1, length)], width, rng))
+        return starts, [(query_start, queried[0])]
+    blocks = [int(x) for x in _place(length, task.n_records + task.n_queries, width, rng)]
+    total = len(blocks)
+    for _ in range(10_000):
+        is_query = np.zeros(total, dtype=bool)
+        is_query[rng.choice(total, task.n_queries, replace=False)] = True
+        if np.all(np.cumsum(~is_query) >= np.cumsum(is_query)):
+            break
+    else:  # only reachable for n_queries close to n_records with many blocks
+        raise ValueError(f"could not order {task.n_records} records before {task.n_queries} "
+                         f"queries; use fewer queries")
+    unasked: list[int] = []  # block indices of records not yet asked about
+    asked_at: dict[int, int] = {}  # record block → query block
+    for index in range(total):
+        if is_query[index]:
+            asked_at[unasked.pop(int(rng.integers(len(unasked))))] = index
+        else:
+            unasked.append(index)
+    queried_iter = iter(queried)
+    other_iter = iter(key for key in rng.permutation(keys) if key not in queried)
+    starts: dict[str, int] = {}
+    queries: list[tuple[int, str]] = []
+    for index in range(total):
+        if is_query[index]:
+            continue
+        key = str(next(queried_iter)) if index in asked_at else str(next(other_iter))
+        starts[key] = blocks[index]
+        if index in asked_at:
+            queries.append((blocks[asked_at[index]], key))
+    return starts, sorted(queries)
+
+
 def retrieval_example(text_ids: np.ndarray, tokenizer: CharTokenizer, task: RetrievalTask,
                       length: int, rng: np.random.Generator,
                       distance: int | None = None) -> RetrievalExample:
-    """A sequence of ``length`` characters: real text with ``task.n_records`` records at random
-    places and ``task.n_queries`` queries at the end, text filling every other position in its
-    original order (a random window of ``text_ids``).
+    """A sequence of ``length`` characters: real text with ``task.n_records`` records and
+    ``task.n_queries`` queries placed as ``task.layout`` says (see ``RetrievalTask``), text
+    filling every other position in its original order (a random window of ``text_ids``).
 
     With ``distance`` given, the task must have one query, whose record is placed so that the
     query's distance is exactly ``distance``; otherwise distances follow from where the records
@@ -203,59 +319,34 @@ def retrieval_example(text_ids: np.ndarray, tokenizer: CharTokenizer, task: Retr
     """
     if length < task.min_length():
         raise ValueError(f"length {length} is too short for the task (needs >= {task.min_length()})")
+    if distance is not None and task.n_queries != 1:
+        raise ValueError("a requested distance needs a task with n_queries = 1")
     keys, queried = _draw_keys(task, rng)
     values = {key: "".join(rng.choice(list(task.value_alphabet), task.value_length))
               for key in keys}
-    queries_start = length - task.n_queries * task.query_length
-    # the anchor, the token just before the value: offset in a record "[key=", a query "\n?key="
-    anchor = task.key_length + len(task.separator)
-    query_anchors = [queries_start + j * task.query_length + 1 + anchor
-                     for j in range(task.n_queries)]
-    width = task.record_length
-    order = [str(key) for key in rng.permutation(keys)]
-    starts: dict[str, int] = {}
-    if distance is None:
-        starts.update(zip(order, (int(x) for x in _place(queries_start, len(order), width, rng))))
-    else:
-        if task.n_queries != 1:
-            raise ValueError("a requested distance needs a task with n_queries = 1")
-        start = query_anchors[0] - distance - anchor
-        if start < 0 or start + width >= queries_start:
-            shortest = query_anchors[0] - (queries_start - width - 1) - anchor
-            longest = query_anchors[0] - anchor
-            raise ValueError(f"distance {distance} does not fit in {length} characters: it "
-                             f"must be in [{shortest}, {longest}]")
-        starts[queried[0]] = start
-        order.remove(queried[0])
-        # the others go before (in [0, start − 1)) or after (in [start + width + 1, queries_start))
-        before, after = max(start - 1, 0), queries_start - (start + width + 1)
-        room_before, room_after = before // (width + 1), after // (width + 1)
-        if room_before + room_after < len(order):
-            raise ValueError(f"no room for {task.n_records} records in {length} characters with "
-                             f"one at distance {distance}")
-        n_before = int(rng.binomial(len(order), before / max(before + after, 1)))
-        n_before = min(max(n_before, len(order) - room_after), room_before)
-        offsets = [*_place(before, n_before, width, rng),
-                   *(start + width + 1 + _place(after, len(order) - n_before, width, rng))]
-        starts.update(zip(order, (int(x) for x in offsets)))
+    layout = _anywhere_layout if task.layout == "anywhere" else _end_layout
+    starts, queries = layout(task, keys, queried, length, rng, distance)
     sequence = np.full(length, -1, dtype=np.int64)
     for key, start in starts.items():
         record = f"[{key}{task.separator}{values[key]}]"
         sequence[start: start + task.record_length] = tokenizer.encode(record)
-    query_order = [queried[j] for j in rng.permutation(task.n_queries)]
-    sequence[queries_start:] = tokenizer.encode(
-        "".join(f"\n?{key}{task.separator}{values[key]}" for key in query_order))
+    for start, key in queries:
+        sequence[start: start + task.query_length] = tokenizer.encode(
+            f"\n?{key}{task.separator}{values[key]}")
     holes = np.flatnonzero(sequence < 0)
     if text_ids.size < holes.size:
         raise ValueError(f"text of {text_ids.size} characters cannot fill {holes.size} positions")
     offset = int(rng.integers(0, text_ids.size - holes.size + 1))
     sequence[holes] = text_ids[offset: offset + holes.size]
+    # the anchor, the token just before the value: offset in a record "[key=", a query "\n?key="
+    anchor = task.key_length + len(task.separator)
+    query_anchors = [start + 1 + anchor for start, _ in queries]
     answers = np.array([[position + 1 + i for i in range(task.value_length)]
                         for position in query_anchors])
     distances = np.array([position - (starts[key] + anchor)
-                          for position, key in zip(query_anchors, query_order)])
-    return RetrievalExample(sequence, answers, distances, query_order,
-                            [values[key] for key in query_order])
+                          for position, (_, key) in zip(query_anchors, queries)])
+    return RetrievalExample(sequence, answers, distances, [key for _, key in queries],
+                            [values[key] for _, key in queries])
 
 
 def stack_examples(examples: Sequence[RetrievalExample]) -> dict[str, torch.Tensor]:

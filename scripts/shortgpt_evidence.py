@@ -1,0 +1,69 @@
+"""Measure and store notebook 01's per-item evidence (block NLLs, per-question correctness) for one model.
+
+    .venv/bin/python scripts/shortgpt_evidence.py --model smollm2-135m
+    .venv/bin/python scripts/shortgpt_evidence.py --model qwen2.5-0.5b --eval-blocks 96 --task-limit 300
+    .venv/bin/python scripts/shortgpt_evidence.py --model smollm2-135m --smoke   # minutes: tiny sizes
+
+Writes one JSON file per measurement under results/shortgpt/<model>/ (``--results-dir``), each as
+soon as it is measured, so an interrupted run resumes where it stopped; files whose fingerprint
+(model weights, dtype, held-out tokens, questions, setting) does not match are measured again.
+Notebook 01 with the same ``MODEL`` and sizes reads them. ``--smoke`` writes to a separate
+``smoke`` subfolder so it never mixes with the default run's files.
+"""
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from shortlab.models import load_model
+from shortlab.shortgpt_evidence import EvidenceConfig, collect, default_results_dir, open_store, prepare
+
+SMOKE = dict(n_calib=2, calib_seq_len=64, eval_blocks=4, eval_seq_len=64, max_remove=2, remove_step=1,
+             random_draws=2, random_blocks=2, task_limit=4)
+
+
+def main() -> None:
+    defaults = EvidenceConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results-dir", default=None, help="default: results/shortgpt/<model>")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, into <results-dir>/smoke")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    for field in ("eval_blocks", "eval_seq_len", "n_calib", "max_remove", "remove_step", "random_draws",
+                  "random_blocks", "task_limit", "bits", "group_size", "batch_size", "seed"):
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
+    parser.add_argument("--tasks", nargs="*", default=list(defaults.tasks))
+    parser.add_argument("--rankings", nargs="+", default=list(defaults.rankings))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sizes = {field: getattr(args, field) for field in
+             ("eval_blocks", "eval_seq_len", "n_calib", "max_remove", "remove_step", "random_draws",
+              "random_blocks", "task_limit", "bits", "group_size", "batch_size", "seed")}
+    config = EvidenceConfig(**{**sizes, "tasks": tuple(args.tasks), "rankings": tuple(args.rankings),
+                               "task_limit": args.task_limit or None, "group_size": args.group_size or None})
+    directory = default_results_dir(args.model) if args.results_dir is None else args.results_dir
+    if args.smoke:
+        config = dataclasses.replace(config, **SMOKE)
+        directory = f"{directory}/smoke"
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    prepared = prepare(model, tokenizer, config)
+    store = open_store(directory, model, args.model, prepared, args.dtype)
+    distinct = len({setting.measurement for setting in prepared.settings})
+    print(f"{args.model}: k = {list(prepared.plan.ks)} (table {prepared.plan.table_k}); {len(prepared.settings)} "
+          f"settings, {distinct} distinct measurements -> {directory} (prepared in {time.perf_counter() - start:.0f} s)",
+          flush=True)
+    collect(model, tokenizer, prepared.settings, store, prepared.held_out, prepared.task_examples,
+            config.batch_size, log=lambda line: print(line, flush=True))
+    print(f"done in {time.perf_counter() - start:.0f} s: {store.written} measured, {store.read} read back")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""The evidence notebook 02 judges ShortV with: which settings it evaluates, the calibration data
+behind every layer choice, and the statistics that turn per-question answers into verdicts.
+
+The sweep (dense, blank image, ShortV's N sweep for three layer choices with ``>= 10`` seeded
+random draws, FastV's R sweep, ShortV + FastV, other frozen token groups, and the layer sets that
+smaller or narrower calibration sets would choose) is too slow for the notebook's default run, so
+``scripts/shortv_evidence.py`` computes it into ``results/shortv/`` and the notebook reads it,
+computing only what is missing. Both build the same plan from the same ``EvidenceConfig`` and
+the same stored calibration (``Calibration``), so they agree on every setting.
+
+Calibration: Layer Contribution is computed once *per question* (a [questions, layers] table)
+for four pools of easy-VQA training questions (mixed, and one per question type); the LC of any
+calibration subset is then the mean of its rows, with no extra model pass. The main ranking is
+the mean over the first ``n_calib`` questions of the mixed pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortlab.llava_mini.easy_vqa import (
+    QUESTION_TYPES, VQAItem, chat_text, easy_vqa_image, easy_vqa_questions, question_type,
+)
+from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
+from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting, write_json_atomically
+from shortlab.stats import CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, paired_interval
+
+EVIDENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "shortv"
+POOLS = ("mixed", *QUESTION_TYPES)
+LAYER_CHOICES = ("layer_contribution", "visual_cosine", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvidenceConfig:
+    """What the sweep evaluates. Layer counts larger than the model's depth are clipped to it.
+
+    ``frozen_counts``: N for all three layer choices (LC, visual cosine, ``random_seeds`` random
+    draws); ``lc_counts``: extra N for the LC curve only (the "how many layers" question);
+    ``shortv_n``: the ShortV setting of the token-group, FastV and stability comparisons;
+    ``fastv_ratios``: FastV's R sweep at ``fastv_k``; ``combined_ratios``: ShortV (``shortv_n``)
+    + FastV; ``other_token_groups``: groups frozen instead of the visual tokens at ``shortv_n``;
+    ``n_calib``: questions of the main LC ranking and of the visual-cosine ranking;
+    ``pool_size``: questions per calibration pool; ``stability_sizes`` × ``stability_seeds``:
+    the calibration subsets of the stability study (one subset when the size is the whole pool).
+    """
+
+    n_eval: int = 1000
+    eval_seed: int = 0
+    frozen_counts: tuple[int, ...] = (6, 12, 18, 24)
+    lc_counts: tuple[int, ...] = (3, 9, 15, 21, 27)
+    random_seeds: tuple[int, ...] = tuple(range(10))
+    shortv_n: int = 18
+    fastv_k: int = 2
+    fastv_ratios: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    combined_ratios: tuple[float, ...] = (0.5,)
+    other_token_groups: tuple[str, ...] = ("text", "all", "random")
+    n_calib: int = 40
+    pool_size: int = 80
+    stability_sizes: tuple[int, ...] = (10, 20, 40, 80)
+    stability_seeds: tuple[int, ...] = (0, 1, 2)
+    calib_seed: int = 0
+
+    def __post_init__(self):
+        if self.n_eval < 1 or self.pool_size < 1:
+            raise ValueError(f"n_eval and pool_size must be positive, got {self.n_eval}, {self.pool_size}")
+        if not 1 <= self.n_calib <= self.pool_size:
+            raise ValueError(f"n_calib must be in 1..pool_size ({self.pool_size}), got {self.n_calib}")
+        too_big = [s for s in self.stability_sizes if not 1 <= s <= self.pool_size]
+        if too_big:
+            raise ValueError(f"stability_sizes {too_big} are not in 1..pool_size ({self.pool_size})")
+        if len(self.random_seeds) != len(set(self.random_seeds)):
+            raise ValueError(f"random_seeds must be distinct, got {self.random_seeds}")
+
+
+
+def fast_config() -> EvidenceConfig:
+    """The whole sweep at a size that runs in about a minute on a tiny model (notebook 02's FAST
+    mode and the script's ``--smoke``)."""
+    return EvidenceConfig(n_eval=12, frozen_counts=(1, 2), lc_counts=(3,), random_seeds=(0, 1), shortv_n=2,
+                          fastv_ratios=(0.5,), combined_ratios=(0.5,), n_calib=2, pool_size=3,
+                          stability_sizes=(1, 3), stability_seeds=(0, 1), fastv_k=1)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+def model_fingerprint(model, sample: int = 4096) -> str:
+    """A short hash of ``model``'s parameters: every parameter's name, shape, dtype and ``sample``
+    evenly spaced entries. Retraining (or merging a LoRA delta) changes every weight matrix, so it
+    changes this hash, at the cost of reading a few thousand numbers per tensor, not the model."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            count = min(sample, flat.numel())
+            # integer spacing: float positions round past the end for tensors of more than 2^24 entries
+            index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
+            values = flat[index.to(flat.device)].float().cpu().numpy()
+            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def store_path(model_name: str, kind: str, directory: str | Path = EVIDENCE_DIR) -> Path:
+    """Where the sweep of ``model_name`` keeps ``kind`` ("predictions" or "calibration")."""
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
+    return Path(directory) / f"{safe}_{kind}.json"
+
+
+# ---------------------------------------------------------------- calibration
+
+def calibration_pools(pool_size: int = 80, seed: int = 0) -> dict[str, list[VQAItem]]:
+    """``pool_size`` seeded training questions per pool: "mixed" (any type) and one pool per
+    question type (``QUESTION_TYPES``)."""
+    train = easy_vqa_questions("train")
+    pools = {"mixed": random.Random(seed).sample(train, pool_size)}
+    for kind in QUESTION_TYPES:
+        of_kind = [item for item in train if question_type(item) == kind]
+        pools[kind] = random.Random(seed).sample(of_kind, pool_size)
+    return pools
+
+
+def question_layer_contributions(model, processor, items: list[VQAItem], group: str = "visual",
+                                 split: str = "train", progress: Callable[[int], None] | None = None) -> np.ndarray:
+    """Visual (or text) Layer Contribution of every layer for each question on its own:
+    [len(items), layers] in nats (``contribution.layer_contribution`` at the answer position)."""
+    from shortlab.contribution import layer_contribution, token_groups
+    from shortlab.evaluate import input_device
+
+    device = input_device(model)
+    rows = []
+    for done, item in enumerate(items):
+        batch = processor(images=easy_vqa_image(split, item.image_id), text=chat_text(processor, item.question),
+                          return_tensors="pt")
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        mask = token_groups(model, batch["input_ids"])[group]
+        values = layer_contribution(model, batch, mask)
+        rows.append([values[layer] for layer in range(len(values))])
+        if progress is not None:
+            progress(done + 1)
+    return np.array(rows)
+
+
+def visual_cosine_scores(model, processor, items: list[VQAItem], split: str = "train",
+                         batch_size: int = 8) -> np.ndarray:
+    """ShortGPT's Block Influence restricted to the visual tokens, per layer [layers]: the
+    paper's "cosine similarity" layer choice freezes the layers with the lowest."""
+    from shortlab.contribution import token_groups
+    from shortlab.evaluate import input_device
+    from shortlab.metrics import block_influence
+
+    device = input_device(model)
+
+    def batches():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start: start + batch_size]
+            batch = processor(images=[easy_vqa_image(split, it.image_id) for it in chunk],
+                              text=[chat_text(processor, it.question) for it in chunk], padding=True,
+                              return_tensors="pt")
+            yield {name: tensor.to(device) for name, tensor in batch.items()}
+
+    values = block_influence(model, batches(), token_mask=lambda batch: token_groups(
+        model, batch["input_ids"], batch.get("attention_mask"))["visual"])
+    return np.array([values[layer] for layer in range(len(values))])
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Per-question LC tables and the visual-cosine scores every layer choice is made from.
+
+    ``visual_lc[pool]``: [pool_size, layers]; ``text_lc``: [n_calib, layers] (the mixed pool's
+    first ``n_calib`` questions); ``visual_cosine``: [layers], over the same questions."""
+
+    visual_lc: dict[str, np.ndarray]
+    text_lc: np.ndarray
+    visual_cosine: np.ndarray
+
+    def to_json(self) -> dict:
+        return {"visual_lc": {k: v.tolist() for k, v in self.visual_lc.items()},
+                "text_lc": self.text_lc.tolist(), "visual_cosine": self.visual_cosine.tolist()}
+
+    @classmethod
+    def from_json(cls, saved: dict) -> Calibration:
+        return cls({k: np.array(v) for k, v in saved["visual_lc"].items()}, np.array(saved["text_lc"]),
+                   np.array(saved["visual_cosine"]))
+
+
+def calibration(model, processor, config: EvidenceConfig, path: str | Path | None, fingerprint: dict,
+                log: Callable[[str], None] = print) -> tuple[Calibration, bool]:
+    """The stored ``Calibration`` at ``path`` if its fingerprint (and config) matches, else
+    computed and written there atomically. Returns it and whether it was computed."""
+    fingerprint = {**fingerprint, "pool_size": config.pool_size, "n_calib": config.n_calib,
+                   "calib_seed": config.calib_seed}
+    path = None if path is None else Path(path)
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if saved["fingerprint"] == fingerprint:
+            return Calibration.from_json(saved["calibration"]), False
+        log(f"{path.name}: stored for {saved['fingerprint']}, recomputing")
+    pools = calibration_pools(config.pool_size, config.calib_seed)
+    start = time.perf_counter()
+    visual_lc = {}
+    for name, items in pools.items():
+        visual_lc[name] = question_layer_contributions(model, processor, items)
+        log(f"visual LC of {len(items)} {name} questions: {time.perf_counter() - start:.0f} s")
+    main = pools["mixed"][: config.n_calib]
+    text_lc = question_layer_contributions(model, processor, main, group="text")
+    cosine = visual_cosine_scores(model, processor, main)
+    log(f"text LC and visual cosine of {len(main)} questions: {time.perf_counter() - start:.0f} s")
+    result = Calibration(visual_lc, text_lc, cosine)
+    if path is not None:
+        write_json_atomically(path, {"fingerprint": fingerprint, "calibration": result.to_json()})
+    return result, True
+
+
+# ---------------------------------------------------------------- layer choices and the plan
+
+def lowest(scores: np.ndarray, n: int) -> tuple[int, ...]:
+    """The ``n`` layers with the lowest ``scores`` [layers], sorted by index."""
+    from shortlab.pruning import lowest_layers
+
+    return tuple(sorted(lowest_layers(list(scores), n)))
+
+
+def random_layers(num_layers: int, n: int, seed: int) -> tuple[int, ...]:
+    """``n`` of ``num_layers`` layers drawn with ``seed``, sorted."""
+    return tuple(sorted(random.Random(seed).sample(range(num_layers), n)))
+
+
+def main_lc(calib: Calibration, config: EvidenceConfig) -> np.ndarray:
+    """The main visual LC per layer [layers]: the mean over the mixed pool's first ``n_calib``."""
+    return calib.visual_lc["mixed"][: config.n_calib].mean(0)
+
+
+def stability_subsets(config: EvidenceConfig) -> list[dict]:
+    """The calibration subsets of the stability study: {"pool", "size", "seed", "rows"} (row
+    indices into that pool's LC table); a size equal to the pool gives one subset."""
+    subsets = []
+    for pool in POOLS:
+        for size in config.stability_sizes:
+            seeds = config.stability_seeds[:1] if size == config.pool_size else config.stability_seeds
+            for seed in seeds:
+                rows = sorted(random.Random(f"{pool}/{size}/{seed}").sample(range(config.pool_size), size))
+                subsets.append({"pool": pool, "size": size, "seed": seed, "rows": rows})
+    return subsets
+
+
+def _counts(counts, num_layers: int) -> list[int]:
+    return sorted({min(n, num_layers) for n in counts if n > 0})
+
+
+def evidence_plan(config: EvidenceConfig, calib: Calibration, num_layers: int,
+                  matched_fastv_ratio: float | None = None) -> list[dict]:
+    """Every evaluation of the sweep, as {"family", "choice", "N", "seed", "ratio", "pool",
+    "size", "setting"} rows (unused fields None). Families: "dense", "blank", "shortv"
+    (choices ``LAYER_CHOICES``), "tokens" (choice = the frozen group), "fastv" (choice
+    "matched" for ``matched_fastv_ratio``, FastV at ShortV's FLOPs, when given), "shortv+fastv",
+    "stability" (choice "pool/size/seed"). Rows may share a ``Setting`` (e.g. a stability subset
+    choosing the main LC layers); the store evaluates it once."""
+    lc = main_lc(calib, config)
+    n_main = min(config.shortv_n, num_layers)
+    k = min(config.fastv_k, num_layers - 1)
+    empty = {"choice": None, "N": None, "seed": None, "ratio": None, "pool": None, "size": None}
+    plan = [{**empty, "family": "dense", "setting": Setting()},
+            {**empty, "family": "blank", "setting": Setting(blank_image=True)}]
+    frozen_counts = _counts(config.frozen_counts, num_layers)
+    for n in _counts([*config.frozen_counts, *config.lc_counts, n_main], num_layers):
+        plan.append({**empty, "family": "shortv", "choice": "layer_contribution", "N": n,
+                     "setting": Setting(frozen_layers=lowest(lc, n))})
+    for n in frozen_counts:
+        plan.append({**empty, "family": "shortv", "choice": "visual_cosine", "N": n,
+                     "setting": Setting(frozen_layers=lowest(calib.visual_cosine, n))})
+    main_layers = lowest(lc, n_main)
+    for group in config.other_token_groups:
+        plan.append({**empty, "family": "tokens", "choice": group, "N": n_main,
+                     "setting": Setting(frozen_layers=main_layers, frozen_tokens=group, seed=config.eval_seed)})
+    for ratio in config.fastv_ratios:
+        plan.append({**empty, "family": "fastv", "ratio": ratio, "setting": Setting(fastv_k=k, fastv_ratio=ratio)})
+    if matched_fastv_ratio:
+        plan.append({**empty, "family": "fastv", "choice": "matched", "N": n_main, "ratio": matched_fastv_ratio,
+                     "setting": Setting(fastv_k=k, fastv_ratio=matched_fastv_ratio)})
+    for ratio in config.combined_ratios:
+        plan.append({**empty, "family": "shortv+fastv", "N": n_main, "ratio": ratio,
+                     "setting": Setting(frozen_layers=main_layers, fastv_k=k, fastv_ratio=ratio)})
+    # the random draws last but for the stability choices: an interrupted sweep has every curve's other points
+    for n in frozen_counts:
+        for seed in config.random_seeds:
+            plan.append({**empty, "family": "shortv", "choice": "random", "N": n, "seed": seed,
+                         "setting": Setting(frozen_layers=random_layers(num_layers, n, seed))})
+    for subset in stability_subsets(config):
+        scores = calib.visual_lc[subset["pool"]][subset["rows"]].mean(0)
+        plan.append({**empty, "family": "stability", "choice": f"{subset['pool']}/{subset['size']}/{subset['seed']}",
+                     "N": n_main, "seed": subset["seed"], "pool": subset["pool"], "size": subset["size"],
+                     "setting": Setting(frozen_layers=lowest(scores, n_main))})
+    return plan
+
+
+def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: PredictionStore, *,
+             features=None, batch_size: int = 1, deadline: float | None = None,
+             log: Callable[[str], None] = print) -> int:
+    """Evaluate every setting of ``plan`` that ``store`` lacks (each distinct setting once, in plan
+    order) until ``deadline`` (a ``time.monotonic()`` value; None: no limit). Returns how many
+    settings are still missing."""
+    pending = list(dict.fromkeys(row["setting"] for row in plan if row["setting"] not in store))
+    for done, setting in enumerate(pending):
+        if deadline is not None and time.monotonic() > deadline:
+            log(f"time is up: {len(pending) - done} settings left for the next run")
+            return len(pending) - done
+        start = time.perf_counter()
+        predicted = evaluate_setting(model, processor, items, setting, store, features=features,
+                                     batch_size=batch_size)
+        accuracy = np.mean([p == item.answer for p, item in zip(predicted, items)])
+        log(f"[{done + 1}/{len(pending)}] {time.perf_counter() - start:.0f} s accuracy {accuracy:.3f} {setting.key}")
+    return 0
+
+
+# ---------------------------------------------------------------- statistics
+
+def eval_features(model, processor, items: list[VQAItem], split: str = "test") -> dict[int, torch.Tensor] | None:
+    """The vision features of every image of ``items`` ({image id: [patches, width]}), computed
+    once since no setting changes the vision tower; None for LLaVA-NeXT, whose anyres features
+    are computed from the images themselves."""
+    from shortlab.arch import model_parts
+    from shortlab.evaluate import input_device
+    from shortlab.llava_mini.scoring import vision_features
+
+    if model_parts(model).family == "llava_next":
+        return None
+    device = input_device(model)
+    with torch.inference_mode():
+        return {image_id: vision_features(model, processor.image_processor(
+            [easy_vqa_image(split, image_id)], return_tensors="pt")["pixel_values"].to(device))[0]
+            for image_id in dict.fromkeys(item.image_id for item in items)}
+
+
+def prompt_token_counts(processor, items: list[VQAItem], image_token_id: int) -> tuple[int, int]:
+    """(text, visual) tokens of one question's prompt with its image, the sequence the FLOPs
+    formulas count: the median text length over ``items`` and the visual tokens of one image."""
+    from shortlab.llava_mini.packing import prompt_tokens
+
+    tokens = prompt_tokens(processor)
+    n_visual = tokens.prefix.count(image_token_id)
+    n_text = int(np.median([len(tokens.prefix) - n_visual + len(tokens.block(item.question)) for item in items]))
+    return n_text, n_visual
+
+
+@dataclasses.dataclass
+class Evidence:
+    """What ``prepare_evidence`` sets up: the test ``items``, the ``calibration``, the ``plan``,
+    its prediction ``store`` and the vision ``features`` of the test images."""
+
+    items: list[VQAItem]
+    calibration: Calibration
+    plan: list[dict]
+    store: PredictionStore
+    features: dict[int, torch.Tensor] | None
+
+    def missing(self) -> int:
+        return len({row["setting"] for row in self.plan if row["setting"] not in self.store})
+
+
+def prepare_evidence(model, processor, model_name: str, dtype: str, config: EvidenceConfig,
+                     directory: str | Path | None = EVIDENCE_DIR, log: Callable[[str], None] = print) -> Evidence:
+    """Load (or compute) the calibration, build the plan and open the prediction store of
+    ``model_name`` under ``directory`` (None: in memory only). Stores made for other weights,
+    dtype or questions are recomputed, not mixed in."""
+    from shortlab.arch import model_parts
+    from shortlab.llava_mini.easy_vqa import fixed_test_questions
+    from shortlab.llava_mini.sweep import items_fingerprint
+
+    items = fixed_test_questions(config.n_eval, seed=config.eval_seed)
+    fingerprint = {"model": model_name, "weights": model_fingerprint(model), "dtype": dtype}
+    calib_path = None if directory is None else store_path(model_name, "calibration", directory)
+    calib, _ = calibration(model, processor, config, calib_path, fingerprint, log=log)
+    parts = model_parts(model)
+    n_text, n_visual = prompt_token_counts(processor, items, model.config.image_token_id)
+    k = min(config.fastv_k, parts.num_layers - 1)
+    shortv_flops = prefill_flops(parts.text_config, n_text, n_visual,
+                                 frozen_layers=lowest(main_lc(calib, config), min(config.shortv_n, parts.num_layers)))
+    matched = fastv_ratio_matching_flops(parts.text_config, n_text, n_visual, shortv_flops, k)
+    plan = evidence_plan(config, calib, parts.num_layers, matched_fastv_ratio=matched)
+    predictions_path = None if directory is None else store_path(model_name, "predictions", directory)
+    store = PredictionStore(predictions_path, {**fingerprint, "items": items_fingerprint(items)}, stale="recompute")
+    if store.stale:
+        log(f"{predictions_path.name} holds another model's, dtype's or question set's predictions: recomputing")
+    return Evidence(items, calib, plan, store, eval_features(model, processor, items))
+
+
+def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:
+    """1.0 where ``predicted[i]`` is ``items[i]``'s answer, else 0.0: [len(items)]."""
+    if len(items) != len(predicted):
+        raise ValueError(f"need one prediction per item: {len(items)} items, {len(predicted)} predictions")
+    return np.array([float(p == item.answer) for item, p in zip(items, predicted)])
+
+
+def loss_verdict(interval: Interval, tolerance: float = 0.01) -> str:
+    """Verdict on "freezing loses at most ``tolerance`` accuracy" from the interval of the paired
+    dense-minus-frozen difference: supported when its upper bound is <= ``tolerance``,
+    contradicted when its lower bound is > ``tolerance``, otherwise cannot tell."""
+    if interval.high <= tolerance:
+        return SUPPORTED
+    if interval.low > tolerance:
+        return CONTRADICTED
+    return CANNOT_TELL
+
+
+def max_frozen_within(dense: np.ndarray, frozen: dict[int, np.ndarray], clusters, tolerance: float = 0.01,
+                      seed: int = 0) -> tuple[list[dict], int | None, int | None]:
+    """For each N of ``frozen`` ({N: correct [items]}), the paired interval of ``dense − frozen``
+    (clustered by ``clusters``) and its ``loss_verdict``. Returns the rows {"N", "loss", "low",
+    "high", "verdict"}, the largest N whose verdict is supported (None if none) and the
+    smallest N whose verdict is contradicted (None if none)."""
+    rows = []
+    for n in sorted(frozen):
+        interval = paired_interval(dense, frozen[n], clusters, seed=seed)
+        rows.append({"N": n, "loss": interval.estimate, "low": interval.low, "high": interval.high,
+                     "verdict": loss_verdict(interval, tolerance)})
+    supported = [row["N"] for row in rows if row["verdict"] == SUPPORTED]
+    contradicted = [row["N"] for row in rows if row["verdict"] == CONTRADICTED]
+    return rows, max(supported, default=None), min(contradicted, default=None)
+
+
+def ordered_verdict(verdicts: list[str]) -> str:
+    """The verdict on a chain of claims ("a > b > c") from the verdicts of its links: supported
+    when every link is, contradicted when any link is, otherwise cannot tell."""
+    if any(v == CONTRADICTED for v in verdicts):
+        return CONTRADICTED
+    return SUPPORTED if verdicts and all(v == SUPPORTED for v in verdicts) else CANNOT_TELL
+
+
+def jaccard(a, b) -> float:
+    """|a ∩ b| / |a ∪ b| of two layer sets (1.0 for two empty sets)."""
+    a, b = set(a), set(b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+

