@@ -49,14 +49,22 @@ def main() -> None:
             print(f"[{time.monotonic() - start:7.0f} s] {message}", flush=True)
 
         log(f"{model_name} ({args.dtype}) -> {out}")
-        prepared = evidence.prepare_evidence(model, processor, model_name, args.dtype, config, out, log=log)
-        distinct = len({row["setting"] for row in prepared.plan})
-        log(f"{len(prepared.items)} test questions; {distinct} distinct settings in the plan, "
-            f"{prepared.missing()} to compute")
-        left = evidence.run_plan(model, processor, prepared.items, prepared.plan, prepared.store,
-                                 features=prepared.features, batch_size=args.batch_size, deadline=deadline,
-                                 log=log)
-        log("done: every setting is stored" if not left else f"{left} settings left: run again to continue")
+        # First the main calibration and every setting it chooses, then the rest of the pools and
+        # the stability study: an interrupted run has the main curves first.
+        left = 0
+        for main_only in (True, False):
+            prepared = evidence.prepare_evidence(model, processor, model_name, args.dtype, config, out, log=log,
+                                                 main_only=main_only, deadline=deadline)
+            distinct = len({row["setting"] for row in prepared.plan})
+            log(f"{len(prepared.items)} test questions; {distinct} distinct settings in the plan, "
+                f"{prepared.missing()} to compute")
+            left = evidence.run_plan(model, processor, prepared.items, prepared.plan, prepared.store,
+                                     features=prepared.features, batch_size=args.batch_size, deadline=deadline,
+                                     log=log)
+        pools = prepared.calibration.complete_pools(config.pool_size)
+        finished = not left and len(pools) == len(evidence.POOLS)
+        log("done: every setting is stored" if finished else
+            f"{left} settings left, calibration pools complete: {pools}; run again to continue")
 
 
 if __name__ == "__main__":

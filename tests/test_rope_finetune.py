@@ -13,7 +13,7 @@ from shortlab.models import load_model
 from shortlab.rope import max_context
 from shortlab.rope_experiment import (
     PASSKEY_QUESTION, bound_verdicts, difference_of_rates, distance_grid, fine_tune,
-    finetune_batches, finetune_summary, min_passkey_distance, passkey_accuracy, passkey_found, passkey_length,
+    describe_finetune, finetune_batches, finetune_summary, min_passkey_distance, passkey_accuracy, passkey_found, passkey_length,
     passkey_prompt, passkey_trial, perplexity_by_position, position_edges, rope_base, split_stream,
     shipped_bound_verdict, tokenize_text, with_rope_base,
 )
@@ -305,9 +305,15 @@ def _results_file(rng):
     small["verdict"] = bound_verdicts(small, control, 128, 1.1)
     shipped_rows = control["passkey"]
     return {"schema": 1, "complete": True, "wall_seconds_last_call": 5.0,
-            "parameters": {"context": 128, "ppl_tolerance": 1.1, "batch_size": 2},
-            "environment": {"device": "cpu", "device_name": "cpu"}, "model": {"label": "tiny"},
-            "text": {"tokens": 1000}, "distances": [30, 60, 100], "perplexity_edges": [1, 64, 128],
+            "parameters": {"context": 128, "ppl_tolerance": 1.1, "batch_size": 2, "lr": 2e-4, "task_fraction": 0.5,
+                           "trials": 20, "seed": 0},
+            "environment": {"shortlab": "0", "git_revision": "abc", "versions": {"torch": "2"}, "device": "cuda",
+                            "device_name": "Some GPU", "torch_threads": 4},
+            "model": {"name": "tiny.gguf", "label": "tiny", "head_dim": 16, "own_base": 10000.0, "own_bound": 90,
+                      "max_positions": 512, "layers": 2},
+            "text": {"source": "file t.txt", "chars": 5000, "sha256": "0", "tokens": 1000, "train_tokens": 800,
+                     "eval_tokens": 200},
+            "distances": [30, 60, 100], "perplexity_edges": [1, 64, 128],
             "runs": [control, small],
             "shipped_passkey": {"base": 10000.0, "head_dim": 16, "bound": 45, "seconds": 1.0,
                                 "passkey": shipped_rows}}
@@ -364,3 +370,17 @@ def test_finetune_summary_refuses_other_files():
     with pytest.raises(ValueError, match="bins"):
         finetune_summary(bad)
     assert shipped_bound_verdict([{"distance": 10, "n": 20, "correct": 20}], bound=45) is None
+
+
+def test_describe_finetune_says_what_ran_where_and_every_verdict():
+    summary = finetune_summary(_results_file(np.random.default_rng(2)))
+    text = describe_finetune(summary)
+    assert "Run on Some GPU (cuda, 4 torch threads)" in text and "torch 2" in text
+    assert "2 steps, 512 tokens in 1 s" in text and "50% of the batches" in text
+    small = summary["runs"][1]["verdict"]
+    assert f"all three: {small['overall']}" in text and text.count("→ supported") >= 2
+    assert "found within its bound 20/20, beyond 37/40" in text
+    assert "reproduce: none (1 stored verdicts checked)" in text and "INCOMPLETE" not in text
+    summary["complete"], summary["problems"] = False, ["run 500: stored correct 5"]
+    text = describe_finetune(summary)
+    assert text.startswith("INCOMPLETE") and "run 500: stored correct 5" in text

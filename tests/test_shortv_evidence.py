@@ -236,3 +236,28 @@ def test_prepare_and_run_resume_from_the_stores(tiny, tmp_path):
     other_dtype = evidence.prepare_evidence(model, processor, "tiny-llava", "bfloat16-label", TINY, tmp_path,
                                             log=messages.append)
     assert other_dtype.store.stale and other_dtype.missing() == distinct
+
+
+def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny, tmp_path):
+    model, processor = tiny
+    config = evidence.EvidenceConfig(**{**TINY.__dict__, "pool_size": 3, "n_calib": 2, "stability_sizes": (3,)})
+    path = tmp_path / "calibration.json"
+    fingerprint = {"model": "tiny-llava"}
+    with pytest.raises(TimeoutError, match="main calibration"):
+        evidence.calibration(model, processor, config, path, fingerprint, deadline=time.monotonic() - 1)
+
+    main, computed = evidence.calibration(model, processor, config, path, fingerprint, main_only=True)
+    assert computed and {name: len(rows) for name, rows in main.visual_lc.items()} == {"mixed": 2}
+    assert main.text_lc.shape[0] == 2 and main.complete_pools(config.pool_size) == []
+    plan = evidence.evidence_plan(config, main, model_parts(model).num_layers)
+    assert not [row for row in plan if row["family"] == "stability"]
+
+    full, computed = evidence.calibration(model, processor, config, path, fingerprint)
+    assert computed and sorted(full.complete_pools(config.pool_size)) == sorted(evidence.POOLS)
+    np.testing.assert_array_equal(full.visual_lc["mixed"][:2], main.visual_lc["mixed"])  # resumed, not redone
+    assert {row["pool"] for row in evidence.evidence_plan(config, full, model_parts(model).num_layers)
+            if row["family"] == "stability"} == set(evidence.POOLS)
+    again, computed = evidence.calibration(model, processor, config, path, fingerprint)
+    assert not computed
+    np.testing.assert_array_equal(again.visual_lc["shape"], full.visual_lc["shape"])
+    assert json.loads(path.read_text())["fingerprint"]["pool_size"] == 3

@@ -176,12 +176,16 @@ def visual_cosine_scores(model, processor, items: list[VQAItem], split: str = "t
 class Calibration:
     """Per-question LC tables and the visual-cosine scores every layer choice is made from.
 
-    ``visual_lc[pool]``: [pool_size, layers]; ``text_lc``: [n_calib, layers] (the mixed pool's
+    ``visual_lc[pool]``: [rows, layers], rows = pool_size once complete; ``text_lc``: [n_calib, layers] (the mixed pool's
     first ``n_calib`` questions); ``visual_cosine``: [layers], over the same questions."""
 
     visual_lc: dict[str, np.ndarray]
     text_lc: np.ndarray
     visual_cosine: np.ndarray
+
+    def complete_pools(self, pool_size: int) -> list[str]:
+        """The pools whose LC table has all ``pool_size`` rows (the others were interrupted)."""
+        return [name for name, rows in self.visual_lc.items() if len(rows) == pool_size]
 
     def to_json(self) -> dict:
         return {"visual_lc": {k: v.tolist() for k, v in self.visual_lc.items()},
@@ -194,31 +198,66 @@ class Calibration:
 
 
 def calibration(model, processor, config: EvidenceConfig, path: str | Path | None, fingerprint: dict,
-                log: Callable[[str], None] = print) -> tuple[Calibration, bool]:
-    """The stored ``Calibration`` at ``path`` if its fingerprint (and config) matches, else
-    computed and written there atomically. Returns it and whether it was computed."""
+                log: Callable[[str], None] = print, *, main_only: bool = False,
+                deadline: float | None = None) -> tuple[Calibration, bool]:
+    """The ``Calibration`` stored at ``path``, its missing rows computed first (and the file
+    rewritten atomically after every question, so an interrupted run loses at most one).
+
+    Order: the mixed pool's first ``n_calib`` visual LC rows, their text LC rows and the visual
+    cosine (everything the main layer choices need), then the rest of the pools (only the
+    stability study needs them). ``main_only`` stops after the main part; ``deadline`` (a
+    ``time.monotonic()`` value) stops between questions. A stored calibration made for another
+    fingerprint or config is discarded. Returns it (pools may be incomplete: see
+    ``Calibration.complete_pools``) and whether anything was computed."""
     fingerprint = {**fingerprint, "pool_size": config.pool_size, "n_calib": config.n_calib,
                    "calib_seed": config.calib_seed}
     path = None if path is None else Path(path)
+    saved = {"visual_lc": {}, "text_lc": [], "visual_cosine": None}
     if path is not None and path.is_file():
-        saved = json.loads(path.read_text())
-        if saved["fingerprint"] == fingerprint:
-            return Calibration.from_json(saved["calibration"]), False
-        log(f"{path.name}: stored for {saved['fingerprint']}, recomputing")
+        stored = json.loads(path.read_text())
+        if stored["fingerprint"] == fingerprint:
+            saved = stored["calibration"]
+        else:
+            log(f"{path.name}: stored for {stored['fingerprint']}, recomputing")
     pools = calibration_pools(config.pool_size, config.calib_seed)
-    start = time.perf_counter()
-    visual_lc = {}
-    for name, items in pools.items():
-        visual_lc[name] = question_layer_contributions(model, processor, items)
-        log(f"visual LC of {len(items)} {name} questions: {time.perf_counter() - start:.0f} s")
     main = pools["mixed"][: config.n_calib]
-    text_lc = question_layer_contributions(model, processor, main, group="text")
-    cosine = visual_cosine_scores(model, processor, main)
-    log(f"text LC and visual cosine of {len(main)} questions: {time.perf_counter() - start:.0f} s")
-    result = Calibration(visual_lc, text_lc, cosine)
-    if path is not None:
-        write_json_atomically(path, {"fingerprint": fingerprint, "calibration": result.to_json()})
-    return result, True
+    computed = False
+
+    def save():
+        if path is not None:
+            write_json_atomically(path, {"fingerprint": fingerprint, "calibration": saved})
+
+    def fill(rows: list, items: list[VQAItem], group: str, label: str) -> bool:
+        """Append the missing LC rows of ``items``; False when the deadline stopped it."""
+        nonlocal computed
+        start = time.perf_counter()
+        for item in items[len(rows):]:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            rows.extend(question_layer_contributions(model, processor, [item], group=group).tolist())
+            computed = True
+            save()
+        if time.perf_counter() - start > 1:
+            log(f"{group} LC of {len(rows)} {label} questions: {time.perf_counter() - start:.0f} s")
+        return True
+
+    visual = saved["visual_lc"]
+    done = fill(visual.setdefault("mixed", []), main, "visual", "mixed") and \
+        fill(saved["text_lc"], main, "text", "mixed")
+    if done and saved["visual_cosine"] is None:
+        saved["visual_cosine"] = visual_cosine_scores(model, processor, main).tolist()
+        computed = True
+        save()
+    if done and not main_only:
+        for name in POOLS:
+            if not fill(visual.setdefault(name, []), pools[name], "visual", name):
+                break
+    if saved["visual_cosine"] is None:
+        raise TimeoutError("the deadline passed before the main calibration (LC and visual cosine of "
+                           f"{config.n_calib} questions) was complete; run again to continue")
+    result = Calibration({name: np.array(rows) for name, rows in visual.items() if rows},
+                         np.array(saved["text_lc"]), np.array(saved["visual_cosine"]))
+    return result, computed
 
 
 # ---------------------------------------------------------------- layer choices and the plan
@@ -295,7 +334,8 @@ def evidence_plan(config: EvidenceConfig, calib: Calibration, num_layers: int,
         for seed in config.random_seeds:
             plan.append({**empty, "family": "shortv", "choice": "random", "N": n, "seed": seed,
                          "setting": Setting(frozen_layers=random_layers(num_layers, n, seed))})
-    for subset in stability_subsets(config):
+    complete = calib.complete_pools(config.pool_size)
+    for subset in [subset for subset in stability_subsets(config) if subset["pool"] in complete]:
         scores = calib.visual_lc[subset["pool"]][subset["rows"]].mean(0)
         plan.append({**empty, "family": "stability", "choice": f"{subset['pool']}/{subset['size']}/{subset['seed']}",
                      "N": n_main, "seed": subset["seed"], "pool": subset["pool"], "size": subset["size"],
@@ -368,10 +408,12 @@ class Evidence:
 
 
 def prepare_evidence(model, processor, model_name: str, dtype: str, config: EvidenceConfig,
-                     directory: str | Path | None = EVIDENCE_DIR, log: Callable[[str], None] = print) -> Evidence:
+                     directory: str | Path | None = EVIDENCE_DIR, log: Callable[[str], None] = print, *,
+                     main_only: bool = False, deadline: float | None = None) -> Evidence:
     """Load (or compute) the calibration, build the plan and open the prediction store of
     ``model_name`` under ``directory`` (None: in memory only). Stores made for other weights,
-    dtype or questions are recomputed, not mixed in."""
+    dtype or questions are recomputed, not mixed in. ``main_only`` / ``deadline``: see
+    ``calibration``; the plan then holds the stability choices of the complete pools only."""
     from shortlab.arch import model_parts
     from shortlab.llava_mini.easy_vqa import fixed_test_questions
     from shortlab.llava_mini.sweep import items_fingerprint
@@ -379,7 +421,8 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
     items = fixed_test_questions(config.n_eval, seed=config.eval_seed)
     fingerprint = {"model": model_name, "weights": model_fingerprint(model), "dtype": dtype}
     calib_path = None if directory is None else store_path(model_name, "calibration", directory)
-    calib, _ = calibration(model, processor, config, calib_path, fingerprint, log=log)
+    calib, _ = calibration(model, processor, config, calib_path, fingerprint, log=log, main_only=main_only,
+                           deadline=deadline)
     parts = model_parts(model)
     n_text, n_visual = prompt_token_counts(processor, items, model.config.image_token_id)
     k = min(config.fastv_k, parts.num_layers - 1)

@@ -25,15 +25,15 @@ split by topic (every name is importable from ``shortlab.rope_experiment`` itsel
   ``finetune_batches``, ``fine_tune``) and measured (``perplexity_by_position``,
   ``distance_grid``, ``bound_verdicts``); ``scripts/rope_finetune.py`` runs it, and
   ``finetune_summary`` reads its results file back for notebook 03, recomputing intervals and
-  verdicts from the per-trial and per-row measurements.
+  verdicts from the per-trial and per-row measurements (``describe_finetune``: as text).
 
 Positions and distances are token indices; "distance" is always the index of the token that
 asks minus the index of the token it must find (defined exactly where each is built).
 """
 
 from shortlab.rope_experiment.finetune import (
-    bound_verdicts, default_text, difference_of_rates, distance_grid, fine_tune, finetune_batches,
-    finetune_summary, perplexity_by_position, position_edges, rope_base, shipped_bound_verdict,
+    bound_verdicts, default_text, describe_finetune, difference_of_rates, distance_grid, fine_tune,
+    finetune_batches, finetune_summary, perplexity_by_position, position_edges, rope_base, shipped_bound_verdict,
     split_stream, tokenize_text, with_rope_base,
 )
 from shortlab.rope_experiment.from_scratch import (
@@ -69,7 +69,7 @@ __all__ = [
     "retrieval_accuracy", "retrieval_example", "rope_matrix", "rope_model_config", "rotate",
     "score_gap_monte_carlo", "stack_examples", "text_batch", "train_lm", "training_batches",
     "valid_bases",
-    "bound_verdicts", "default_text", "difference_of_rates", "distance_grid", "fine_tune",
+    "bound_verdicts", "default_text", "describe_finetune", "difference_of_rates", "distance_grid", "fine_tune",
     "finetune_batches", "finetune_summary", "min_passkey_distance", "passkey_accuracy", "passkey_found",
     "passkey_length", "perplexity_by_position", "position_edges", "rope_base",
     "shipped_bound_verdict", "split_stream",

@@ -504,12 +504,14 @@ def finetune_summary(results: dict) -> dict:
       around its own bound (``shipped_bound_verdict``).
 
     Returns {"complete", "model", "environment", "text", "parameters", "context",
-    "ppl_tolerance", "wall_seconds_last_call" (None until the script finishes), "runs": [the stored run with "passkey", "perplexity" and "verdict" replaced
-    by the recomputed ones, plus "control" (bool) and "stored_verdict"], "shipped": None or
-    {base, head_dim, bound, seconds, passkey, verdict}, "problems": [every stored number or
-    verdict that the recomputation does not reproduce]}. An empty ``problems`` means the file is
-    self-consistent. A file of another schema, or without a control when there are other runs,
-    raises ``ValueError``; ``results`` itself is not modified.
+    "ppl_tolerance", "wall_seconds_last_call" (None until the script finishes), "runs": [each
+    stored run with "passkey", "perplexity" and "verdict" replaced by the recomputed ones, plus
+    "control" (bool) and "stored_verdict" (None for the control or before the script wrote
+    verdicts)], "shipped": None or {base, head_dim, bound, seconds, passkey, verdict},
+    "problems": [every stored number or verdict that the recomputation does not reproduce]}.
+    An empty ``problems`` means the file is self-consistent. A file of another schema, or
+    without a control when there are other runs, raises ``ValueError``; ``results`` itself is
+    not modified.
     """
     if results.get("schema") != RESULTS_SCHEMA:
         raise ValueError(f"expected the results of scripts/rope_finetune.py with schema "
@@ -526,7 +528,7 @@ def finetune_summary(results: dict) -> dict:
         runs.append(dict(stored, control=stored["label"] == CONTROL_LABEL,
                          passkey=_passkey_rows_from_trials(stored["passkey"], where, problems),
                          perplexity=_perplexity_from_rows(stored["perplexity"], where, problems),
-                         stored_verdict=stored.get("verdict")))  # None: not written yet, or the control
+                         stored_verdict=stored.get("verdict")))
     control = next((run for run in runs if run["control"]), None)
     if control is None and runs:
         raise ValueError(f"no control run (label {CONTROL_LABEL!r}) among "
@@ -545,3 +547,65 @@ def finetune_summary(results: dict) -> dict:
             "parameters": parameters, "context": context, "ppl_tolerance": tolerance,
             "wall_seconds_last_call": results.get("wall_seconds_last_call"),
             "runs": runs, "shipped": shipped, "problems": problems}
+
+
+def _claim_text(claim: dict | None, spec: str = "+.2f") -> str:
+    if claim is None:
+        return "— (no distances on both sides of the bound)"
+    return (f"{claim['estimate']:{spec}} [{claim['low']:{spec}}, {claim['high']:{spec}}] → "
+            f"{claim['verdict']}")
+
+
+def describe_finetune(summary: dict) -> str:
+    """``finetune_summary``'s result as text for the notebook: what was run where (device,
+    versions, model, text, sizes, steps, tokens, seconds), each run's loss and perplexity, and
+    every recomputed verdict with its 95 % interval."""
+    env, model, text, parameters = (summary["environment"], summary["model"], summary["text"],
+                                    summary["parameters"])
+    lines = [
+        ("" if summary["complete"] else "INCOMPLETE (the script has not finished every stage). ")
+        + f"Run on {env['device_name']} ({env['device']}, {env['torch_threads']} torch threads), "
+        f"shortlab {env['shortlab']} at git {env['git_revision']}, "
+        + ", ".join(f"{name} {version}" for name, version in env["versions"].items()) + ".",
+        f"Model {model['label']}: {model['layers']} layers, head dim {model['head_dim']}, own base "
+        f"{model['own_base']:g} (bound L_θ = {model['own_bound']:,}), {model['max_positions']:,} positions.",
+        f"Text: {text['source']}, {text['tokens']:,} tokens ({text['train_tokens']:,} for training, "
+        f"{text['eval_tokens']:,} held out). Fine-tuning context {summary['context']:,} tokens, batch "
+        f"{parameters['batch_size']}, learning rate {parameters['lr']:g}, synthetic passkey rows "
+        f"{parameters['task_fraction']:.0%} of the batches, {parameters['trials']} passkey trials per "
+        f"distance, seed {parameters['seed']}.",
+    ]
+    for run in summary["runs"]:
+        overall = run["perplexity"]["overall"]
+        lines.append(f"  {'control, own base' if run['control'] else 'base'} {run['base']:g}: bound "
+                     f"{run['bound']:,}; {run['steps']} steps, {run['tokens_seen']:,} tokens in "
+                     f"{run['train_seconds']:.0f} s, evaluated in {run['eval_seconds']:.0f} s on "
+                     f"{run['device']}; final loss {run['final_loss']:.3f}; held-out perplexity "
+                     f"{overall['perplexity']:.2f} [{overall['low']:.2f}, {overall['high']:.2f}]")
+    if summary["shipped"] is not None:
+        lines.append(f"  the shipped model's passkey grid: {summary['shipped']['seconds']:.0f} s")
+    if summary["wall_seconds_last_call"] is not None:
+        lines.append(f"  the script's last call: {summary['wall_seconds_last_call'] / 60:.1f} min")
+    lines.append(f"Verdicts recomputed from the per-trial outcomes and per-row NLLs (95 % intervals; "
+                 f"perplexity tolerance {summary['ppl_tolerance']:g} × the control's):")
+    for run in summary["runs"]:
+        if run["control"]:
+            continue
+        claims = run["verdict"]
+        lines.append(f"  base {run['base']:g} (L_θ = {run['bound']:,}): within − beyond "
+                     f"{_claim_text(claims['within_minus_beyond'])}; control − run beyond "
+                     f"{_claim_text(claims['control_minus_run_beyond'])}; perplexity ratio "
+                     f"{_claim_text(claims['perplexity_ratio'], '.3f')}; all three: "
+                     f"{claims['overall'] or 'no verdict (retrieval not tested on both sides)'}")
+    shipped = summary["shipped"]
+    if shipped is not None:
+        claim = shipped["verdict"]
+        lines.append(f"  shipped model (base {shipped['base']:g}, L_θ = {shipped['bound']:,}): " + (
+            "no distances on both sides of its bound" if claim is None else
+            f"found within its bound {claim['within']['correct']}/{claim['within']['n']}, beyond "
+            f"{claim['beyond']['correct']}/{claim['beyond']['n']}; within − beyond "
+            f"{_claim_text(claim['within_minus_beyond'])}"))
+    checked = sum(run["stored_verdict"] is not None for run in summary["runs"])
+    lines.append(f"Stored values the recomputation does not reproduce: "
+                 f"{'; '.join(summary['problems']) or 'none'} ({checked} stored verdicts checked).")
+    return "\n".join(lines)
