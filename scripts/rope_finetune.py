@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from shortlab import __version__
 from shortlab.checkpoints import EMBEDDED_MODELS, _sha256_of
+from shortlab.files import write_json_atomically
 from shortlab.models import load_model
 from shortlab.plotting import git_revision, package_versions
 from shortlab.rope import max_context
@@ -46,20 +46,6 @@ NOT_FINGERPRINTED = ("output", "max_minutes", "device", "eval_batch_size", "expo
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(data, out, indent=1)
-            out.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -259,7 +245,7 @@ def main(argv=None) -> int:
     def out_of_time() -> bool:
         if args.max_minutes is not None and time.monotonic() - started > 60 * args.max_minutes:
             log(f"--max-minutes {args.max_minutes} reached: stopping; rerun to continue")
-            write_json_atomically(output, results)
+            write_json_atomically(output, results, indent=1)
             return True
         return False
 
@@ -304,7 +290,7 @@ def main(argv=None) -> int:
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        write_json_atomically(output, results)
+        write_json_atomically(output, results, indent=1)
 
     control = next((run for run in results["runs"] if run["label"] == OWN), None)
     for run in results["runs"]:
@@ -333,7 +319,7 @@ def main(argv=None) -> int:
         log("  passkey " + " ".join(f"{row['distance']}:{row['correct']}/{row['n']}" for row in table))
     results["complete"] = True
     results["wall_seconds_last_call"] = time.monotonic() - started
-    write_json_atomically(output, results)
+    write_json_atomically(output, results, indent=1)
     log(f"wrote {output}")
     return 0
 

@@ -7,8 +7,12 @@
 Writes one JSON file per measurement under results/shortgpt/<model>/ (``--results-dir``), each as
 soon as it is measured, so an interrupted run resumes where it stopped; files whose fingerprint
 (model weights, dtype, held-out tokens, questions, setting) does not match are measured again.
-Notebook 01 with the same ``MODEL`` and sizes reads them. ``--smoke`` writes to a separate
-``smoke`` subfolder so it never mixes with the default run's files.
+Notebook 01 with the same ``MODEL`` and sizes reads them, e.g. for the second line above:
+
+    .venv/bin/python -m shortlab.run_notebooks notebooks/01_block_influence_pruning.ipynb \
+        -p MODEL qwen2.5-0.5b -p EVAL_BLOCKS 96 -p LIMIT 300 -p FIG_DIR figures/qwen2.5-0.5b
+
+``--smoke`` writes to a separate ``smoke`` subfolder so it never mixes with the default run's files.
 """
 
 import argparse

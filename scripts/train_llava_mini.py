@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -43,8 +41,8 @@ from torch import nn
 from shortlab import llava_mini as lm
 from shortlab.arch import model_parts
 from shortlab.checkpoints import _sha256_of, cache_dir
+from shortlab.files import write_atomically
 from shortlab.vision import locate_dinov2_onnx
-
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -64,19 +62,6 @@ def log(handle, message: str) -> None:
     print(line, flush=True)
     handle.write(line + "\n")
     handle.flush()
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------- cached vision features
@@ -107,7 +92,7 @@ def cached_features(model, processor, split: str, image_ids: list[int], image_si
             feats = lm.vision_features(model, pixel_values).float()
             for i, f in zip(chunk, feats):
                 cache[i] = f.clone()
-        atomic_write(path, lambda tmp: torch.save(cache, tmp))
+        write_atomically(path, lambda tmp: torch.save(cache, tmp))
         log(handle, f"features done in {time.perf_counter() - start:.0f}s")
     return {i: cache[i] for i in image_ids}
 
@@ -291,7 +276,7 @@ def save_checkpoint(folder: Path, signature: dict, trainable: dict[str, nn.Modul
         "rng": torch.get_rng_state(),
         **progress,
     }
-    atomic_write(folder / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
+    write_atomically(folder / CHECKPOINT_FILE, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(folder: Path, signature: dict, trainable: dict[str, nn.Module], optimizer):
@@ -468,7 +453,7 @@ def main() -> None:
     from safetensors.torch import save_file
 
     projector_state = {k: v.detach().float().contiguous() for k, v in projector.state_dict().items()}
-    atomic_write(args.out / lm.PROJECTOR_FILE, lambda tmp: save_file(projector_state, tmp))
+    write_atomically(args.out / lm.PROJECTOR_FILE, lambda tmp: save_file(projector_state, tmp))
     lora_card = None
     if loras:
         lora_state = {}
@@ -476,7 +461,7 @@ def main() -> None:
             store = getattr(torch, args.lora_dtype)
             lora_state[f"{name}.lora_A"] = wrapper.lora_A.detach().to(store).contiguous()
             lora_state[f"{name}.lora_B"] = wrapper.lora_B.detach().to(store).contiguous()
-        atomic_write(args.out / lm.LORA_FILE, lambda tmp: save_file(lora_state, tmp))
+        write_atomically(args.out / lm.LORA_FILE, lambda tmp: save_file(lora_state, tmp))
         lora_card = {"file": lm.LORA_FILE, "rank": args.lora_rank, "alpha": args.lora_alpha,
                      "scale": args.lora_alpha / args.lora_rank, "targets": args.lora_targets,
                      "dtype": args.lora_dtype, "merged": "W += scale * B @ A at build time",
@@ -530,7 +515,7 @@ def main() -> None:
     if loras:
         card["files"]["lora"] = lm.LORA_FILE
     card_path = args.out / lm.CARD_FILE
-    atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
+    write_atomically(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
 
     log(handle, "evaluating the saved weights in float32")
     del train_model, model
@@ -561,7 +546,7 @@ def main() -> None:
     card["test_majority_baseline"] = evaluation[f"test_{args.image_size}px"]["majority_baseline"]
     card["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0],
                         "transformers": __import__("transformers").__version__}
-    atomic_write(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
+    write_atomically(card_path, lambda tmp: tmp.write_text(json.dumps(card, indent=2) + "\n"))
     log(handle, f"done in {time.perf_counter() - t_start:.0f}s; card {shown(card_path)}")
     handle.close()
 

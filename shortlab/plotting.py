@@ -6,10 +6,11 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+
+from shortlab.files import write_atomically
 
 RECORDED_PACKAGES = ("shortlab", "torch", "transformers", "numpy", "matplotlib")
 
@@ -64,17 +65,6 @@ def _jsonable(value):
     return repr(value)
 
 
-def _write_atomically(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
                 parameters: dict | None = None, dpi: int = 120) -> Path:
     """Write ``fig`` to ``<fig_dir>/<name>.png`` and a ``<name>.json`` sidecar.
@@ -87,7 +77,7 @@ def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
     directory = Path(fig_dir) if fig_dir is not None else default_figure_dir()
     directory.mkdir(parents=True, exist_ok=True)
     png = directory / f"{name}.png"
-    _write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
+    write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     sidecar = {
         "figure": png.name,
         "parameters": _jsonable(parameters or {}),
@@ -95,7 +85,7 @@ def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
         "git_revision": git_revision(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _write_atomically(
+    write_atomically(
         directory / f"{name}.json",
         lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"),
     )

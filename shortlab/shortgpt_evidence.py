@@ -29,8 +29,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -44,11 +42,19 @@ from shortlab.arch import model_parts
 from shortlab.evaluate.examples import MCExample
 from shortlab.evaluate.likelihood import block_nll, loglikelihoods
 from shortlab.evaluate.scoring import encode_examples, item_correct
+from shortlab.files import write_json_atomically
 from shortlab.pruning import random_layers, remove_layers
 from shortlab.quantize import quantize_weights
 from shortlab.stats import (
-    CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, bootstrap_interval, paired_perplexity_ratio, perplexity_interval,
-    ratio_interval, wilson_interval,
+    CANNOT_TELL,
+    CONTRADICTED,
+    SUPPORTED,
+    Interval,
+    bootstrap_interval,
+    paired_perplexity_ratio,
+    perplexity_interval,
+    ratio_interval,
+    wilson_interval,
 )
 
 
@@ -171,12 +177,15 @@ def _digest(value) -> str:
 
 
 def model_fingerprint(model: nn.Module, name: str) -> str:
-    """A short hash of ``name``, the class, the number of layers and every parameter's sum and
-    absolute sum (float64): any change of weights or architecture changes it."""
+    """A short hash of ``name``, the class, the number of layers and every parameter's name, shape
+    and exact bytes (copied to the CPU, so the same weights give the same fingerprint on any
+    device; float sums would differ between devices in their last bits)."""
+    digest = hashlib.sha256(json.dumps([name, type(model).__name__, model_parts(model).num_layers]).encode())
     with torch.no_grad():
-        sums = [[n, list(p.shape), float(p.double().sum()), float(p.double().abs().sum())]
-                for n, p in model.named_parameters()]
-    return _digest([name, type(model).__name__, model_parts(model).num_layers, sums])
+        for parameter_name, parameter in model.named_parameters():
+            digest.update(f"{parameter_name}{list(parameter.shape)}{parameter.dtype}".encode())
+            digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def data_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -186,20 +195,6 @@ def data_fingerprint(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     questions = {task: [[list(e.contexts), list(e.choices), e.gold] for e in examples]
                  for task, examples in task_examples.items()}
     return _digest([blocks, questions])
-
-
-def write_json_atomically(path: Path, content) -> None:
-    """Write ``content`` as JSON through a temporary file in the same folder, then rename, so an
-    interrupted write leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(content, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class EvidenceStore:

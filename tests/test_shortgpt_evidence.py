@@ -1,5 +1,6 @@
 """The stored per-item evidence of notebook 01: plans, the store's fingerprints, the 2 x 2 statistics."""
 
+import copy
 import json
 import math
 
@@ -81,6 +82,13 @@ def test_fingerprints_follow_weights_and_data():
     with torch.no_grad():
         next(model.parameters())[0, 0] += 1.0
     assert model_fingerprint(model, "tiny-llama") != before
+    after = model_fingerprint(model, "tiny-llama")
+    assert model_fingerprint(copy.deepcopy(model), "tiny-llama") == after, "the same weights, the same fingerprint"
+    with torch.no_grad():
+        weight = next(model.parameters())
+        weight[0, 1] = torch.nextafter(weight[0, 1], torch.tensor(float("inf")))  # one weight's last bit
+    assert model_fingerprint(model, "tiny-llama") != after
+    assert model_fingerprint(model.to(torch.bfloat16), "tiny-llama") != after
     ids = torch.ones(2, 4, dtype=torch.long)
     example = MCExample.shared("q", ["a", "b"], 0)
     base = data_fingerprint(ids, torch.ones_like(ids), {"piqa": [example]})

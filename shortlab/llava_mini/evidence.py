@@ -27,11 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shortlab.llava_mini.easy_vqa import (
-    QUESTION_TYPES, VQAItem, chat_text, easy_vqa_image, easy_vqa_questions, question_type,
-)
+from shortlab.files import write_json_atomically
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
-from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting, write_json_atomically
+from shortlab.llava_mini.easy_vqa import (
+    QUESTION_TYPES,
+    VQAItem,
+    chat_text,
+    easy_vqa_image,
+    easy_vqa_questions,
+    question_type,
+)
+from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting
 from shortlab.stats import CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, paired_interval
 
 EVIDENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "shortv"

@@ -18,13 +18,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from shortlab.files import write_json_atomically
 from shortlab.llava_mini.easy_vqa import VQAItem
 
 TOKEN_GROUPS = ("visual", "text", "all", "random")
@@ -149,20 +148,6 @@ class PredictionStore:
     def _write(self) -> None:
         if self.path is not None:
             write_json_atomically(self.path, {"fingerprint": self.fingerprint, "results": self.results})
-
-
-def write_json_atomically(path: Path, content) -> None:
-    """Write ``content`` as JSON to ``path`` through a temporary file in the same folder, so that
-    an interrupted write leaves the previous file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(content, handle)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,

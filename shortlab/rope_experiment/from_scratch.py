@@ -36,16 +36,30 @@ import numpy as np
 import torch
 
 from shortlab import rope
+from shortlab.files import write_json_atomically
 from shortlab.rope_experiment.measurements import (
-    _next_token_stats, qk_pair_covariances, qk_pair_weights, retrieval_accuracy, score_gap_bound,
+    _next_token_stats,
+    qk_pair_covariances,
+    qk_pair_weights,
+    retrieval_accuracy,
+    score_gap_bound,
 )
 from shortlab.rope_experiment.retrieval_data import (
-    CharTokenizer, RetrievalTask, answer_mask, distance_batch, retrieval_example, stack_examples,
+    CharTokenizer,
+    RetrievalTask,
+    answer_mask,
+    distance_batch,
+    retrieval_example,
+    stack_examples,
     text_batch,
 )
 from shortlab.rope_experiment.training import build_model, rope_model_config, train_lm
 from shortlab.stats import (
-    Interval, paired_perplexity_ratio, perplexity_interval, verdict, wilson_interval,
+    Interval,
+    paired_perplexity_ratio,
+    perplexity_interval,
+    verdict,
+    wilson_interval,
 )
 
 SCHEMA = 1
@@ -195,7 +209,7 @@ def export_text(path: str | os.PathLike, source: str = "wiki", max_train_chars: 
     tokenizer = CharTokenizer()
     stored = {"source": source, "train": tokenizer.decode(train[:max_train_chars]),
               "eval": tokenizer.decode(held_out[:max_eval_chars])}
-    _write_json(Path(path), stored)
+    write_json_atomically(Path(path), stored, indent=1)
     return {"source": source, "train_chars": len(stored["train"]),
             "eval_chars": len(stored["eval"])}
 
@@ -350,20 +364,6 @@ def finetune_run(config: ExperimentConfig, base: float, seed: int, checkpoint: s
 
 # ----------------------------------------------------------------------------- orchestration
 
-def _write_json(path: Path, value) -> None:
-    """Write ``value`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(value, out, indent=1)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def checkpoint_path(output: str | os.PathLike) -> Path:
     """Where the pretrained weights live, next to the results file."""
     output = Path(output)
@@ -442,7 +442,7 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
             torch.save(state, tmp)
             os.replace(tmp, checkpoint)
             results["pretrained"] = pretrained
-            _write_json(output, results)
+            write_json_atomically(output, results, indent=1)
             del model
         todo = [(b, s) for s in config.seeds for b in config.finetune_bases()
                 if run_key(b, s) not in results["runs"]]
@@ -457,7 +457,7 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
 
         def record(result: dict) -> None:
             results["runs"][run_key(result["base"], result["seed"])] = result
-            _write_json(output, results)
+            write_json_atomically(output, results, indent=1)
             log(f"base {result['base']:g} (bound {result['bound']}) seed {result['seed']}: "
                 f"{result['seconds']:.0f} s, retrieval {np.mean(result['correct']):.2f}  "
                 f"[{len(results['runs'])}/{len(config.seeds) * len(config.finetune_bases())}, "
@@ -473,7 +473,7 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
             for future in as_completed(futures):
                 record(future.result())
     results["summary"] = summarize(results)
-    _write_json(output, results)
+    write_json_atomically(output, results, indent=1)
     return results
 
 
