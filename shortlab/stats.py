@@ -59,6 +59,12 @@ def _check_level(level: float) -> float:
     return level
 
 
+def _check_resampling(level: float, n_resamples: int) -> None:
+    _check_level(level)
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+
+
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
     """Wilson score interval for ``successes`` out of ``n`` trials."""
     _check_level(level)
@@ -98,9 +104,7 @@ def ratio_interval(sums: Sequence[float] | np.ndarray, counts: Sequence[float] |
                    method: str = "bootstrap") -> Interval:
     """Percentile-bootstrap interval of Σ sums / Σ counts over clusters (one entry per cluster:
     e.g. a block's total NLL and its token count), resampling whole clusters. Seeded."""
-    _check_level(level)
-    if n_resamples < 100:
-        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    _check_resampling(level, n_resamples)
     sums, counts = _as_values(sums, "sums"), _as_values(counts, "counts")
     if sums.shape != counts.shape:
         raise ValueError(f"sums and counts must be aligned: {sums.shape} vs {counts.shape}")
@@ -129,9 +133,7 @@ def crossed_bootstrap_interval(values: Sequence[Sequence[float]] | np.ndarray, c
     """Percentile-bootstrap interval of the mean of ``values`` [draws, items], resampling the rows
     (independent random draws) and, independently, the item ``clusters`` (one label per column;
     each item its own cluster when None). The estimate is the mean over all draws and items."""
-    _check_level(level)
-    if n_resamples < 100:
-        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    _check_resampling(level, n_resamples)
     table = np.asarray(values, dtype=np.float64)
     if table.ndim != 2 or 0 in table.shape:
         raise ValueError(f"values must be a non-empty [draws, items] table, got shape {table.shape}")
@@ -222,9 +224,7 @@ def retained_fraction_interval(pruned: Sequence[float] | np.ndarray, dense: Sequ
     reports ("% retained"); a per-item chance level (1 / number of choices) counts only what the
     models score above guessing. A resample where the dense model is not above c gives no ratio
     and is dropped (the interval then says so in ``method``)."""
-    _check_level(level)
-    if n_resamples < 100:
-        raise ValueError(f"n_resamples must be at least 100, got {n_resamples}")
+    _check_resampling(level, n_resamples)
     a, b = _as_values(pruned, "pruned"), _as_values(dense, "dense")
     if a.shape != b.shape:
         raise ValueError(f"pruned and dense must be aligned item by item: {a.shape} vs {b.shape}")
