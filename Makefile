@@ -5,7 +5,7 @@ env:
 	bash scripts/setup_env.sh
 
 figures: env
-	.venv/bin/python -m shortlab.run_notebooks --all
+	.venv/bin/python -m shortlab.run_notebooks --all --in-place
 
 test: env
 	HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q

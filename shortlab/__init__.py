@@ -67,6 +67,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "shortlab.speed": ("measure_speed", "SpeedMeasurement"),
     "shortlab.quantize": ("quantize_weights", "quantize_weights_int8", "quantized_parameter_bytes"),
     "shortlab.references": ("paper_numbers",),
+    "shortlab.explorers": ("NextToken", "ModelSnapshot", "RemovalPreview", "top_next_tokens", "model_snapshot",
+                           "removal_preview", "removal_preview_figure"),
     "shortlab.shortgpt_evidence": (
         "EvidenceConfig", "EvidenceStore", "prepare", "collect", "quantisation_interaction", "random_versus",
     ),

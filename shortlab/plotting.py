@@ -27,6 +27,16 @@ def default_figure_dir() -> Path:
     return (root or Path.cwd()) / "figures"
 
 
+STYLE = {"context": "notebook", "style": "whitegrid", "palette": "colorblind"}
+
+
+def use_style() -> None:
+    """One look for every notebook figure: seaborn's theme ``STYLE`` (whitegrid, colorblind palette)."""
+    import seaborn as sns
+
+    sns.set_theme(**STYLE, rc={"figure.dpi": 100, "axes.titlesize": "medium"})
+
+
 def git_revision() -> str | None:
     """The checkout's commit hash, with ``-dirty`` when tracked files have uncommitted changes."""
     root = repository_root()
@@ -55,11 +65,12 @@ def package_versions(names=RECORDED_PACKAGES) -> dict[str, str | None]:
     return versions
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with containers made JSON lists/dicts and anything else non-JSON as its repr."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return repr(value)
@@ -80,7 +91,7 @@ def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
     write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     sidecar = {
         "figure": png.name,
-        "parameters": _jsonable(parameters or {}),
+        "parameters": jsonable(parameters or {}),
         "versions": package_versions(),
         "git_revision": git_revision(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -4,23 +4,35 @@ papermill only warns about an unknown parameter (a typo such as ``-p MODLE ...``
 the default model), so every override is checked against the notebook's ``parameters`` cell
 first.
 
-    python -m shortlab.run_notebooks --all
+    python -m shortlab.run_notebooks --all --in-place   # the default runs, outputs committed (make figures)
     python -m shortlab.run_notebooks notebooks/00_quickstart.ipynb -p MODEL qwen2.5-0.5b -p FAST True
+
+Every executed notebook records in its metadata the digest of the source it ran and the
+overrides it ran with, so a test can tell when committed outputs no longer match the notebook
+(``stale_outputs``).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
 
-from shortlab.plotting import repository_root
+from shortlab.files import write_atomically
+from shortlab.plotting import jsonable, default_figure_dir, repository_root
 
 PARAMETERS_TAG = "parameters"
+INJECTED_TAG = "injected-parameters"  # papermill's cell holding the overrides
+RUN_RECORD_KEY = "shortlab_run"  # notebook metadata: {"source_digest", "parameters"} of the run that made the outputs
 
 
 class NotebookParameterError(ValueError):
@@ -91,16 +103,72 @@ def check_overrides(path: str | Path, overrides: dict[str, object]) -> dict[str,
     return declared
 
 
+def figure_dir(fig_dir: str | os.PathLike | None, parameters: dict, notebook: str) -> Path:
+    """Where a notebook's figures go: ``fig_dir`` when given; else the committed ``figures/``
+    folder for the notebook's default run, and ``outputs/figures/<notebook>/`` for a run whose
+    ``parameters`` differ from the defaults of ``notebooks/<notebook>``, so that a run with other
+    parameters never overwrites the committed figures unless told to (``FIG_DIR="figures"``).
+
+    ``parameters``: the notebook's parameter values as run (e.g. its ``PARAMETERS`` dict).
+    """
+    if fig_dir is not None:
+        return Path(fig_dir)
+    root = repository_root() or Path.cwd()
+    source = root / "notebooks" / notebook
+    if not source.is_file():
+        raise FileNotFoundError(f"figure_dir: no notebook {source}; pass fig_dir explicitly")
+    changed = sorted(name for name, default in notebook_parameters(source).items()
+                     if name in parameters and jsonable(parameters[name]) != jsonable(default))
+    if not changed:
+        return default_figure_dir()
+    directory = root / "outputs" / "figures" / Path(notebook).stem
+    print(f"figures go to {directory} (parameters differ from the defaults: {', '.join(changed)}; "
+          f"FIG_DIR='figures' overwrites the committed ones)")
+    return directory
+
+
 def numbered_notebooks(directory: str | Path | None = None) -> list[Path]:
     """``NN_*.ipynb`` in number order (the main job's order)."""
     folder = Path(directory) if directory else (repository_root() or Path.cwd()) / "notebooks"
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+def source_digest(notebook: str | Path | nbformat.NotebookNode) -> str:
+    """sha256 of a notebook's cell types and sources, in order: what a run executes. Outputs,
+    execution counts, metadata and papermill's injected-parameters cell do not count, so an
+    executed notebook has the digest of the source it was run from."""
+    if not isinstance(notebook, nbformat.NotebookNode):
+        notebook = nbformat.read(str(notebook), as_version=4)
+    cells = [[cell.cell_type, cell.source] for cell in notebook.cells
+             if INJECTED_TAG not in cell.get("metadata", {}).get("tags", [])]
+    return hashlib.sha256(json.dumps(cells, ensure_ascii=False).encode()).hexdigest()
+
+
+def stale_outputs(path: str | Path) -> list[str]:
+    """Why a committed notebook's outputs do not come from the default run of its current source
+    (empty when they do): no run record, a source changed since the run, overrides, or code
+    cells that did not run."""
+    notebook = nbformat.read(str(path), as_version=4)
+    record = notebook.metadata.get(RUN_RECORD_KEY)
+    if record is None:
+        return [f"{Path(path).name} has no run record: it was not executed by `make figures`"]
+    problems = []
+    if record.get("source_digest") != source_digest(notebook):
+        problems.append(f"{Path(path).name} changed since its outputs were made: rerun `make figures`")
+    if record.get("parameters"):
+        problems.append(f"{Path(path).name} outputs come from a run with overrides {record['parameters']}")
+    unexecuted = [i for i, cell in enumerate(notebook.cells)
+                  if cell.cell_type == "code" and cell.source.strip() and cell.get("execution_count") is None]
+    if unexecuted:
+        problems.append(f"{Path(path).name}: code cells {unexecuted} have not run")
+    return problems
+
+
 def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | None = None,
                  cwd: str | Path | None = None, log_output: bool = False,
                  progress_bar: bool = True, timeout: int | None = None):
-    """Check ``parameters`` against the notebook, then execute it with papermill.
+    """Check ``parameters`` against the notebook, then execute it with papermill and record the
+    source digest and the overrides in the executed notebook's metadata (``RUN_RECORD_KEY``).
 
     Runs from ``cwd`` (default: the repository root) so relative paths resolve the same way as
     ``papermill`` launched from the checkout.
@@ -109,12 +177,26 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
 
     overrides = dict(parameters or {})
     check_overrides(path, overrides)
+    digest = source_digest(path)
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    return papermill.execute_notebook(
+    executed = papermill.execute_notebook(
         str(path), str(output_path), parameters=overrides,
         cwd=str(cwd or repository_root() or Path.cwd()), log_output=log_output,
         progress_bar=progress_bar, execution_timeout=timeout, kernel_name="python3",
     )
+    executed.metadata[RUN_RECORD_KEY] = {"source_digest": digest, "parameters": overrides}
+    write_atomically(output_path, lambda tmp: nbformat.write(executed, str(tmp)))
+    return executed
+
+
+def run_in_place(path: str | Path, log_output: bool = False, timeout: int | None = None):
+    """Execute the default run of ``path`` and replace the notebook with its executed copy,
+    outputs included (what is committed). The run goes to a scratch file first: a failed run
+    leaves the notebook as it was."""
+    with tempfile.TemporaryDirectory() as scratch:
+        executed = Path(scratch) / Path(path).name
+        run_notebook(path, executed, {}, log_output=log_output, timeout=timeout)
+        write_atomically(path, lambda tmp: shutil.copyfile(executed, tmp))
 
 
 def parse_value(text: str):
@@ -133,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                         metavar=("NAME", "VALUE"))
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="where executed copies go (default: <repo>/outputs)")
+    parser.add_argument("--in-place", action="store_true",
+                        help="the default run: write each executed notebook over its source (outputs committed)")
     args = parser.parse_args(argv)
+    if args.in_place and (args.parameter or args.output_dir):
+        parser.error("--in-place is the default run: it takes no -p overrides and no --output-dir")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output
     paths = numbered_notebooks() if args.all else args.notebooks
     if not paths:
@@ -144,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or (repository_root() or Path.cwd()) / "outputs"
     for path in paths:
         print(f"running {path} {overrides or ''}", flush=True)
-        run_notebook(path, output_dir / path.name, overrides, log_output=True)
+        if args.in_place:
+            run_in_place(path, log_output=True)
+        else:
+            run_notebook(path, output_dir / path.name, overrides, log_output=True)
     return 0
 
 

@@ -48,3 +48,8 @@ def test_default_figure_dir_is_the_checkout_figures_folder():
 def test_package_versions_marks_missing_packages():
     versions = plotting.package_versions(("torch", "no-such-package-xyz"))
     assert versions["no-such-package-xyz"] is None and versions["torch"]
+
+
+def test_use_style_sets_one_theme():
+    plotting.use_style()
+    assert plt.rcParams["axes.grid"] and plt.rcParams["figure.dpi"] == 100

@@ -8,8 +8,9 @@ from transformers import AutoConfig, Gemma3TextConfig, LlamaConfig, PhiConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from shortlab.references import paper_numbers
 from shortlab.rope import (
-    _DIRECT_M, _FIRST_CHUNK, _HALF_WIDTH, PAPER_BOUNDS_D128, SUPPORTED_ROPE_TYPES, _has_negative,
+    _DIRECT_M, _FIRST_CHUNK, _HALF_WIDTH, PAPER_BOUNDS_D128, PAPER_CONTEXTS, SUPPORTED_ROPE_TYPES, _has_negative,
     _top_down_blocks, bias_from_frequencies, bound_table, check_base, context_length,
     dynamic_ntk_base, max_context, max_context_from_frequencies, min_base, naive_min_base,
     pair_variances_from_vectors, pair_weights, rope_bias, rope_frequencies, rope_report,
@@ -240,6 +241,15 @@ def test_min_base_reports_an_empty_range():
         min_base(4096, 128, base_min=100.0, base_max=1000.0)
     with pytest.raises(ValueError, match="no base in"):
         naive_min_base(4096, 128, base_min=100.0, base_max=1000.0, grid_rtol=0.05)
+
+
+def test_published_bounds_come_from_the_references_file():
+    # one table, kept with its source in shortlab/references: contexts 1K … 1M in order, bases rising
+    published = paper_numbers("rope_base")["published_lower_bounds"]
+    assert PAPER_BOUNDS_D128 == published["bounds"] and published["head_dim"] == 128
+    assert PAPER_CONTEXTS == ("1K", "2K", "4K", "8K", "16K", "32K", "64K", "128K", "256K", "512K", "1M")
+    assert all(low < high for low, high in zip(PAPER_BOUNDS_D128.values(), list(PAPER_BOUNDS_D128.values())[1:]))
+    assert PAPER_BOUNDS_D128["4K"] == 2.7e4
 
 
 def test_published_values_depend_on_what_1k_means():

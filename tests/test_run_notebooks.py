@@ -1,11 +1,13 @@
 """The notebook runner's checks, and every numbered notebook executed in FAST mode."""
 
 import json
+from pathlib import Path
 
 import nbformat
 import pytest
 
 from shortlab import run_notebooks as rn
+from shortlab.plotting import repository_root
 
 
 def write_notebook(path, parameters_source, tagged=True, extra_cells=()):
@@ -86,6 +88,70 @@ def test_run_notebook_injects_overrides(tmp_path):
     rn.run_notebook(path, tmp_path / "executed.ipynb", {"MODEL": "y"}, cwd=tmp_path,
                     progress_bar=False)
     assert json.loads(out_file.read_text()) == {"MODEL": "y"}
+
+
+def test_executed_notebook_records_its_source_and_overrides(tmp_path):
+    path = write_notebook(tmp_path / "01_a.ipynb", "MODEL = 'x'",
+                          extra_cells=[nbformat.v4.new_code_cell("print(MODEL)")])
+    rn.run_notebook(path, tmp_path / "executed.ipynb", {"MODEL": "y"}, cwd=tmp_path, progress_bar=False)
+    executed = nbformat.read(str(tmp_path / "executed.ipynb"), as_version=4)
+    assert executed.metadata[rn.RUN_RECORD_KEY] == {"source_digest": rn.source_digest(path), "parameters": {"MODEL": "y"}}
+    # the injected-parameters cell does not count: the executed copy has its source's digest
+    assert rn.source_digest(executed) == rn.source_digest(path)
+    assert any(line.strip() == "y" for line in executed.cells[-1].outputs[0].text.splitlines())
+    assert rn.stale_outputs(tmp_path / "executed.ipynb") == [
+        "executed.ipynb outputs come from a run with overrides {'MODEL': 'y'}"]
+
+
+def test_in_place_run_replaces_the_notebook_and_is_then_current(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("N * 21")])
+    assert rn.stale_outputs(path) == ["01_a.ipynb has no run record: it was not executed by `make figures`"]
+    rn.run_in_place(path)
+    notebook = nbformat.read(str(path), as_version=4)
+    assert notebook.cells[-1].outputs[0]["data"]["text/plain"] == "42"
+    assert rn.stale_outputs(path) == []
+    notebook.cells[-1].source = "N * 20"
+    nbformat.write(notebook, str(path))
+    assert rn.stale_outputs(path) == ["01_a.ipynb changed since its outputs were made: rerun `make figures`"]
+
+
+def test_failed_in_place_run_leaves_the_notebook_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("1 / 0")])
+    before = path.read_bytes()
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        rn.run_in_place(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["01_a.ipynb"]
+
+
+def test_unexecuted_code_cells_are_stale(tmp_path):
+    path = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("N")])
+    notebook = nbformat.read(str(path), as_version=4)
+    notebook.metadata[rn.RUN_RECORD_KEY] = {"source_digest": rn.source_digest(notebook), "parameters": {}}
+    nbformat.write(notebook, str(path))
+    assert rn.stale_outputs(path) == ["01_a.ipynb: code cells [0, 1] have not run"]
+
+
+def test_in_place_takes_no_overrides(tmp_path):
+    path = write_notebook(tmp_path / "01_a.ipynb", "MODEL = 'x'")
+    with pytest.raises(SystemExit):
+        rn.main([str(path), "--in-place", "-p", "MODEL", "y"])
+
+
+def test_figure_dir_keeps_the_committed_figures_for_the_default_run_only():
+    root = repository_root()
+    name = "03_rope_base_bound.ipynb"
+    defaults = rn.notebook_parameters(root / "notebooks" / name)
+    assert rn.figure_dir(None, dict(defaults), name) == root / "figures"
+    assert rn.figure_dir(None, {**defaults, "FAST": True}, name) == root / "outputs" / "figures" / name[:-6]
+    assert rn.figure_dir("somewhere", {**defaults, "FAST": True}, name) == Path("somewhere")
+
+
+def test_figure_dir_names_a_missing_notebook():
+    with pytest.raises(FileNotFoundError, match="no notebook"):
+        rn.figure_dir(None, {}, "99_missing.ipynb")
+
 
 
 def test_numbered_notebooks_are_found_in_order():

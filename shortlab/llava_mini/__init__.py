@@ -30,6 +30,8 @@ The package is split by topic; every name is importable from ``shortlab.llava_mi
 * ``evidence``: notebook 02's whole sweep as one plan (shared with ``scripts/shortv_evidence.py``),
   the per-question Layer Contribution tables every layer choice is made from, and the statistics
   that turn stored answers into verdicts;
+* ``explorer``: notebook 02's answer explorer: the closed-set answer distribution for an image,
+  a question and the layers whose visual tokens are frozen, dense beside frozen;
 * ``scoring``: vision features, the packed decoder forward and closed-set answer scoring, with
   model internals reached through ``shortlab.arch.model_parts`` (any LLaVA-style wrapper).
 """
@@ -58,11 +60,16 @@ from shortlab.llava_mini.evidence import (
     EVIDENCE_DIR, Calibration, EvidenceConfig, calibration, calibration_pools, evidence_plan,
     max_frozen_within, model_fingerprint, question_layer_contributions, run_plan, store_path,
 )
+from shortlab.llava_mini.explorer import (
+    PRESETS, AnswerView, answer_explorer, answer_probabilities, answer_view, draw_answer_view, layer_presets,
+)
 from shortlab.llava_mini.sweep import (
     TOKEN_GROUPS, PredictionStore, Setting, evaluate_setting, items_fingerprint, setting_intervention,
 )
 
 __all__ = [
+    "PRESETS", "AnswerView", "answer_explorer", "answer_probabilities", "answer_view", "draw_answer_view",
+    "layer_presets",
     "EVIDENCE_DIR", "Calibration", "EvidenceConfig", "calibration", "calibration_pools", "evidence_plan",
     "max_frozen_within", "model_fingerprint", "question_layer_contributions", "run_plan", "store_path",
     "TOKEN_GROUPS", "PredictionStore", "Setting", "evaluate_setting", "items_fingerprint",

@@ -15,17 +15,19 @@ from typing import Any
 
 import numpy as np
 
+from shortlab.references import paper_numbers
 from shortlab.rope.bias import rope_bias, rope_frequencies
 from shortlab.rope.conventions import (
     _check_base, _check_head_dim, _check_m_range, _scan_stop, _single_threaded, context_length,
 )
 from shortlab.rope.scan import _first_negative_exact, _has_negative, check_base
 
-# The paper's published lower bounds on the base for d = 128 (context label -> base).
-PAPER_BOUNDS_D128 = {
-    "1K": 4.3e3, "2K": 1.6e4, "4K": 2.7e4, "8K": 8.4e4, "16K": 3.1e5, "32K": 6.4e5,
-    "64K": 2.1e6, "128K": 7.8e6, "256K": 3.6e7, "512K": 6.4e7, "1M": 5.1e8,
-}
+# The paper's published lower bounds on the base for d = 128 (context label -> base), kept with
+# their source in shortlab/references/rope_base.json.
+_PUBLISHED = paper_numbers("rope_base")["published_lower_bounds"]
+if _PUBLISHED["head_dim"] != 128:
+    raise ValueError(f"rope_base.json: published_lower_bounds must be for head_dim 128, got {_PUBLISHED['head_dim']}")
+PAPER_BOUNDS_D128 = {label: float(base) for label, base in _PUBLISHED["bounds"].items()}
 PAPER_CONTEXTS = tuple(PAPER_BOUNDS_D128)
 
 _BASE_CEILING = 1e30  # min_base gives up above this base when no base_max is given
