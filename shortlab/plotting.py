@@ -38,7 +38,8 @@ def use_style() -> None:
 
 
 def git_revision() -> str | None:
-    """The checkout's commit hash, with ``-dirty`` when tracked files have uncommitted changes."""
+    """The checkout's commit hash, with ``-dirty`` when tracked files outside ``figures/`` have
+    uncommitted changes (a run that overwrites committed figures still comes from a clean commit)."""
     root = repository_root()
     if root is None:
         return None
@@ -47,7 +48,7 @@ def git_revision() -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures"],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

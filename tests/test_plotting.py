@@ -53,3 +53,22 @@ def test_package_versions_marks_missing_packages():
 def test_use_style_sets_one_theme():
     plotting.use_style()
     assert plt.rcParams["axes.grid"] and plt.rcParams["figure.dpi"] == 100
+
+
+def test_git_revision_ignores_changed_figures_only(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_text("old")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    monkeypatch.setattr(plotting, "repository_root", lambda: tmp_path)
+    (tmp_path / "figures" / "a.png").write_text("new")
+    assert not plotting.git_revision().endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert plotting.git_revision().endswith("-dirty")
