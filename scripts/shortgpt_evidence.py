@@ -18,6 +18,7 @@ Notebook 01 with the same ``MODEL`` and sizes reads them, e.g. for the second li
 import argparse
 import dataclasses
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +59,8 @@ def main() -> None:
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    prepared = prepare(model, tokenizer, config)
+    prepared = prepare(model, tokenizer, config, Path(directory) / "rankings.json",
+                       log=lambda line: print(line, flush=True))
     store = open_store(directory, model, args.model, prepared, args.dtype)
     distinct = len({setting.measurement for setting in prepared.settings})
     print(f"{args.model}: k = {list(prepared.plan.ks)} (table {prepared.plan.table_k}); {len(prepared.settings)} "

@@ -115,11 +115,13 @@ def rank_random(model: nn.Module, batches: Batches, n_remove: int, seed: int = 0
     return random_layers(_check_n_remove(model, n_remove), n_remove, seed)
 
 
-def random_layers(num_layers: int, n_remove: int, seed: int = 0) -> list[int]:
+def random_layers(num_layers: int, n_remove: int, seed: int = 0, *, allow_all: bool = False) -> list[int]:
     """``n_remove`` of ``num_layers`` layer indices drawn uniformly without replacement, seeded:
-    the set ``rank_random`` removes from a model of that depth."""
-    if not 0 <= n_remove < num_layers:
-        raise ValueError(f"n_remove must be in [0, {num_layers - 1}] for {num_layers} layers, got {n_remove}")
+    the set ``rank_random`` removes from a model of that depth. ``allow_all``: ``n_remove`` may
+    be every layer (a choice of layers to freeze rather than to delete)."""
+    largest = num_layers if allow_all else num_layers - 1
+    if not 0 <= n_remove <= largest:
+        raise ValueError(f"n_remove must be in [0, {largest}] for {num_layers} layers, got {n_remove}")
     return random.Random(seed).sample(range(num_layers), n_remove)
 
 

@@ -453,14 +453,46 @@ class Prepared:
     settings: list[Setting]
 
 
-def prepare(model: nn.Module, tokenizer, config: EvidenceConfig) -> Prepared:
+def ranked_choices(model: nn.Module, calibration: Sequence[Mapping[str, torch.Tensor]], rankings: Sequence[str],
+                   ks: Sequence[int], seed: int = 0, path: str | Path | None = None,
+                   log=lambda line: None) -> dict[str, dict[int, list[int]]]:
+    """``{ranking: {k: layers}}`` from ``pruning.rank_layers_for_counts`` on ``calibration``.
+    With ``path``, each ranking's choice is read from that JSON file when it was made for the
+    same weights, calibration tokens, counts and seed, and written to it (atomically) as soon as
+    it is made: iterative BI on a 0.5B model takes most of an hour on a CPU, and a resumed run
+    should not repeat it."""
+    from shortlab.pruning import rank_layers_for_counts
+
+    path = None if path is None else Path(path)
+    tokens = hashlib.sha256(b"".join(batch["input_ids"].cpu().numpy().tobytes()
+                                     + batch["attention_mask"].cpu().numpy().tobytes() for batch in calibration))
+    key = _digest([model_fingerprint(model, "rankings"), tokens.hexdigest(), sorted(ks), seed])
+    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    cached = stored.get("choices", {}) if stored.get("fingerprint") == key else {}
+    choices = {}
+    for ranking in rankings:
+        if ranking in cached:
+            choices[ranking] = {int(k): list(layers) for k, layers in cached[ranking].items()}
+            continue
+        start = time.perf_counter()
+        choices[ranking] = rank_layers_for_counts(ranking, model, calibration, ks, seed=seed)
+        log(f"{ranking}: ranked in {time.perf_counter() - start:.0f} s")
+        if path is not None:
+            cached[ranking] = {str(k): layers for k, layers in choices[ranking].items()}
+            write_json_atomically(path, {"fingerprint": key, "choices": cached})
+    return choices
+
+
+def prepare(model: nn.Module, tokenizer, config: EvidenceConfig, rankings_file: str | Path | None = None,
+            log=lambda line: None) -> Prepared:
     """Calibration and held-out blocks, questions, every ranking's layers at every removal count,
     and the settings to measure (``plan_settings``). Runs the rankings (BI, iterative BI, …) on
-    the calibration blocks, which takes a few forward passes per layer removed for iterative BI."""
+    the calibration blocks, which takes a few forward passes per layer removed for iterative BI;
+    ``rankings_file``: keep them there (``ranked_choices``)."""
     from shortlab.data import calibration_batch, iter_batches
     from shortlab.evaluate.likelihood import input_device
     from shortlab.evaluate.tasks import load_task
-    from shortlab.pruning import RANKINGS, rank_layers_for_counts
+    from shortlab.pruning import RANKINGS
 
     unknown = [r for r in config.rankings if r not in RANKINGS or r == "random"]
     if unknown:
@@ -476,8 +508,7 @@ def prepare(model: nn.Module, tokenizer, config: EvidenceConfig) -> Prepared:
     held_out = calibration_batch(tokenizer, config.eval_source, config.eval_blocks, config.eval_seq_len,
                                  split="eval", seed=config.seed)
     task_examples = {task: load_task(task, limit=config.task_limit, seed=config.seed) for task in config.tasks}
-    choices = {ranking: rank_layers_for_counts(ranking, model, calibration, ks, seed=config.seed)
-               for ranking in config.rankings}
+    choices = ranked_choices(model, calibration, config.rankings, ks, config.seed, rankings_file, log)
     plan = EvidencePlan(ks=tuple(ks), table_k=table_k, eval_blocks=config.eval_blocks,
                         random_draws=config.random_draws, random_blocks=min(config.random_blocks, config.eval_blocks),
                         baseline_ks=(table_k,) if config.baselines_at_table_only else None,

@@ -11,11 +11,11 @@ import torch
 from shortlab import stats
 from shortlab.evaluate import MCExample, item_correct
 from shortlab.models import load_model
-from shortlab.pruning import random_layers, rank_random
+from shortlab.pruning import random_layers, rank_layers_for_counts, rank_random
 from shortlab.shortgpt_evidence import (
     EvidencePlan, EvidenceStore, Measurement, accuracy_interaction, collect, conclusion, data_fingerprint, measure,
     model_fingerprint, model_free_baselines, perplexity_with_ratio, plan_settings, quantisation_interaction,
-    random_versus, removal_counts,
+    random_versus, ranked_choices, removal_counts,
 )
 
 CHOICES = {"block_influence": {2: [5, 6], 4: [3, 4, 5, 6]},
@@ -56,6 +56,9 @@ def test_random_layers_is_what_rank_random_removes():
     assert rank_random(model, [], 2, seed=5) == random_layers(4, 2, seed=5)
     with pytest.raises(ValueError, match="n_remove"):
         random_layers(4, 4)
+    assert sorted(random_layers(4, 4, allow_all=True)) == [0, 1, 2, 3]  # a choice of layers to freeze
+    with pytest.raises(ValueError, match=r"\[0, 4\]"):
+        random_layers(4, 5, allow_all=True)
 
 
 def _record(nll, tokens=None):
@@ -211,3 +214,30 @@ def test_conclusion_is_written_from_the_verdict():
     assert conclusion("x", stats.verdict(interval, 0.8), "n/a").startswith("Cannot tell at this sample size: ")
     with pytest.raises(ValueError, match="unknown verdict"):
         conclusion("x", "maybe", interval)
+
+
+def test_ranked_choices_are_kept_per_ranking_and_remade_for_other_weights(tmp_path):
+    model, tokenizer = load_model("tiny-llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    path = tmp_path / "rankings.json"
+    made = []
+    first = ranked_choices(model, calibration, ["block_influence", "reverse_order"], [1, 2], path=path, log=made.append)
+    assert first == {ranking: rank_layers_for_counts(ranking, model, calibration, [1, 2])
+                     for ranking in ("block_influence", "reverse_order")}
+    assert len(made) == 2 and not list(tmp_path.glob(".*"))
+
+    made.clear()  # read back, and only the new ranking is made
+    again = ranked_choices(model, calibration, ["block_influence", "iterative_block_influence"], [1, 2], path=path,
+                           log=made.append)
+    assert again["block_influence"] == first["block_influence"] and len(made) == 1
+    assert set(json.loads(path.read_text())["choices"]) == {"block_influence", "reverse_order",
+                                                            "iterative_block_influence"}
+
+    made.clear()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)
+    ranked_choices(model, calibration, ["block_influence"], [1, 2], path=path, log=made.append)
+    assert len(made) == 1, "other weights: ranked again"
+    ranked_choices(model, calibration, ["block_influence"], [1], path=path, log=made.append)
+    assert len(made) == 2, "other removal counts: ranked again"

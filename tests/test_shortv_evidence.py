@@ -246,8 +246,12 @@ def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny,
     with pytest.raises(TimeoutError, match="main calibration"):
         evidence.calibration(model, processor, config, path, fingerprint, deadline=time.monotonic() - 1)
 
+    with pytest.raises(RuntimeError, match=r"mixed pool: 0 of 2 visual LC rows .*scripts/shortv_evidence.py"):
+        evidence.calibration(model, processor, config, path, fingerprint, measure=False)
     main, computed = evidence.calibration(model, processor, config, path, fingerprint, main_only=True)
     assert computed and {name: len(rows) for name, rows in main.visual_lc.items()} == {"mixed": 2}
+    with pytest.raises(RuntimeError, match="mixed pool: 2 of 3"):
+        evidence.calibration(model, processor, config, path, fingerprint, measure=False)
     assert main.text_lc.shape[0] == 2 and main.complete_pools(config.pool_size) == []
     plan = evidence.evidence_plan(config, main, model_parts(model).num_layers)
     assert not [row for row in plan if row["family"] == "stability"]
@@ -257,7 +261,7 @@ def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny,
     np.testing.assert_array_equal(full.visual_lc["mixed"][:2], main.visual_lc["mixed"])  # resumed, not redone
     assert {row["pool"] for row in evidence.evidence_plan(config, full, model_parts(model).num_layers)
             if row["family"] == "stability"} == set(evidence.POOLS)
-    again, computed = evidence.calibration(model, processor, config, path, fingerprint)
+    again, computed = evidence.calibration(model, processor, config, path, fingerprint, measure=False)
     assert not computed
     np.testing.assert_array_equal(again.visual_lc["shape"], full.visual_lc["shape"])
     assert json.loads(path.read_text())["fingerprint"]["pool_size"] == 3

@@ -205,14 +205,15 @@ class Calibration:
 
 def calibration(model, processor, config: EvidenceConfig, path: str | Path | None, fingerprint: dict,
                 log: Callable[[str], None] = print, *, main_only: bool = False,
-                deadline: float | None = None) -> tuple[Calibration, bool]:
+                deadline: float | None = None, measure: bool = True) -> tuple[Calibration, bool]:
     """The ``Calibration`` stored at ``path``, its missing rows computed first (and the file
     rewritten atomically after every question, so an interrupted run loses at most one).
 
     Order: the mixed pool's first ``n_calib`` visual LC rows, their text LC rows and the visual
     cosine (everything the main layer choices need), then the rest of the pools (only the
     stability study needs them). ``main_only`` stops after the main part; ``deadline`` (a
-    ``time.monotonic()`` value) stops between questions. A stored calibration made for another
+    ``time.monotonic()`` value) stops between questions; ``measure=False`` computes nothing and
+    raises ``RuntimeError`` naming what is missing. A stored calibration made for another
     fingerprint or config is discarded. Returns it (pools may be incomplete: see
     ``Calibration.complete_pools``) and whether anything was computed."""
     fingerprint = {**fingerprint, "pool_size": config.pool_size, "n_calib": config.n_calib,
@@ -236,6 +237,10 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
     def fill(rows: list, items: list[VQAItem], group: str, label: str) -> bool:
         """Append the missing LC rows of ``items``; False when the deadline stopped it."""
         nonlocal computed
+        if not measure and len(rows) < len(items):
+            where = "memory (no results folder)" if path is None else path
+            raise RuntimeError(f"{label} pool: {len(rows)} of {len(items)} {group} LC rows stored in {where}; run "
+                               "scripts/shortv_evidence.py with this model and dtype, or measure them here")
         start = time.perf_counter()
         for item in items[len(rows):]:
             if deadline is not None and time.monotonic() > deadline:
@@ -251,6 +256,9 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
     done = fill(visual.setdefault("mixed", []), main, "visual", "mixed") and \
         fill(saved["text_lc"], main, "text", "mixed")
     if done and saved["visual_cosine"] is None:
+        if not measure:
+            raise RuntimeError(f"the visual cosine scores are not stored in {path}; run scripts/shortv_evidence.py "
+                               "with this model and dtype, or measure them here")
         saved["visual_cosine"] = visual_cosine_scores(model, processor, main).tolist()
         computed = True
         save()
@@ -276,8 +284,11 @@ def lowest(scores: np.ndarray, n: int) -> tuple[int, ...]:
 
 
 def random_layers(num_layers: int, n: int, seed: int) -> tuple[int, ...]:
-    """``n`` of ``num_layers`` layers drawn with ``seed``, sorted."""
-    return tuple(sorted(random.Random(seed).sample(range(num_layers), n)))
+    """``n`` of ``num_layers`` layers drawn with ``seed`` (``pruning.random_layers``, every
+    layer allowed), sorted."""
+    from shortlab.pruning import random_layers as draw
+
+    return tuple(sorted(draw(num_layers, n, seed, allow_all=True)))
 
 
 def main_lc(calib: Calibration, config: EvidenceConfig) -> np.ndarray:
@@ -415,11 +426,12 @@ class Evidence:
 
 def prepare_evidence(model, processor, model_name: str, dtype: str, config: EvidenceConfig,
                      directory: str | Path | None = EVIDENCE_DIR, log: Callable[[str], None] = print, *,
-                     main_only: bool = False, deadline: float | None = None) -> Evidence:
+                     main_only: bool = False, deadline: float | None = None, measure: bool = True) -> Evidence:
     """Load (or compute) the calibration, build the plan and open the prediction store of
     ``model_name`` under ``directory`` (None: in memory only). Stores made for other weights,
-    dtype or questions are recomputed, not mixed in. ``main_only`` / ``deadline``: see
-    ``calibration``; the plan then holds the stability choices of the complete pools only."""
+    dtype or questions are recomputed, not mixed in. ``main_only`` / ``deadline`` / ``measure``:
+    see ``calibration``; the plan then holds the stability choices of the complete pools only.
+    ``measure=False`` does not check the prediction store: ``Evidence.missing`` counts its gaps."""
     from shortlab.arch import model_parts
     from shortlab.llava_mini.easy_vqa import fixed_test_questions
     from shortlab.llava_mini.sweep import items_fingerprint
@@ -428,7 +440,7 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
     fingerprint = {"model": model_name, "weights": model_fingerprint(model), "dtype": dtype}
     calib_path = None if directory is None else store_path(model_name, "calibration", directory)
     calib, _ = calibration(model, processor, config, calib_path, fingerprint, log=log, main_only=main_only,
-                           deadline=deadline)
+                           deadline=deadline, measure=measure)
     parts = model_parts(model)
     n_text, n_visual = prompt_token_counts(processor, items, model.config.image_token_id)
     k = min(config.fastv_k, parts.num_layers - 1)
