@@ -14,8 +14,8 @@ from shortlab import rope
 from shortlab.rope_experiment import (
     CharTokenizer, ExperimentConfig, RetrievalTask, base_for_bound, build_model, char_stream,
     checkpoint_path, crossed_bootstrap, distance_batch, qk_pair_covariance, qk_pair_covariances,
-    qk_pair_weights, retrieval_example, rope_model_config, rotate, score_gap, score_gap_bound,
-    summarize,
+    qk_pair_weights, repeated_sequence_batches, retrieval_example, rope_model_config, rotate, score_gap,
+    score_gap_bound, summarize,
 )
 from shortlab.rope_experiment.from_scratch import generate_batches, worker_pool
 from shortlab.stats import CANNOT_TELL, SUPPORTED
@@ -73,6 +73,22 @@ def test_anywhere_probes_have_exact_distances_and_spread_queries(tokenizer, text
     for impossible in (width + 1, 128 - width + 2):
         with pytest.raises(ValueError, match=rf"does not fit .* \[{width + 2}, {128 - width + 1}\]"):
             distance_batch(text_ids, tokenizer, task, 128, [impossible], 1, 0)
+
+
+def test_repeated_sequences_repeat_their_first_half_and_mark_the_predictable_copies():
+    first, second = (next(repeated_sequence_batches(96, 9, 3, seed=4)) for _ in range(2))
+    ids, mask = first["input_ids"], first["answer_mask"]
+    assert ids.shape == mask.shape == (3, 9) and ids.dtype == torch.long and 0 <= ids.min() and ids.max() < 96
+    assert torch.equal(ids[:, 5:], ids[:, :4])  # half = 5: positions 5.. copy 0..
+    assert mask.tolist() == [[False] * 6 + [True] * 3] * 3  # the first copied token is not predictable
+    assert torch.equal(second["input_ids"], ids)  # seeded
+    batches = repeated_sequence_batches(96, 9, 3, seed=4)
+    next(batches)
+    assert not torch.equal(next(batches)["input_ids"], ids)
+    with pytest.raises(ValueError, match="length"):
+        next(repeated_sequence_batches(96, 3, 1, seed=0))
+    with pytest.raises(ValueError, match="induction_steps"):
+        ExperimentConfig(induction_steps=-1)
 
 
 def test_layout_is_validated():
@@ -248,6 +264,7 @@ def test_script_smoke_run_resumes_and_refuses_another_config(tmp_path, monkeypat
     assert rope_from_scratch.main(args) == 0
     results = json.loads(output.read_text())
     assert checkpoint_path(output).is_file()
+    assert results["pretrained"]["induction"]["steps"] == results["config"]["induction_steps"] > 0
     config = rope_from_scratch.config_from(rope_from_scratch.parse_args(args))
     assert len(results["runs"]) == len(config.seeds) * len(config.finetune_bases())
     assert {row["base"] for row in results["summary"]["bases"]} == set(config.finetune_bases())

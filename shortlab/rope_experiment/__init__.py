@@ -50,7 +50,7 @@ from shortlab.rope_experiment.passkey import (
 )
 from shortlab.rope_experiment.retrieval_data import (
     CharTokenizer, RetrievalExample, RetrievalTask, answer_mask, char_stream, distance_batch,
-    retrieval_example, stack_examples, text_batch, training_batches,
+    repeated_sequence_batches, retrieval_example, stack_examples, text_batch, training_batches,
 )
 from shortlab.rope_experiment.theory import (
     nearest_valid_base, published_checks, rope_matrix, rotate, score_gap_monte_carlo, valid_bases,
@@ -66,8 +66,8 @@ __all__ = [
     "RetrievalExample", "RetrievalTask", "answer_mask", "binned_perplexity", "build_model",
     "char_stream", "distance_batch", "lm_losses", "nearest_valid_base", "passkey_prompt",
     "passkey_trial", "per_position_nll", "published_checks", "qk_pair_weights",
-    "retrieval_accuracy", "retrieval_example", "rope_matrix", "rope_model_config", "rotate",
-    "score_gap_monte_carlo", "stack_examples", "text_batch", "train_lm", "training_batches",
+    "repeated_sequence_batches", "retrieval_accuracy", "retrieval_example", "rope_matrix", "rope_model_config",
+    "rotate", "score_gap_monte_carlo", "stack_examples", "text_batch", "train_lm", "training_batches",
     "valid_bases",
     "bound_verdicts", "default_text", "describe_finetune", "difference_of_rates", "distance_grid", "fine_tune",
     "finetune_batches", "finetune_summary", "min_passkey_distance", "passkey_accuracy", "passkey_found",

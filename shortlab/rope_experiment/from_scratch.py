@@ -3,8 +3,11 @@
 As the paper fine-tunes one model with different bases, ``run_experiment``
 
 1. pretrains one small Llama (``rope_model_config``) whose base puts the bound far above the
-   training context, on real text with the key–value retrieval task scattered over the whole
-   sequence (``RetrievalTask(layout="anywhere")``), so it learns retrieval at every distance;
+   training context: first on repeated random sequences (``repeated_sequence_batches``), where
+   it forms induction heads within a few hundred steps, then on real text with the key–value
+   retrieval task scattered over the whole sequence (``RetrievalTask(layout="anywhere")``), so
+   it learns retrieval at every distance (without the warm-up it stalls near 0.4 accuracy,
+   answering with the value of some record rather than the queried one);
 2. fine-tunes a copy of that checkpoint for each (base, seed): the bases put the bound at chosen
    fractions of the context (``base_for_bound``) plus the pretraining base as the control; every
    base sees the same steps and the same batches, the seed choosing their order;
@@ -49,6 +52,7 @@ from shortlab.rope_experiment.retrieval_data import (
     RetrievalTask,
     answer_mask,
     distance_batch,
+    repeated_sequence_batches,
     retrieval_example,
     stack_examples,
     text_batch,
@@ -66,7 +70,7 @@ SCHEMA = 1
 # Sizes at which every stage runs in well under a minute on a CPU and nothing is learned: for
 # smoke tests and the notebook's FAST mode (``dataclasses.replace(ExperimentConfig(), **SMOKE_SIZES)``).
 SMOKE_SIZES = dict(context=64, hidden_size=32, num_layers=1, head_dim=16, bound_fractions=(0.25, 0.5),
-                   seeds=(0, 1), pretrain_steps=12, pretrain_rounds=1, steps=6, batch_size=4, warmup=2, n_records=4,
+                   seeds=(0, 1), induction_steps=4, pretrain_steps=12, pretrain_rounds=1, steps=6, batch_size=4, warmup=2, n_records=4,
                    n_queries=2, probe_distances=(8, 16, 40), probe_trials=4, perplexity_rows=8,
                    position_bins=4, weight_rows=4)
 _CHUNK_STEPS = 25  # training steps per generated chunk: its index seeds it, in a pool or not
@@ -86,9 +90,10 @@ class ExperimentConfig:
     bases: tuple[float, ...] = ()
     bound_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75)
     seeds: tuple[int, ...] = (0, 1, 2)
-    pretrain_steps: int = 4000
+    induction_steps: int = 300  # repeated random sequences before the retrieval task (0: none)
+    pretrain_steps: int = 1500
     pretrain_rounds: int = 2  # more rounds of pretrain_steps while short-distance retrieval fails
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 64
     pretrain_lr: float = 3e-3
     lr: float = 1e-3
@@ -108,6 +113,8 @@ class ExperimentConfig:
                      "perplexity_rows", "position_bins", "weight_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.induction_steps < 0:
+            raise ValueError(f"induction_steps must be >= 0, got {self.induction_steps}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         if any(not 0 < f < 1 for f in self.bound_fractions):
@@ -410,7 +417,16 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
             torch.manual_seed(config.pretrain_seed)
             model = _model(config, config.pretrain_base, config.pretrain_seed).to(device)
             history: dict[str, list[float]] = {"loss": [], "answer_loss": []}
-            seconds = 0.0
+            seconds, induction = 0.0, {"steps": config.induction_steps}
+            if config.induction_steps:
+                start = time.perf_counter()
+                warmup = train_lm(model, repeated_sequence_batches(CharTokenizer().vocab_size, config.context,
+                                                                   config.batch_size, seed=config.pretrain_seed),
+                                  config.induction_steps, task_weight=config.task_weight, lr=config.pretrain_lr,
+                                  warmup=config.warmup, seed=config.pretrain_seed)
+                induction.update(seconds=time.perf_counter() - start, history=_history_summary(warmup))
+                log(f"induction warm-up: {config.induction_steps} steps in {induction['seconds']:.0f} s, loss on the repeated "
+                    f"half {np.mean(warmup['answer_loss'][-10:]):.3f}")
             for round_ in range(config.pretrain_rounds):
                 start = time.perf_counter()
                 ids, mask = generate_batches(train_ids, config.task(), config.context,
@@ -425,7 +441,7 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
                                              seed=config.pretrain_seed + round_).items():
                     history[name] += values
                 seconds += time.perf_counter() - start
-                pretrained = {"base": config.pretrain_base,
+                pretrained = {"base": config.pretrain_base, "induction": induction,
                               "bound": config.bound(config.pretrain_base), "rounds": round_ + 1,
                               "steps": config.pretrain_steps * (round_ + 1),
                               "train_seconds": seconds, "history": _history_summary(history)}

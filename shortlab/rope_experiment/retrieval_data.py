@@ -4,8 +4,8 @@
 turn documents into ids; ``RetrievalTask`` describes records hidden in the text and queries
 about them, at the end of the sequence or anywhere in it (``layout``); ``retrieval_example``
 builds one sequence (optionally with one query at an exact distance), ``training_batches``
-endless batches of them, ``distance_batch`` probes by distance and ``text_batch`` plain
-windows of text.
+endless batches of them, ``repeated_sequence_batches`` the induction warm-up that comes before
+them, ``distance_batch`` probes by distance and ``text_batch`` plain windows of text.
 
 A query's distance is the index of its anchor (the token just before its value) minus the index
 of its record's anchor.
@@ -375,6 +375,26 @@ def training_batches(text_ids: np.ndarray, tokenizer: CharTokenizer, task: Retri
                                 for _ in range(batch_size)])
         yield {"input_ids": batch["input_ids"],
                "answer_mask": answer_mask(batch["answer_positions"], length)}
+
+
+def repeated_sequence_batches(vocab_size: int, length: int, batch_size: int, seed: int
+                              ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless batches of uniformly random token sequences whose second half repeats the first
+    ({"input_ids": LongTensor[batch_size, length], "answer_mask": BoolTensor}, the mask True on
+    every repeated token after the first, which copying the token that followed its earlier
+    occurrence predicts). Small models form induction heads on this within a few hundred steps;
+    the retrieval task alone rewards them too sparsely, and models trained only on it stall at
+    answering with the value of some record rather than the queried one."""
+    if length < 4:
+        raise ValueError(f"length must be >= 4 to repeat anything, got {length}")
+    rng = np.random.default_rng(seed)
+    half = (length + 1) // 2
+    mask = torch.zeros(batch_size, length, dtype=torch.bool)
+    mask[:, half + 1:] = True
+    while True:
+        first = rng.integers(0, vocab_size, (batch_size, half))
+        yield {"input_ids": torch.from_numpy(np.concatenate([first, first], 1)[:, :length]),
+               "answer_mask": mask.clone()}
 
 
 def distance_batch(text_ids: np.ndarray, tokenizer: CharTokenizer, task: RetrievalTask,
