@@ -13,7 +13,7 @@ import torch
 from shortlab import rope
 from shortlab.rope_experiment import (
     CharTokenizer, ExperimentConfig, RetrievalTask, base_for_bound, build_model, char_stream,
-    checkpoint_path, crossed_bootstrap, distance_batch, qk_pair_covariance, qk_pair_covariances,
+    checkpoint_path, crossed_bootstrap, crossing_distance, distance_batch, half_accuracy_distance, qk_pair_covariance, qk_pair_covariances,
     qk_pair_weights, repeated_sequence_batches, retrieval_example, rope_model_config, rotate, score_gap,
     score_gap_bound, summarize,
 )
@@ -200,6 +200,33 @@ def test_crossed_bootstrap_pairs_terms_and_widens_with_seed_spread():
     assert paired.low == paired.high == 0.0
 
 
+def test_crossing_distance_interpolates_and_marks_curves_that_never_cross():
+    distances = [10, 20, 40]
+    curves = np.array([[1.0, 0.8, 0.2],   # crosses 0.5 halfway between 20 and 40
+                       [1.0, 1.0, 0.9],   # never does
+                       [0.4, 0.3, 0.1],   # already below at the first distance
+                       [1.0, 0.5, 0.5]])  # reaches the level exactly at 20
+    assert crossing_distance(distances, curves, 0.5).tolist() == [30.0, math.inf, 10.0, 20.0]
+    with pytest.raises(ValueError, match="distances must increase"):
+        crossing_distance([20, 10], np.ones(2), 0.5)
+    with pytest.raises(ValueError, match="must match the 3 distances"):
+        crossing_distance(distances, np.ones(2), 0.5)
+
+
+def test_half_accuracy_distance_brackets_the_crossing_and_reports_censoring():
+    rng = np.random.default_rng(0)
+    distances = np.array([10, 20, 30, 40, 50])
+    truth = np.array([1.0, 1.0, 0.9, 0.2, 0.1])  # halfway level (1 + 0.1) / 2 = 0.55 between 30 and 40
+    correct = (rng.random((3, 5, 200)) < truth[None, :, None]).astype(float)
+    half = half_accuracy_distance(distances, correct, chance=0.1)
+    assert 30 < half.low <= half.estimate <= half.high < 40
+    assert abs(half.estimate - 35) < 2
+    never = half_accuracy_distance(distances, np.ones((3, 5, 20)), chance=0.1)
+    assert never.estimate == never.low == never.high == math.inf
+    with pytest.raises(ValueError, match="seeds, distances, trials"):
+        half_accuracy_distance(distances, np.ones((5, 20)), chance=0.1)
+
+
 def _fake_results(correct_by_base: dict[float, np.ndarray], config: ExperimentConfig) -> dict:
     """A results file as ``run_experiment`` writes it, with given 0/1 outcomes per base."""
     runs = {}
@@ -235,6 +262,13 @@ def test_summary_verdicts_follow_the_outcomes():
     assert summary["pretrained"]["learned"] == SUPPORTED
     assert row["perplexity_verdict"] == CANNOT_TELL  # same NLL as the control
     control = next(r for r in summary["bases"] if r["base"] == 1e6)
+    last_within, first_beyond = config.distances()[int(within.sum()) - 1: int(within.sum()) + 1]
+    halfway = (1 + summary["chance"]) / 2  # accuracy 1 at last_within, 0 at first_beyond: linear in between
+    expected = last_within + (1 - halfway) * (first_beyond - last_within)
+    assert row["half_accuracy_distance"]["estimate"] == pytest.approx(expected)
+    assert row["half_accuracy_over_bound"]["estimate"] == pytest.approx(expected / bound)
+    assert row["half_accuracy_verdict"] == SUPPORTED and "half_accuracy_verdict" not in control
+    assert control["half_accuracy_distance"]["estimate"] is None  # perfect at every distance: beyond the grid
     assert "verdict" not in control  # its bound lies beyond every probe distance
     flat = summarize(_fake_results({30.0: np.ones((3, 4, 10)), 1e6: np.ones((3, 4, 10))}, config))
     assert flat["bases"][0]["verdict"] != SUPPORTED
