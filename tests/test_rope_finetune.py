@@ -332,6 +332,15 @@ def test_finetune_summary_recomputes_and_checks_the_stored_values():
     assert small["verdict"]["overall"] == SUPPORTED == small["stored_verdict"]["overall"]
     assert [row["correct"] for row in small["passkey"]] == [20, 0, 1]
     assert small["perplexity"]["bins"][1]["perplexity"] > control["perplexity"]["bins"][1]["perplexity"]
+    # passkey perfect at 30, gone at 60: halves at 45 = 1.0 × its bound 45, not above it
+    assert small["half_accuracy"]["distance"]["estimate"] == pytest.approx(45.0)
+    assert small["half_accuracy"]["verdict"] == CANNOT_TELL
+    assert control["half_accuracy"]["distance"]["estimate"] is None  # above half up to 100
+    never = copy.deepcopy(results)  # a control that never retrieves: no run's failure is the bound's
+    never["runs"][0]["passkey"][0].update(found=[0] * 20, correct=0, rate=0.0)
+    for run in finetune_summary(never)["runs"]:
+        assert "verdict" not in run["half_accuracy"]
+    assert "unjudged" in finetune_summary(never)["runs"][1]["half_accuracy"]
     shipped = summary["shipped"]["verdict"]
     assert shipped["within"] == {"correct": 20, "n": 20} and shipped["beyond"] == {"correct": 37, "n": 40}
     assert shipped["within_minus_beyond"]["verdict"] == CANNOT_TELL
@@ -381,6 +390,7 @@ def test_describe_finetune_says_what_ran_where_and_every_verdict():
     assert f"all three: {small['overall']}" in text and text.count("→ supported") >= 2
     assert "found within its bound 20/20, beyond 37/40" in text
     assert "reproduce: none (1 stored verdicts checked)" in text and "INCOMPLETE" not in text
+    assert "base 500 (L_θ = 45): halves at 45" in text
     summary["complete"], summary["problems"] = False, ["run 500: stored correct 5"]
     text = describe_finetune(summary)
     assert text.startswith("INCOMPLETE") and "run 500: stored correct 5" in text

@@ -13,12 +13,13 @@ import torch
 from shortlab import rope
 from shortlab.rope_experiment import (
     CharTokenizer, ExperimentConfig, RetrievalTask, base_for_bound, build_model, char_stream,
-    checkpoint_path, crossed_bootstrap, crossing_distance, distance_batch, half_accuracy_distance, qk_pair_covariance, qk_pair_covariances,
+    checkpoint_path, crossed_bootstrap, crossing_distance, describe_half_accuracy, distance_batch,
+    half_accuracy_distance, half_accuracy_summary, qk_pair_covariance, qk_pair_covariances,
     qk_pair_weights, repeated_sequence_batches, retrieval_example, rope_model_config, rotate, score_gap,
     score_gap_bound, summarize,
 )
 from shortlab.rope_experiment.from_scratch import generate_batches, worker_pool
-from shortlab.stats import CANNOT_TELL, SUPPORTED
+from shortlab.stats import CANNOT_TELL, CONTRADICTED, SUPPORTED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import rope_from_scratch  # noqa: E402
@@ -227,6 +228,27 @@ def test_half_accuracy_distance_brackets_the_crossing_and_reports_censoring():
         half_accuracy_distance(distances, np.ones((5, 20)), chance=0.1)
 
 
+def test_half_accuracy_summary_is_json_safe_and_judges_only_bounds_inside_the_grid():
+    distances = [10, 20, 40]
+    failing = np.zeros((2, 3, 10))
+    failing[:, 0] = 1  # perfect at 10, nothing from 20 on
+    inside = half_accuracy_summary(distances, failing, chance=0.0, bound=12)
+    assert inside["distance"]["estimate"] == pytest.approx(15.0) and inside["bound"] == 12
+    assert inside["verdict"] == SUPPORTED and not inside["below_at_shortest"]
+    assert "halves at 15 [15, 15] = 1.25 [1.25, 1.25] × L_θ" in describe_half_accuracy(inside, distances)
+    early = half_accuracy_summary(distances, failing, chance=0.0, bound=30)
+    assert early["verdict"] == CONTRADICTED  # retrieval gone well before the bound
+    perfect = half_accuracy_summary(distances, np.ones((2, 3, 10)), chance=0.0, bound=12)
+    json.dumps(perfect, allow_nan=False)  # no infinity in the file
+    assert perfect["over_bound"]["estimate"] is None and perfect["verdict"] == SUPPORTED
+    assert "halves at > 40 [> 40, > 40] = > 3.33" in describe_half_accuracy(perfect, distances)
+    beyond = half_accuracy_summary(distances, np.ones((2, 3, 10)), chance=0.0, bound=100)
+    assert "verdict" not in beyond and "no verdict" in describe_half_accuracy(beyond, distances)
+    never = half_accuracy_summary(distances, np.zeros((2, 3, 10)), chance=0.0, bound=12)
+    assert never["below_at_shortest"] and "already at the shortest distance, 10" in describe_half_accuracy(never, distances)
+    assert "not computed" in describe_half_accuracy(None, distances)
+
+
 def _fake_results(correct_by_base: dict[float, np.ndarray], config: ExperimentConfig) -> dict:
     """A results file as ``run_experiment`` writes it, with given 0/1 outcomes per base."""
     runs = {}
@@ -263,13 +285,13 @@ def test_summary_verdicts_follow_the_outcomes():
     assert row["perplexity_verdict"] == CANNOT_TELL  # same NLL as the control
     control = next(r for r in summary["bases"] if r["base"] == 1e6)
     last_within, first_beyond = config.distances()[int(within.sum()) - 1: int(within.sum()) + 1]
-    halfway = (1 + summary["chance"]) / 2  # accuracy 1 at last_within, 0 at first_beyond: linear in between
-    expected = last_within + (1 - halfway) * (first_beyond - last_within)
-    assert row["half_accuracy_distance"]["estimate"] == pytest.approx(expected)
-    assert row["half_accuracy_over_bound"]["estimate"] == pytest.approx(expected / bound)
-    assert row["half_accuracy_verdict"] == SUPPORTED and "half_accuracy_verdict" not in control
-    assert control["half_accuracy_distance"]["estimate"] is None  # perfect at every distance: beyond the grid
-    assert "verdict" not in control  # its bound lies beyond every probe distance
+    half = row["half_accuracy"]  # accuracy 1 at last_within, 0 at first_beyond: linear in between
+    expected = last_within + (1 - half["halfway_level"]) * (first_beyond - last_within)
+    assert half["halfway_level"] == pytest.approx((1 + summary["chance"]) / 2)
+    assert half["distance"]["estimate"] == pytest.approx(expected)
+    assert half["over_bound"]["estimate"] == pytest.approx(expected / bound)
+    assert half["verdict"] == SUPPORTED and "verdict" not in control["half_accuracy"]
+    assert control["half_accuracy"]["distance"]["estimate"] is None  # perfect at every distance: beyond the grid
     flat = summarize(_fake_results({30.0: np.ones((3, 4, 10)), 1e6: np.ones((3, 4, 10))}, config))
     assert flat["bases"][0]["verdict"] != SUPPORTED
 

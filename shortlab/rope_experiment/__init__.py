@@ -37,12 +37,12 @@ from shortlab.rope_experiment.finetune import (
     split_stream, tokenize_text, with_rope_base,
 )
 from shortlab.rope_experiment.from_scratch import (
-    SMOKE_SIZES, ExperimentConfig, base_for_bound, checkpoint_path, crossed_bootstrap, crossing_distance, export_text,
-    half_accuracy_distance, load_text, run_experiment, summarize,
+    SMOKE_SIZES, ExperimentConfig, base_for_bound, checkpoint_path, crossed_bootstrap, export_text, load_text,
+    run_experiment, summarize,
 )
 from shortlab.rope_experiment.measurements import (
-    binned_perplexity, per_position_nll, qk_pair_covariance, qk_pair_covariances, qk_pair_weights,
-    retrieval_accuracy, score_gap, score_gap_bound,
+    binned_perplexity, crossing_distance, describe_half_accuracy, half_accuracy_distance, half_accuracy_summary, per_position_nll,
+    qk_pair_covariance, qk_pair_covariances, qk_pair_weights, retrieval_accuracy, score_gap, score_gap_bound,
 )
 from shortlab.rope_experiment.passkey import (
     PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION, PasskeyPrompt, min_passkey_distance,
@@ -60,8 +60,8 @@ from shortlab.rope_experiment.training import build_model, lm_losses, rope_model
 __all__ = [
     "PASSKEY_INTRO", "PASSKEY_NEEDLE", "PASSKEY_QUESTION", "SMOKE_SIZES", "CharTokenizer",
     "ExperimentConfig",
-    "PasskeyPrompt", "base_for_bound", "checkpoint_path", "crossed_bootstrap", "crossing_distance", "export_text",
-    "half_accuracy_distance", "load_text", "qk_pair_covariance", "qk_pair_covariances", "run_experiment", "score_gap",
+    "PasskeyPrompt", "base_for_bound", "checkpoint_path", "crossed_bootstrap", "crossing_distance", "describe_half_accuracy", "export_text",
+    "half_accuracy_distance", "half_accuracy_summary", "load_text", "qk_pair_covariance", "qk_pair_covariances", "run_experiment", "score_gap",
     "score_gap_bound", "summarize",
     "RetrievalExample", "RetrievalTask", "answer_mask", "binned_perplexity", "build_model",
     "char_stream", "distance_batch", "lm_losses", "nearest_valid_base", "passkey_prompt",

@@ -32,7 +32,12 @@ import torch
 
 from shortlab.arch import model_parts
 from shortlab.rope.conventions import _check_base
-from shortlab.rope_experiment.measurements import binned_perplexity, per_position_nll
+from shortlab.rope_experiment.measurements import (
+    binned_perplexity,
+    describe_half_accuracy,
+    half_accuracy_summary,
+    per_position_nll,
+)
 from shortlab.rope_experiment.passkey import min_passkey_distance, passkey_length, passkey_prompt
 from shortlab.stats import (
     CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, paired_interval, paired_perplexity_ratio,
@@ -493,12 +498,24 @@ def shipped_bound_verdict(passkey: Sequence[dict], bound: int) -> dict | None:
     return dict(counts, within_minus_beyond=dict(_interval_dict(gap), verdict=verdict(gap, 0.0)))
 
 
+def _passkey_half_accuracy(passkey: Sequence[dict], bound: int) -> dict | None:
+    """``half_accuracy_summary`` of passkey rows (chance 0: a five-digit key is not guessed), or
+    None when the distances have different numbers of trials."""
+    found = [row["found"] for row in passkey]
+    if not found or len({len(trials) for trials in found}) != 1:
+        return None
+    return half_accuracy_summary([row["distance"] for row in passkey], np.asarray(found, dtype=np.float64)[None],
+                                 0.0, bound)
+
+
 def finetune_summary(results: dict) -> dict:
     """What notebook 03 shows of ``scripts/rope_finetune.py``'s results (schema 1), recomputed
     from the raw measurements the file keeps rather than taken from its summaries:
 
     * each run's passkey rows from the per-trial ``found`` lists (Wilson intervals) and its
       perplexity by position from the per-row NLL sums and token counts (bootstrap over rows);
+    * where each run's passkey rate falls to half (``half_accuracy_summary``, bootstrap over
+      trials), also in units of its bound;
     * each run's verdicts with ``bound_verdicts`` against the control (label "own"), at the
       file's context and perplexity tolerance; the shipped model's within-minus-beyond verdict
       around its own bound (``shipped_bound_verdict``).
@@ -506,7 +523,7 @@ def finetune_summary(results: dict) -> dict:
     Returns {"complete", "model", "environment", "text", "parameters", "context",
     "ppl_tolerance", "wall_seconds_last_call" (None until the script finishes), "runs": [each
     stored run with "passkey", "perplexity" and "verdict" replaced by the recomputed ones, plus
-    "control" (bool) and "stored_verdict" (None for the control or before the script wrote
+    "half_accuracy", "control" (bool) and "stored_verdict" (None for the control or before the script wrote
     verdicts)], "shipped": None or {base, head_dim, bound, seconds, passkey, verdict},
     "problems": [every stored number or verdict that the recomputation does not reproduce]}.
     An empty ``problems`` means the file is self-consistent. A file of another schema, or
@@ -533,6 +550,13 @@ def finetune_summary(results: dict) -> dict:
     if control is None and runs:
         raise ValueError(f"no control run (label {CONTROL_LABEL!r}) among "
                          f"{[run['label'] for run in runs]}: the verdicts compare every base with it")
+    for run in runs:
+        run["half_accuracy"] = _passkey_half_accuracy(run["passkey"], run["bound"])
+    control_half = control["half_accuracy"] if control is not None else None
+    if control_half is not None and control_half["below_at_shortest"]:
+        for run in runs:  # a failure is not the bound's when the task was never learnt
+            if run["half_accuracy"] is not None and run["half_accuracy"].pop("verdict", None) is not None:
+                run["half_accuracy"]["unjudged"] = "the control itself does not retrieve at the shortest distance"
     for run, stored in zip(runs, results["runs"]):
         run["verdict"] = None if run["control"] else bound_verdicts(run, control, context, tolerance)
         if "verdict" in stored:  # the script writes verdicts once every base is done
@@ -605,6 +629,10 @@ def describe_finetune(summary: dict) -> str:
             f"found within its bound {claim['within']['correct']}/{claim['within']['n']}, beyond "
             f"{claim['beyond']['correct']}/{claim['beyond']['n']}; within − beyond "
             f"{_claim_text(claim['within_minus_beyond'])}"))
+    lines.append("Where the passkey rate falls to half (interpolated; 95 % bootstrap over trials):")
+    for run in summary["runs"]:
+        lines.append(f"  {'control, own base' if run['control'] else 'base'} {run['base']:g} (L_θ = {run['bound']:,}): "
+                     + describe_half_accuracy(run["half_accuracy"], [row["distance"] for row in run["passkey"]]))
     checked = sum(run["stored_verdict"] is not None for run in summary["runs"])
     lines.append(f"Stored values the recomputation does not reproduce: "
                  f"{'; '.join(summary['problems']) or 'none'} ({checked} stored verdicts checked).")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import tempfile
 import time
@@ -43,6 +42,7 @@ from shortlab import rope
 from shortlab.files import write_json_atomically
 from shortlab.rope_experiment.measurements import (
     _next_token_stats,
+    half_accuracy_summary,
     qk_pair_covariances,
     qk_pair_weights,
     retrieval_accuracy,
@@ -503,13 +503,6 @@ def _interval_dict(interval: Interval) -> dict:
             "method": interval.method}
 
 
-def _censored_dict(interval: Interval) -> dict:
-    """``_interval_dict`` with ``None`` for an infinite value (JSON has no infinity): here, a
-    crossing beyond the largest probed distance."""
-    return {key: (None if isinstance(value, float) and math.isinf(value) else value)
-            for key, value in _interval_dict(interval).items()}
-
-
 def _rate(correct: np.ndarray) -> dict:
     """{n, correct, rate, low, high} of 0/1 outcomes, with a Wilson interval."""
     n, hits = int(correct.size), int(correct.sum())
@@ -545,52 +538,6 @@ def crossed_bootstrap(terms: Sequence[tuple[float, np.ndarray, str]],
                     f"bootstrap over {n_seeds} seeds × probe sequences")
 
 
-def crossing_distance(distances: Sequence[float], accuracy: np.ndarray, level: float) -> np.ndarray:
-    """First distance at which ``accuracy`` [..., D] (over the increasing ``distances`` [D]) falls
-    to ``level`` or below, interpolated linearly between the grid points around the crossing;
-    ``inf`` where it never does within the grid (the crossing lies beyond the largest distance).
-    Shape [...]."""
-    d = np.asarray(distances, dtype=np.float64)
-    a = np.asarray(accuracy, dtype=np.float64)
-    if d.ndim != 1 or a.shape[-1] != d.size or d.size == 0:
-        raise ValueError(f"accuracy's last axis ({a.shape[-1] if a.ndim else 0}) must match the {d.size} distances")
-    if np.any(np.diff(d) <= 0):
-        raise ValueError("distances must increase")
-    below = a <= level
-    first = np.argmax(below, axis=-1)
-    crossed = below.any(axis=-1)
-    previous = np.maximum(first - 1, 0)
-    a_prev = np.take_along_axis(a, previous[..., None], -1)[..., 0]
-    a_first = np.take_along_axis(a, first[..., None], -1)[..., 0]
-    step = np.where(first > 0, (a_prev - level) / np.where(a_prev > a_first, a_prev - a_first, 1.0), 0.0)
-    at = d[previous] + step * (d[first] - d[previous])
-    return np.where(crossed, at, np.inf)
-
-
-def half_accuracy_distance(distances: Sequence[int], correct: np.ndarray, chance: float, *,
-                           n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Distance at which retrieval accuracy falls halfway from perfect to ``chance``, from 0/1
-    outcomes ``correct`` [seeds, distances, trials] (the seed-pooled curve, ``crossing_distance``),
-    with a bootstrap that resamples seeds and each distance's trials together. ``inf`` in the
-    estimate or a bound: accuracy stays above the halfway level up to the largest distance."""
-    correct = np.asarray(correct, dtype=np.float64)
-    if correct.ndim != 3:
-        raise ValueError(f"correct must be [seeds, distances, trials], got shape {correct.shape}")
-    halfway = (1.0 + chance) / 2
-    n_seeds, n_distances, n_trials = correct.shape
-    rng = np.random.default_rng(seed)
-    seed_draws = rng.integers(0, n_seeds, (n_resamples, n_seeds, 1, 1))
-    trial_draws = rng.integers(0, n_trials, (n_resamples, 1, n_distances, n_trials))
-    curves = correct[seed_draws, np.arange(n_distances)[None, None, :, None], trial_draws].mean(axis=(1, 3))
-    draws = crossing_distance(distances, curves, halfway)
-    estimate = float(crossing_distance(distances, correct.mean(axis=(0, 2)), halfway))
-    tail = (1 - level) / 2
-    # "lower"/"higher" pick order statistics: interpolating next to an inf draw would give nan
-    low, high = np.quantile(draws, tail, method="lower"), np.quantile(draws, 1 - tail, method="higher")
-    return Interval(estimate, float(low), float(high), level,
-                    f"bootstrap over {n_seeds} seeds × {n_trials} probes per distance")
-
-
 def _perplexity(bin_nll: np.ndarray, counts: np.ndarray, bins: np.ndarray) -> Interval:
     """Perplexity over the chosen bins, text rows as the resampled blocks."""
     return perplexity_interval(bin_nll[:, bins].sum(1), np.full(bin_nll.shape[0], counts[bins].sum()))
@@ -604,10 +551,8 @@ def summarize(results: dict) -> dict:
     (``crossed_bootstrap``; claim "below 0": retrieval fails beyond the bound), the same
     difference relative to the control's at the same distances, and verdicts; perplexity per
     position bin (seed-averaged NLL, rows resampled) and, beyond the bound, its ratio to the
-    control's on the same rows (claim "above 1"); the distance at which accuracy falls halfway
-    to chance (``half_accuracy_distance``, ``inf`` when not within the probed distances) and
-    its ratio to the bound (``None`` for beyond the largest distance) with the verdict on "retrieval
-    holds up to the bound" (ratio above 1). Also whether the pretrained model retrieves
+    control's on the same rows (claim "above 1"); where accuracy falls halfway to chance and
+    that distance over the bound (``half_accuracy_summary``). Also whether the pretrained model retrieves
     at short distances (Wilson interval above chance).
     """
     config = ExperimentConfig.from_dict(results["config"])
@@ -659,12 +604,7 @@ def summarize(results: dict) -> dict:
                                              subsets)
                 row["relative_to_control"] = _interval_dict(relative)
                 row["relative_verdict"] = verdict(relative, 0.0, claim="below")
-        half = half_accuracy_distance(distances, correct, chance)
-        over_bound = Interval(half.estimate / bound, half.low / bound, half.high / bound, half.level, half.method)
-        row["half_accuracy_distance"] = _censored_dict(half)
-        row["half_accuracy_over_bound"] = _censored_dict(over_bound)
-        if bound < distances.max():  # else a crossing beyond the grid says nothing about the bound
-            row["half_accuracy_verdict"] = verdict(over_bound, 1.0, claim="above")
+        row["half_accuracy"] = half_accuracy_summary(distances, correct, chance, bound)
         bin_nll = stacked(runs, "bin_nll").mean(0)  # [rows, bins], averaged over seeds
         counts = np.asarray(runs[0]["bin_counts"], dtype=np.float64)
         row["perplexity"] = [{"low_position": int(lo), "high_position": int(hi),

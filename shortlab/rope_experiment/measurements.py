@@ -16,6 +16,9 @@ rotation (outputs of each attention's q_proj and k_proj, captured by hooks):
   queries and keys together. It equals c_i only when keys copy queries; it ignores how queries
   and keys co-vary, which is what the theorem's expectation is about.
 
+``half_accuracy_distance`` reads where a retrieval-by-distance curve falls halfway to chance
+(``crossing_distance``), with a bootstrap over seeds and trials.
+
 The LM head runs in chunks of positions (``_next_token_stats``), so long inputs with large
 vocabularies never materialise full logits.
 """
@@ -31,6 +34,7 @@ import torch
 from shortlab.arch import model_parts
 from shortlab.rope import pair_variances_from_vectors
 from shortlab.rope.conventions import _check_layout
+from shortlab.stats import Interval, verdict
 
 
 def _next_token_stats(model, input_ids: torch.Tensor, chunk: int = 512
@@ -240,3 +244,102 @@ def score_gap_bound(thetas, cos_weights, sin_weights, *, limit: int, chunk: int 
         if negative.size:
             return int(m[negative[0]]) - 1
     return limit
+
+
+def crossing_distance(distances: Sequence[float], accuracy: np.ndarray, level: float) -> np.ndarray:
+    """First distance at which ``accuracy`` [..., D] (over the increasing ``distances`` [D]) falls
+    to ``level`` or below, interpolated linearly between the grid points around the crossing;
+    ``inf`` where it never does within the grid (the crossing lies beyond the largest distance).
+    Shape [...]."""
+    d = np.asarray(distances, dtype=np.float64)
+    a = np.asarray(accuracy, dtype=np.float64)
+    if d.ndim != 1 or a.shape[-1] != d.size or d.size == 0:
+        raise ValueError(f"accuracy's last axis ({a.shape[-1] if a.ndim else 0}) must match the {d.size} distances")
+    if np.any(np.diff(d) <= 0):
+        raise ValueError("distances must increase")
+    below = a <= level
+    first = np.argmax(below, axis=-1)
+    crossed = below.any(axis=-1)
+    previous = np.maximum(first - 1, 0)
+    a_prev = np.take_along_axis(a, previous[..., None], -1)[..., 0]
+    a_first = np.take_along_axis(a, first[..., None], -1)[..., 0]
+    step = np.where(first > 0, (a_prev - level) / np.where(a_prev > a_first, a_prev - a_first, 1.0), 0.0)
+    at = d[previous] + step * (d[first] - d[previous])
+    return np.where(crossed, at, np.inf)
+
+
+def half_accuracy_distance(distances: Sequence[int], correct: np.ndarray, chance: float, *,
+                           n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Distance at which retrieval accuracy falls halfway from perfect to ``chance``, from 0/1
+    outcomes ``correct`` [seeds, distances, trials] (the seed-pooled curve, ``crossing_distance``),
+    with a bootstrap that resamples seeds and each distance's trials together. ``inf`` in the
+    estimate or a bound: accuracy stays above the halfway level up to the largest distance."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.ndim != 3:
+        raise ValueError(f"correct must be [seeds, distances, trials], got shape {correct.shape}")
+    halfway = (1.0 + chance) / 2
+    n_seeds, n_distances, n_trials = correct.shape
+    rng = np.random.default_rng(seed)
+    seed_draws = rng.integers(0, n_seeds, (n_resamples, n_seeds, 1, 1))
+    trial_draws = rng.integers(0, n_trials, (n_resamples, 1, n_distances, n_trials))
+    curves = correct[seed_draws, np.arange(n_distances)[None, None, :, None], trial_draws].mean(axis=(1, 3))
+    draws = crossing_distance(distances, curves, halfway)
+    estimate = float(crossing_distance(distances, correct.mean(axis=(0, 2)), halfway))
+    tail = (1 - level) / 2
+    # "lower"/"higher" pick order statistics: interpolating next to an inf draw would give nan
+    low, high = np.quantile(draws, tail, method="lower"), np.quantile(draws, 1 - tail, method="higher")
+    return Interval(estimate, float(low), float(high), level,
+                    f"bootstrap over {n_seeds} seeds × {n_trials} probes per distance")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def half_accuracy_summary(distances: Sequence[int], correct: np.ndarray, chance: float, bound: int) -> dict:
+    """``half_accuracy_distance`` and the same in units of ``bound``, with the ``bound``, as JSON-safe dicts
+    {estimate, low, high, method} where ``None`` means beyond the largest distance (JSON has no
+    infinity), plus "verdict" on "retrieval holds up to the bound" (ratio above 1) when the
+    bound lies inside the distances (else a crossing beyond them says nothing about it) and
+    "below_at_shortest": accuracy is already at or below the halfway level at the first distance.
+    """
+    half = half_accuracy_distance(distances, correct, chance)
+    correct = np.asarray(correct, dtype=np.float64)
+    summary = {"bound": int(bound), "distance": {}, "over_bound": {}, "halfway_level": (1.0 + chance) / 2,
+               "below_at_shortest": bool(correct[:, 0].mean() <= (1.0 + chance) / 2)}
+    for key, scale in (("distance", 1.0), ("over_bound", float(bound))):
+        summary[key] = {"estimate": _finite_or_none(half.estimate / scale), "low": _finite_or_none(half.low / scale),
+                        "high": _finite_or_none(half.high / scale), "method": half.method}
+    if bound < max(distances):
+        over = Interval(half.estimate / bound, half.low / bound, half.high / bound, half.level, half.method)
+        summary["verdict"] = verdict(over, 1.0, claim="above")
+    return summary
+
+
+def describe_half_accuracy(half: dict | None, distances: Sequence[int]) -> str:
+    """``half_accuracy_summary``'s result as text, e.g. "halves at 64 [63, 65] = 3.37 [3.30,
+    3.42] × L_θ; retrieval holds up to the bound: supported"; a crossing beyond the largest of
+    ``distances`` reads "> <largest>"."""
+    if half is None:
+        return "half-accuracy distance not computed (distances with different numbers of trials)"
+    largest = max(distances)
+
+    def text(value, scale, spec):
+        return f"> {largest / scale:{spec}}" if value is None else f"{value:{spec}}"
+
+    def interval(name, scale, spec):
+        values = half[name]
+        return (f"{text(values['estimate'], scale, spec)} [{text(values['low'], scale, spec)}, "
+                f"{text(values['high'], scale, spec)}]")
+
+    if half["below_at_shortest"]:
+        line = (f"at or below {half['halfway_level']:.2f} already at the shortest distance, {min(distances)} "
+                f"= {min(distances) / half['bound']:.2f} × L_θ")
+    else:
+        line = (f"halves at {interval('distance', 1.0, '.0f')} = {interval('over_bound', half['bound'], '.2f')} "
+                f"× L_θ")
+    if "unjudged" in half:
+        return line + f"; no verdict: {half['unjudged']}"
+    if "verdict" in half:
+        return line + f"; retrieval holds up to the bound (ratio above 1): {half['verdict']}"
+    return line + " (the bound lies beyond the probed distances: no verdict)"
