@@ -76,7 +76,8 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     spread = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Interval(p, max(0.0, centre - spread), min(1.0, centre + spread), level, "Wilson")
+    # the clamps to p keep rounding (a last-bit error at p = 0 or 1) from putting p outside its interval
+    return Interval(p, min(p, max(0.0, centre - spread)), max(p, min(1.0, centre + spread)), level, "Wilson")
 
 
 def _as_values(values: Sequence[float] | np.ndarray, name: str = "values") -> np.ndarray:

@@ -19,6 +19,15 @@ def test_wilson_matches_published_values(successes, n, low, high):
     assert interval.low == pytest.approx(low, abs=1e-4) and interval.high == pytest.approx(high, abs=1e-4)
 
 
+def test_wilson_contains_its_estimate_even_at_zero_and_one():
+    # rounding once put 1.0 a last bit above the upper end (n = 40, 300): error bars then fail
+    for n in range(1, 400):
+        for successes in (0, n // 2, n):
+            interval = wilson_interval(successes, n)
+            assert interval.low <= interval.estimate <= interval.high
+        assert wilson_interval(n, n).high == 1.0 and wilson_interval(0, n).low == 0.0
+
+
 def test_wilson_narrows_with_n_and_widens_with_level():
     assert wilson_interval(500, 1000).half_width < wilson_interval(50, 100).half_width
     assert wilson_interval(50, 100, level=0.99).half_width > wilson_interval(50, 100).half_width
