@@ -219,6 +219,7 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
     fingerprint = {**fingerprint, "pool_size": config.pool_size, "n_calib": config.n_calib,
                    "calib_seed": config.calib_seed}
     path = None if path is None else Path(path)
+    where = "memory (no results folder)" if path is None else path  # for the errors of measure=False
     saved = {"visual_lc": {}, "text_lc": [], "visual_cosine": None}
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
@@ -238,7 +239,6 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
         """Append the missing LC rows of ``items``; False when the deadline stopped it."""
         nonlocal computed
         if not measure and len(rows) < len(items):
-            where = "memory (no results folder)" if path is None else path
             raise RuntimeError(f"{label} pool: {len(rows)} of {len(items)} {group} LC rows stored in {where}; run "
                                "scripts/shortv_evidence.py with this model and dtype, or measure them here")
         start = time.perf_counter()
@@ -257,7 +257,7 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
         fill(saved["text_lc"], main, "text", "mixed")
     if done and saved["visual_cosine"] is None:
         if not measure:
-            raise RuntimeError(f"the visual cosine scores are not stored in {path}; run scripts/shortv_evidence.py "
+            raise RuntimeError(f"the visual cosine scores are not stored in {where}; run scripts/shortv_evidence.py "
                                "with this model and dtype, or measure them here")
         saved["visual_cosine"] = visual_cosine_scores(model, processor, main).tolist()
         computed = True
