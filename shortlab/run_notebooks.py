@@ -189,14 +189,25 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
     return executed
 
 
-def run_in_place(path: str | Path, log_output: bool = False, timeout: int | None = None):
-    """Execute the default run of ``path`` and replace the notebook with its executed copy,
-    outputs included (what is committed). The run goes to a scratch file first: a failed run
-    leaves the notebook as it was."""
+def run_in_place(paths: str | Path | list, log_output: bool = False, timeout: int | None = None):
+    """Execute the default run of each of ``paths`` (one path or a list, in order) and replace
+    each notebook with its executed copy, outputs included (what is committed).
+
+    Every run goes to a scratch file, and the notebooks are replaced only after the last run
+    (or the first failure): while they run the checkout stays as committed, so each figure's
+    sidecar records a clean revision (``plotting.git_revision``). A failed run leaves its
+    notebook, and those after it, as they were; the runs before it are still written."""
+    paths = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
     with tempfile.TemporaryDirectory() as scratch:
-        executed = Path(scratch) / Path(path).name
-        run_notebook(path, executed, {}, log_output=log_output, timeout=timeout)
-        write_atomically(path, lambda tmp: shutil.copyfile(executed, tmp))
+        done = []
+        try:
+            for index, path in enumerate(paths):
+                executed = Path(scratch) / f"{index}_{path.name}"
+                run_notebook(path, executed, {}, log_output=log_output, timeout=timeout)
+                done.append((path, executed))
+        finally:
+            for path, executed in done:
+                write_atomically(path, lambda tmp, executed=executed: shutil.copyfile(executed, tmp))
 
 
 def parse_value(text: str):
@@ -227,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {name: parse_value(value) for name, value in args.parameter}
     for path in paths:  # check them all before spending time on any
         check_overrides(path, overrides)
+    if args.in_place:
+        print(f"running {', '.join(map(str, paths))}; each replaced by its executed copy after the last", flush=True)
+        run_in_place(list(paths), log_output=True)
+        return 0
     output_dir = args.output_dir or (repository_root() or Path.cwd()) / "outputs"
     for path in paths:
         print(f"running {path} {overrides or ''}", flush=True)
-        if args.in_place:
-            run_in_place(path, log_output=True)
-        else:
-            run_notebook(path, output_dir / path.name, overrides, log_output=True)
+        run_notebook(path, output_dir / path.name, overrides, log_output=True)
     return 0
 
 

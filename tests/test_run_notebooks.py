@@ -125,6 +125,30 @@ def test_failed_in_place_run_leaves_the_notebook_as_it_was(tmp_path, monkeypatch
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["01_a.ipynb"]
 
 
+def test_in_place_runs_see_the_notebooks_as_committed_until_the_last_one_ends(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("N * 21")])
+    # the second notebook reads the first from disk while it runs: still without outputs
+    peek = f'import json; len(json.load(open({str(first)!r}))["cells"][-1]["outputs"])'
+    second = write_notebook(tmp_path / "02_b.ipynb", "M = 1", extra_cells=[nbformat.v4.new_code_cell(peek)])
+    rn.run_in_place([first, second])
+    assert nbformat.read(str(second), as_version=4).cells[-1].outputs[0]["data"]["text/plain"] == "0"
+    assert nbformat.read(str(first), as_version=4).cells[-1].outputs[0]["data"]["text/plain"] == "42"
+    assert rn.stale_outputs(first) == rn.stale_outputs(second) == []
+
+
+def test_in_place_failure_keeps_the_runs_before_it_and_leaves_the_rest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    good = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("N * 21")])
+    bad = write_notebook(tmp_path / "02_b.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("1 / 0")])
+    later = write_notebook(tmp_path / "03_c.ipynb", "N = 2")
+    untouched = {path: path.read_bytes() for path in (bad, later)}
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        rn.run_in_place([good, bad, later])
+    assert rn.stale_outputs(good) == []
+    assert all(path.read_bytes() == before for path, before in untouched.items())
+
+
 def test_unexecuted_code_cells_are_stale(tmp_path):
     path = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("N")])
     notebook = nbformat.read(str(path), as_version=4)
