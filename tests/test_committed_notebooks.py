@@ -1,0 +1,31 @@
+"""What a reader sees on GitHub comes from the committed code: every numbered notebook carries
+the outputs of the default run of its current source (`make figures`), the committed figures
+come from clean commits, and every figure the README shows exists."""
+
+import json
+import re
+
+import pytest
+
+from shortlab import run_notebooks as rn
+from shortlab.plotting import repository_root
+
+ROOT = repository_root()
+
+
+@pytest.mark.parametrize("path", rn.numbered_notebooks(), ids=lambda p: p.name)
+def test_committed_outputs_come_from_the_current_source(path):
+    assert rn.stale_outputs(path) == []
+
+
+def test_committed_figures_come_from_clean_commits():
+    sidecars = sorted((ROOT / "figures").glob("*.json"))
+    assert sidecars
+    dirty = [p.name for p in sidecars if (json.loads(p.read_text())["git_revision"] or "-dirty").endswith("-dirty")]
+    assert dirty == []
+
+
+def test_every_figure_the_readme_names_is_committed():
+    named = set(re.findall(r"figures/[\w./-]+?\.png", (ROOT / "README.md").read_text()))
+    assert named
+    assert sorted(name for name in named if not (ROOT / name).is_file()) == []
