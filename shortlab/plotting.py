@@ -21,6 +21,18 @@ def repository_root() -> Path | None:
     return here if (here / ".git").exists() and (here / "pyproject.toml").is_file() else None
 
 
+def repository_relative(path: str | Path | None) -> str | None:
+    """``path`` relative to the checkout when it lies inside it, else as given: what a committed
+    notebook prints, so its outputs do not carry the folder it happened to run in."""
+    if path is None:
+        return None
+    root = repository_root()
+    resolved = Path(path).resolve()
+    if root is not None and resolved.is_relative_to(root):
+        return str(resolved.relative_to(root))
+    return str(path)
+
+
 def default_figure_dir() -> Path:
     """``<repo>/figures`` when shortlab runs from its checkout, else ``./figures``."""
     root = repository_root()

@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 
 from shortlab.files import write_atomically
-from shortlab.plotting import jsonable, default_figure_dir, repository_root
+from shortlab.plotting import default_figure_dir, jsonable, repository_relative, repository_root
 
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"  # papermill's cell holding the overrides
@@ -166,9 +166,11 @@ def stale_outputs(path: str | Path) -> list[str]:
 
 def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | None = None,
                  cwd: str | Path | None = None, log_output: bool = False,
-                 progress_bar: bool = True, timeout: int | None = None):
+                 progress_bar: bool = True, timeout: int | None = None, recorded_output: str | Path | None = None):
     """Check ``parameters`` against the notebook, then execute it with papermill and record the
     source digest and the overrides in the executed notebook's metadata (``RUN_RECORD_KEY``).
+    papermill's own record of the input and output paths is kept relative to the checkout
+    (``recorded_output``: the output path to record, when the file is moved there later).
 
     Runs from ``cwd`` (default: the repository root) so relative paths resolve the same way as
     ``papermill`` launched from the checkout.
@@ -185,6 +187,8 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
         progress_bar=progress_bar, execution_timeout=timeout, kernel_name="python3",
     )
     executed.metadata[RUN_RECORD_KEY] = {"source_digest": digest, "parameters": overrides}
+    executed.metadata.papermill["input_path"] = repository_relative(path)
+    executed.metadata.papermill["output_path"] = repository_relative(recorded_output or output_path)
     write_atomically(output_path, lambda tmp: nbformat.write(executed, str(tmp)))
     return executed
 
@@ -203,7 +207,7 @@ def run_in_place(paths: str | Path | list, log_output: bool = False, timeout: in
         try:
             for index, path in enumerate(paths):
                 executed = Path(scratch) / f"{index}_{path.name}"
-                run_notebook(path, executed, {}, log_output=log_output, timeout=timeout)
+                run_notebook(path, executed, {}, log_output=log_output, timeout=timeout, recorded_output=path)
                 done.append((path, executed))
         finally:
             for path, executed in done:

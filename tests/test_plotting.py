@@ -72,3 +72,13 @@ def test_git_revision_ignores_changed_figures_only(tmp_path, monkeypatch):
     assert not plotting.git_revision().endswith("-dirty")
     (tmp_path / "code.py").write_text("x = 2\n")
     assert plotting.git_revision().endswith("-dirty")
+
+
+def test_repository_relative_drops_the_checkout_folder_only(monkeypatch, tmp_path):
+    monkeypatch.setattr(plotting, "repository_root", lambda: tmp_path)
+    assert plotting.repository_relative(tmp_path / "results" / "shortv") == "results/shortv"
+    elsewhere = tmp_path.parent / "elsewhere"
+    assert plotting.repository_relative(elsewhere) == str(elsewhere)
+    assert plotting.repository_relative(None) is None
+    monkeypatch.setattr(plotting, "repository_root", lambda: None)  # an installed package, no checkout
+    assert plotting.repository_relative(tmp_path / "x") == str(tmp_path / "x")

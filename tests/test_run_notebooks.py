@@ -135,6 +135,8 @@ def test_in_place_runs_see_the_notebooks_as_committed_until_the_last_one_ends(tm
     assert nbformat.read(str(second), as_version=4).cells[-1].outputs[0]["data"]["text/plain"] == "0"
     assert nbformat.read(str(first), as_version=4).cells[-1].outputs[0]["data"]["text/plain"] == "42"
     assert rn.stale_outputs(first) == rn.stale_outputs(second) == []
+    recorded = nbformat.read(str(first), as_version=4).metadata.papermill
+    assert Path(recorded["output_path"]) == Path(recorded["input_path"]) == first  # not the scratch file
 
 
 def test_in_place_failure_keeps_the_runs_before_it_and_leaves_the_rest(tmp_path, monkeypatch):
