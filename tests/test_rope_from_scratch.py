@@ -226,6 +226,10 @@ def test_half_accuracy_distance_brackets_the_crossing_and_reports_censoring():
     assert never.estimate == never.low == never.high == math.inf
     with pytest.raises(ValueError, match="seeds, distances, trials"):
         half_accuracy_distance(distances, np.ones((5, 20)), chance=0.1)
+    with pytest.raises(ValueError, match="n_resamples must be at least 100"):
+        half_accuracy_distance(distances, correct, chance=0.1, n_resamples=10)
+    with pytest.raises(ValueError, match="level must be in"):
+        half_accuracy_distance(distances, correct, chance=0.1, level=95)
 
 
 def test_half_accuracy_summary_is_json_safe_and_judges_only_bounds_inside_the_grid():

@@ -34,7 +34,7 @@ import torch
 from shortlab.arch import model_parts
 from shortlab.rope import pair_variances_from_vectors
 from shortlab.rope.conventions import _check_layout
-from shortlab.stats import Interval, verdict
+from shortlab.stats import Interval, _check_resampling, verdict
 
 
 def _next_token_stats(model, input_ids: torch.Tensor, chunk: int = 512
@@ -268,6 +268,11 @@ def crossing_distance(distances: Sequence[float], accuracy: np.ndarray, level: f
     return np.where(crossed, at, np.inf)
 
 
+def halfway_level(chance: float) -> float:
+    """The accuracy halfway from perfect (1) to ``chance``: where retrieval counts as broken."""
+    return (1.0 + chance) / 2
+
+
 def half_accuracy_distance(distances: Sequence[int], correct: np.ndarray, chance: float, *,
                            n_resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
     """Distance at which retrieval accuracy falls halfway from perfect to ``chance``, from 0/1
@@ -277,7 +282,8 @@ def half_accuracy_distance(distances: Sequence[int], correct: np.ndarray, chance
     correct = np.asarray(correct, dtype=np.float64)
     if correct.ndim != 3:
         raise ValueError(f"correct must be [seeds, distances, trials], got shape {correct.shape}")
-    halfway = (1.0 + chance) / 2
+    _check_resampling(level, n_resamples)
+    halfway = halfway_level(chance)
     n_seeds, n_distances, n_trials = correct.shape
     rng = np.random.default_rng(seed)
     seed_draws = rng.integers(0, n_seeds, (n_resamples, n_seeds, 1, 1))
@@ -305,8 +311,8 @@ def half_accuracy_summary(distances: Sequence[int], correct: np.ndarray, chance:
     """
     half = half_accuracy_distance(distances, correct, chance)
     correct = np.asarray(correct, dtype=np.float64)
-    summary = {"bound": int(bound), "distance": {}, "over_bound": {}, "halfway_level": (1.0 + chance) / 2,
-               "below_at_shortest": bool(correct[:, 0].mean() <= (1.0 + chance) / 2)}
+    summary = {"bound": int(bound), "distance": {}, "over_bound": {}, "halfway_level": halfway_level(chance),
+               "below_at_shortest": bool(correct[:, 0].mean() <= halfway_level(chance))}
     for key, scale in (("distance", 1.0), ("over_bound", float(bound))):
         summary[key] = {"estimate": _finite_or_none(half.estimate / scale), "low": _finite_or_none(half.low / scale),
                         "high": _finite_or_none(half.high / scale), "method": half.method}
