@@ -144,18 +144,22 @@ def source_digest(notebook: str | Path | nbformat.NotebookNode) -> str:
     return hashlib.sha256(json.dumps(cells, ensure_ascii=False).encode()).hexdigest()
 
 
-def stale_outputs(path: str | Path) -> list[str]:
+def stale_outputs(path: str | Path, source: str | Path | None = None) -> list[str]:
     """Why a committed notebook's outputs do not come from the default run of its current source
     (empty when they do): no run record, a source changed since the run, overrides, or code
-    cells that did not run."""
+    cells that did not run. With ``source``, ``path`` is a committed run *with overrides* (e.g.
+    notebook 01 on another model, ``notebooks/runs/``) that must come from ``source``'s current
+    cells; its overrides are then expected."""
     notebook = nbformat.read(str(path), as_version=4)
     record = notebook.metadata.get(RUN_RECORD_KEY)
     if record is None:
         return [f"{Path(path).name} has no run record: it was not executed by `make figures`"]
     problems = []
-    if record.get("source_digest") != source_digest(notebook):
-        problems.append(f"{Path(path).name} changed since its outputs were made: rerun `make figures`")
-    if record.get("parameters"):
+    current = source_digest(notebook if source is None else nbformat.read(str(source), as_version=4))
+    if record.get("source_digest") != current or (source is not None and source_digest(notebook) != current):
+        changed = Path(path).name if source is None else f"{Path(source).name} (which {Path(path).name} ran)"
+        problems.append(f"{changed} changed since its outputs were made: rerun `make figures`")
+    if record.get("parameters") and source is None:
         problems.append(f"{Path(path).name} outputs come from a run with overrides {record['parameters']}")
     unexecuted = [i for i, cell in enumerate(notebook.cells)
                   if cell.cell_type == "code" and cell.source.strip() and cell.get("execution_count") is None]

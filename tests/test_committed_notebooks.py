@@ -1,6 +1,7 @@
 """What a reader sees on GitHub comes from the committed code: every numbered notebook carries
-the outputs of the default run of its current source (`make figures`), the committed figures
-come from clean commits, and every figure the README shows exists."""
+the outputs of the default run of its current source (`make figures`), every committed run with
+overrides (`notebooks/runs/`, e.g. notebook 01 on Qwen2.5-0.5B) comes from its notebook's current
+source, the committed figures come from clean commits, and every figure the README shows exists."""
 
 import json
 import re
@@ -18,8 +19,14 @@ def test_committed_outputs_come_from_the_current_source(path):
     assert rn.stale_outputs(path) == []
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks" / "runs").rglob("*.ipynb")), ids=lambda p: p.name)
+def test_committed_runs_with_overrides_come_from_the_current_source(path):
+    source = ROOT / json.loads(path.read_text())["metadata"]["papermill"]["input_path"]
+    assert rn.stale_outputs(path, source=source) == []
+
+
 def test_committed_figures_come_from_clean_commits():
-    sidecars = sorted((ROOT / "figures").glob("*.json"))
+    sidecars = sorted((ROOT / "figures").rglob("*.json"))
     assert sidecars
     dirty = [p.name for p in sidecars if (json.loads(p.read_text())["git_revision"] or "-dirty").endswith("-dirty")]
     assert dirty == []

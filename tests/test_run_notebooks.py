@@ -101,6 +101,13 @@ def test_executed_notebook_records_its_source_and_overrides(tmp_path):
     assert any(line.strip() == "y" for line in executed.cells[-1].outputs[0].text.splitlines())
     assert rn.stale_outputs(tmp_path / "executed.ipynb") == [
         "executed.ipynb outputs come from a run with overrides {'MODEL': 'y'}"]
+    # a committed run with overrides (another model's run) is current while its source is unchanged
+    assert rn.stale_outputs(tmp_path / "executed.ipynb", source=path) == []
+    notebook = nbformat.read(str(path), as_version=4)
+    notebook.cells[-1].source = "print(MODEL * 2)"
+    nbformat.write(notebook, str(path))
+    assert rn.stale_outputs(tmp_path / "executed.ipynb", source=path) == [
+        f"{path.name} (which executed.ipynb ran) changed since its outputs were made: rerun `make figures`"]
 
 
 def test_in_place_run_replaces_the_notebook_and_is_then_current(tmp_path, monkeypatch):
