@@ -19,6 +19,7 @@ from torch import nn
 from shortlab.arch import model_parts, validate_layer_indices
 from shortlab.evaluate.likelihood import block_nll, input_device, next_token_logprobs
 from shortlab.hooks import eval_mode
+from shortlab.plotting import drawable_text
 from shortlab.pruning import remove_layers
 from shortlab.stats import Interval, paired_perplexity_ratio, perplexity_interval
 
@@ -152,7 +153,7 @@ def removal_preview_figure(preview: RemovalPreview, title: str = ""):
     for ax, snapshot, color, name in ((ax_dense, preview.dense, "0.4", f"dense ({preview.dense.num_layers} layers)"),
                                       (ax_pruned, preview.pruned, "tab:red",
                                        f"pruned ({preview.pruned.num_layers} layers)")):
-        labels = [repr(token.text) for token in snapshot.next_tokens]
+        labels = [drawable_text(repr(token.text)) for token in snapshot.next_tokens]
         ax.barh(range(len(labels)), [token.probability for token in snapshot.next_tokens], color=color)
         ax.set_yticks(range(len(labels)), labels)
         ax.invert_yaxis()  # most probable on top
@@ -160,7 +161,8 @@ def removal_preview_figure(preview: RemovalPreview, title: str = ""):
         ax.set_xlabel("next-token probability")
         ax.set_title(name, fontsize="small")
     removed = ", ".join(map(str, preview.removed)) or "none"
-    fig.suptitle(f"{title + ': ' if title else ''}layers removed: {removed}; prompt {preview.prompt!r}",
+    fig.suptitle(f"{title + ': ' if title else ''}layers removed: {removed}; "
+                 f"prompt {drawable_text(repr(preview.prompt))}",
                  fontsize="medium")
     fig.tight_layout()
     return fig

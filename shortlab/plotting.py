@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -47,6 +48,24 @@ def use_style() -> None:
     import seaborn as sns
 
     sns.set_theme(**STYLE, rc={"figure.dpi": 100, "axes.titlesize": "medium"})
+
+
+def drawable_text(text: str) -> str:
+    """``text`` with every printable character that matplotlib's current font cannot draw written
+    as its Python escape (``\\uXXXX``): a model's tokens (Qwen's Chinese ones, emoji) would otherwise be
+    drawn as empty boxes, with a warning per glyph."""
+    from matplotlib import font_manager
+
+    drawable = _font_characters(font_manager.findfont(font_manager.FontProperties()))
+    return "".join(c if ord(c) in drawable or not c.isprintable()
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+@functools.cache
+def _font_characters(path: str) -> frozenset[int]:
+    from matplotlib import ft2font
+
+    return frozenset(ft2font.FT2Font(path).get_charmap())
 
 
 def git_revision() -> str | None:

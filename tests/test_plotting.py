@@ -82,3 +82,16 @@ def test_repository_relative_drops_the_checkout_folder_only(monkeypatch, tmp_pat
     assert plotting.repository_relative(None) is None
     monkeypatch.setattr(plotting, "repository_root", lambda: None)  # an installed package, no checkout
     assert plotting.repository_relative(tmp_path / "x") == str(tmp_path / "x")
+
+
+def test_drawable_text_escapes_only_what_the_font_cannot_draw():
+    from matplotlib import font_manager
+
+    from shortlab.plotting import _font_characters, drawable_text
+
+    font = _font_characters(font_manager.findfont(font_manager.FontProperties()))
+    assert drawable_text("'Paris' −8 é") == "'Paris' −8 é"
+    missing = next(c for c in "巴黎\U0001F600\uE000" if ord(c) not in font)  # CJK, emoji, private use
+    assert drawable_text(f"a{missing}b") == "a" + missing.encode("unicode_escape").decode() + "b"
+    assert drawable_text("\U0001F600") in ("\U0001F600", "\\U0001f600")
+    assert all(ord(c) in font for c in drawable_text("巴黎 Paris \U0001F600") if c.isprintable())
