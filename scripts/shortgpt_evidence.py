@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from shortlab.models import load_model
-from shortlab.shortgpt_evidence import EvidenceConfig, collect, default_results_dir, open_store, prepare
+from shortlab.shortgpt_evidence import (EvidenceConfig, collect, default_results_dir, dense_precision, open_store,
+                                       prepare)
 
-SMOKE = dict(n_calib=2, calib_seq_len=64, eval_blocks=4, eval_seq_len=64, max_remove=2, remove_step=1,
+SMOKE = dict(n_calib=2, calib_seq_len=64, eval_blocks=4, dense_blocks=6, eval_seq_len=64, max_remove=2, remove_step=1,
              random_draws=2, random_blocks=2, task_limit=4)
 
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--results-dir", default=None, help="default: results/shortgpt/<model>")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, into <results-dir>/smoke")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--dense-blocks", type=int, default=defaults.dense_blocks,
+                        help="held-out blocks for the dense perplexity alone (0: eval-blocks)")
     for field in ("eval_blocks", "eval_seq_len", "n_calib", "max_remove", "remove_step", "random_draws",
                   "random_blocks", "task_limit", "bits", "group_size", "batch_size", "seed"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
@@ -51,7 +54,8 @@ def main() -> None:
              ("eval_blocks", "eval_seq_len", "n_calib", "max_remove", "remove_step", "random_draws",
               "random_blocks", "task_limit", "bits", "group_size", "batch_size", "seed")}
     config = EvidenceConfig(**{**sizes, "tasks": tuple(args.tasks), "rankings": tuple(args.rankings),
-                               "task_limit": args.task_limit or None, "group_size": args.group_size or None})
+                               "task_limit": args.task_limit or None, "group_size": args.group_size or None,
+                               "dense_blocks": args.dense_blocks or None})
     directory = default_results_dir(args.model) if args.results_dir is None else args.results_dir
     if args.smoke:
         config = dataclasses.replace(config, **SMOKE)
@@ -68,7 +72,9 @@ def main() -> None:
           flush=True)
     collect(model, tokenizer, prepared.settings, store, prepared.held_out, prepared.task_examples,
             config.batch_size, log=lambda line: print(line, flush=True))
-    print(f"done in {time.perf_counter() - start:.0f} s: {store.written} measured, {store.read} read back")
+    dense_precision(model, tokenizer, config, store, log=lambda line: print(f"dense precision {line}", flush=True))
+    print(f"done in {time.perf_counter() - start:.0f} s: {store.written} measured, {store.read} read back "
+          "(and the dense precision record)")
 
 
 if __name__ == "__main__":

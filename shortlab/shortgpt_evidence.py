@@ -423,6 +423,7 @@ class EvidenceConfig:
     eval_source: str = "wiki"
     eval_blocks: int = 160
     eval_seq_len: int = 512
+    dense_blocks: int | None = 256  # the dense perplexity alone; its first eval_blocks are the paired ones
     rankings: tuple[str, ...] = ("block_influence", "iterative_block_influence", "reverse_order",
                                  "relative_magnitude", "angular_distance")
     max_remove: int = 12
@@ -527,6 +528,29 @@ def open_store(directory: str | Path | None, model: nn.Module, model_name: str, 
     return EvidenceStore(directory, model_fingerprint(model, f"{model_name}/{dtype}"),
                          data_fingerprint(prepared.held_out["input_ids"], prepared.held_out["attention_mask"],
                                           prepared.task_examples))
+
+
+def dense_precision(model: nn.Module, tokenizer, config: EvidenceConfig, store: EvidenceStore,
+                    log=lambda line: None) -> dict:
+    """The dense model's record on ``config.dense_blocks`` held-out blocks (None: ``eval_blocks``),
+    for its own perplexity's interval. Every comparison is paired on the first ``eval_blocks``
+    blocks, where a ratio's interval is narrow; the absolute perplexity varies more from block
+    to block and needs more of them (±3 % at the defaults). The blocks beyond ``eval_blocks``
+    continue the same held-out text (``token_blocks`` packs in one order). Read from or written
+    to ``store``'s folder under its own data fingerprint, for ``store``'s model."""
+    from shortlab.data import calibration_batch
+
+    n_blocks = config.eval_blocks if config.dense_blocks is None else config.dense_blocks
+    if n_blocks < config.eval_blocks:
+        raise ValueError(f"dense_blocks = {n_blocks} must be at least eval_blocks = {config.eval_blocks}: "
+                         "the paired comparisons use the first eval_blocks of them")
+    held_out = calibration_batch(tokenizer, config.eval_source, n_blocks, config.eval_seq_len, split="eval",
+                                 seed=config.seed)
+    wider = EvidenceStore(store.directory, store.model_fp,
+                          data_fingerprint(held_out["input_ids"], held_out["attention_mask"], {}))
+    records = collect(model, tokenizer, [Setting("dense", 0, Measurement((), None, None, n_blocks, False))], wider,
+                      held_out, {}, config.batch_size, log)
+    return next(iter(records.values()))
 
 
 def default_results_dir(model_name: str, root: str | Path | None = None) -> Path:

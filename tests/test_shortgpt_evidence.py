@@ -241,3 +241,23 @@ def test_ranked_choices_are_kept_per_ranking_and_remade_for_other_weights(tmp_pa
     assert len(made) == 1, "other weights: ranked again"
     ranked_choices(model, calibration, ["block_influence"], [1], path=path, log=made.append)
     assert len(made) == 2, "other removal counts: ranked again"
+
+
+def test_dense_precision_extends_the_paired_blocks_and_is_stored_once(tmp_path):
+    from shortlab.data import calibration_batch
+    from shortlab.shortgpt_evidence import EvidenceConfig, Setting, dense_precision
+
+    model, tokenizer = load_model("tiny-llama")
+    config = EvidenceConfig(eval_blocks=2, dense_blocks=5, eval_seq_len=16, batch_size=2, tasks=())
+    held_out = calibration_batch(tokenizer, config.eval_source, 2, 16, split="eval", seed=config.seed)
+    store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), data_fingerprint(
+        held_out["input_ids"], held_out["attention_mask"], {}))
+    paired = collect(model, tokenizer, [Setting("dense", 0, Measurement((), None, None, 2, False))], store,
+                     held_out, {}, batch_size=2, log=None)
+    made = []
+    wide = dense_precision(model, tokenizer, config, store, log=made.append)
+    assert len(wide["nll"]) == 5 and len(made) == 1 and (tmp_path / "dense__w-model__blocks5.json").is_file()
+    np.testing.assert_allclose(wide["nll"][:2], next(iter(paired.values()))["nll"], rtol=1e-5)
+    assert dense_precision(model, tokenizer, config, store, log=made.append) == wide and len(made) == 1
+    with pytest.raises(ValueError, match="dense_blocks = 1 must be at least eval_blocks = 2"):
+        dense_precision(model, tokenizer, EvidenceConfig(eval_blocks=2, dense_blocks=1), store)
