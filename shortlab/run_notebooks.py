@@ -177,19 +177,31 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
     (``recorded_output``: the output path to record, when the file is moved there later).
 
     Runs from ``cwd`` (default: the repository root) so relative paths resolve the same way as
-    ``papermill`` launched from the checkout.
+    ``papermill`` launched from the checkout. papermill rewrites its output after every cell: it
+    writes an untracked scratch file beside ``output_path`` instead, which replaces
+    ``output_path`` at the end (on failure too, with the error shown). A committed output, e.g.
+    ``notebooks/runs/``, thus stays as committed during the run, and the figures' sidecars
+    record a clean revision.
     """
     import papermill
 
     overrides = dict(parameters or {})
     check_overrides(path, overrides)
     digest = source_digest(path)
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    executed = papermill.execute_notebook(
-        str(path), str(output_path), parameters=overrides,
-        cwd=str(cwd or repository_root() or Path.cwd()), log_output=log_output,
-        progress_bar=progress_bar, execution_timeout=timeout, kernel_name="python3",
-    )
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = output_path.with_name(f".{output_path.stem}.running{output_path.suffix}")
+    try:
+        executed = papermill.execute_notebook(
+            str(path), str(scratch), parameters=overrides,
+            cwd=str(cwd or repository_root() or Path.cwd()), log_output=log_output,
+            progress_bar=progress_bar, execution_timeout=timeout, kernel_name="python3",
+        )
+    except BaseException:
+        if scratch.exists():
+            os.replace(scratch, output_path)
+        raise
+    scratch.unlink(missing_ok=True)
     executed.metadata[RUN_RECORD_KEY] = {"source_digest": digest, "parameters": overrides}
     executed.metadata.papermill["input_path"] = repository_relative(path)
     executed.metadata.papermill["output_path"] = repository_relative(recorded_output or output_path)

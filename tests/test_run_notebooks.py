@@ -224,3 +224,21 @@ def _run_in_fast_mode(path, tmp_path, overrides):
     assert figures and all(name.startswith(number + "_") for name in figures)
     for png in (tmp_path / "figures").glob("*.png"):
         assert png.with_suffix(".json").is_file()
+
+
+def test_run_notebook_leaves_its_output_file_alone_until_the_run_ends(tmp_path):
+    output = tmp_path / "runs" / "out.ipynb"
+    output.parent.mkdir()
+    output.write_text("committed")
+    peek = f"open({str(output)!r}).read()"  # a committed run must not change while figures record the revision
+    path = write_notebook(tmp_path / "01_a.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell(peek)])
+    rn.run_notebook(path, output, {"N": 3}, cwd=tmp_path, progress_bar=False)
+    executed = nbformat.read(str(output), as_version=4)
+    assert executed.cells[-1].outputs[0]["data"]["text/plain"] == "'committed'"
+    assert sorted(p.name for p in output.parent.iterdir()) == ["out.ipynb"]
+
+    failing = write_notebook(tmp_path / "02_b.ipynb", "N = 2", extra_cells=[nbformat.v4.new_code_cell("1 / 0")])
+    with pytest.raises(Exception, match="ZeroDivisionError"):
+        rn.run_notebook(failing, output, cwd=tmp_path, progress_bar=False)
+    assert "ZeroDivisionError" in output.read_text()  # the failed run is shown, as papermill does
+    assert sorted(p.name for p in output.parent.iterdir()) == ["out.ipynb"]
