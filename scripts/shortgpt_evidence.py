@@ -46,6 +46,8 @@ def main() -> None:
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=getattr(defaults, field))
     parser.add_argument("--tasks", nargs="*", default=list(defaults.tasks))
     parser.add_argument("--rankings", nargs="+", default=list(defaults.rankings))
+    parser.add_argument("--task-rankings", nargs="*", default=None,
+                        help="rankings scored on the tasks at the table's k (default: every ranking)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -54,6 +56,7 @@ def main() -> None:
              ("eval_blocks", "eval_seq_len", "n_calib", "max_remove", "remove_step", "random_draws",
               "random_blocks", "task_limit", "bits", "group_size", "batch_size", "seed")}
     config = EvidenceConfig(**{**sizes, "tasks": tuple(args.tasks), "rankings": tuple(args.rankings),
+                               "task_rankings": None if args.task_rankings is None else tuple(args.task_rankings),
                                "task_limit": args.task_limit or None, "group_size": args.group_size or None,
                                "dense_blocks": args.dense_blocks or None})
     directory = default_results_dir(args.model) if args.results_dir is None else args.results_dir

@@ -256,18 +256,26 @@ def model_variant(model: nn.Module, removed: Iterable[int], bits: int | None,
 
 
 def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Mapping[str, torch.Tensor],
-            task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8) -> dict:
+            task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8,
+            known_nll: Mapping | None = None) -> dict:
     """Measure one setting: per-block NLL of ``held_out`` rows [:n_blocks] (``input_ids``,
     ``attention_mask``: LongTensor[N, T]) and, with ``measurement.tasks``, per-question
     correctness on every task in ``task_examples``. Returns a record (see the module docstring)
-    without its fingerprint. ``model`` is left unchanged."""
+    without its fingerprint. ``model`` is left unchanged. ``known_nll``: a stored record of the
+    same layers and weights without questions, whose "nll" and "tokens" are taken instead of
+    measuring them again (a deterministic forward pass would only repeat them)."""
     n_available = held_out["input_ids"].shape[0]
     if measurement.n_blocks > n_available:
         raise ValueError(f"the measurement needs {measurement.n_blocks} held-out blocks; only {n_available} given")
     start = time.perf_counter()
     variant = model_variant(model, measurement.removed, measurement.bits, measurement.group_size)
     rows = slice(0, measurement.n_blocks)
-    nll, tokens = block_nll(variant, held_out["input_ids"][rows], held_out["attention_mask"][rows], batch_size)
+    if known_nll is not None:
+        if len(known_nll["nll"]) != measurement.n_blocks:
+            raise ValueError(f"known_nll has {len(known_nll['nll'])} blocks; the measurement needs {measurement.n_blocks}")
+        nll, tokens = np.asarray(known_nll["nll"]), np.asarray(known_nll["tokens"])
+    else:
+        nll, tokens = block_nll(variant, held_out["input_ids"][rows], held_out["attention_mask"][rows], batch_size)
     correct = {}
     if measurement.tasks:
         for task, examples in task_examples.items():
@@ -290,8 +298,10 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
     for index, measurement in enumerate(distinct, 1):
         record = store.get(measurement)
         if record is None:
+            # a layer set first measured without questions keeps its block NLLs: only the questions are new
+            known = store.get(dataclasses.replace(measurement, tasks=False)) if measurement.tasks else None
             record = store.put(measurement, measure(model, tokenizer, measurement, held_out, task_examples,
-                                                    batch_size))
+                                                    batch_size, known_nll=known))
             if log is not None:
                 ppl = math.exp(sum(record["nll"]) / sum(record["tokens"]))
                 log(f"[{index}/{len(distinct)}] {measurement.name}: perplexity {ppl:.4g} "
@@ -434,7 +444,7 @@ class EvidenceConfig:
     random_blocks: int = 8
     tasks: tuple[str, ...] = ("arc_easy", "piqa", "sciq")
     task_limit: int | None = 500
-    task_rankings: tuple[str, ...] = ("block_influence",)
+    task_rankings: tuple[str, ...] | None = None  # rankings scored on the tasks at the table's k; None: all
     bits: int = 4
     group_size: int | None = 32
     batch_size: int = 8
@@ -515,7 +525,8 @@ def prepare(model: nn.Module, tokenizer, config: EvidenceConfig, rankings_file: 
     plan = EvidencePlan(ks=tuple(ks), table_k=table_k, eval_blocks=config.eval_blocks,
                         random_draws=config.random_draws, random_blocks=min(config.random_blocks, config.eval_blocks),
                         baseline_ks=(table_k,) if config.baselines_at_table_only else None,
-                        task_rankings=config.task_rankings if config.tasks else (),
+                        task_rankings=(config.rankings if config.task_rankings is None else config.task_rankings)
+                        if config.tasks else (),
                         bits=config.bits, group_size=config.group_size, seed=config.seed)
     return Prepared(calibration, held_out, task_examples, choices, plan,
                     plan_settings(choices, plan, num_layers))

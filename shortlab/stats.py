@@ -16,15 +16,23 @@
 * ``perplexity_interval(nll_sums, counts)`` and ``paired_perplexity_ratio(a, b, counts)`` —
   perplexity over held-out blocks, and one model's over another's on the same blocks, resampling
   blocks (tokens of one block are not independent).
-* ``verdict(interval, threshold)`` — "supported" when the whole interval lies on the claimed
-  side of ``threshold``, "contradicted" when it lies wholly on the other side, and otherwise
-  "cannot tell at this sample size".
+* ``verdict(interval, threshold, margin=...)`` — judges a claim against a *practical size*: the
+  quantity is claimed to lie beyond ``threshold`` by more than ``margin``. "supported" when the
+  whole interval does, "the same within the margin" (an equivalence: a tie) when the whole
+  interval lies within ``threshold ± margin``, "contradicted" when the whole interval falls short
+  of the practical size, otherwise "cannot tell at this sample size". ``describe`` words an
+  outcome with its margin ("the same within ±0.02"); ``at_ceiling`` names a tie at the ceiling.
+* ``family_verdicts(intervals, ...)`` — the same verdicts for a family of settings, beside the
+  ones that survive Holm's step-down adjustment (family-wise error 5 %), and how many would come
+  out either way by chance alone.
+* ``sample_size_to_tell(interval, n, ...)`` — roughly how many items would make an undecided
+  interval decide (the width shrinks as 1/√n).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -33,6 +41,8 @@ import numpy as np
 SUPPORTED = "supported"
 CONTRADICTED = "contradicted"
 CANNOT_TELL = "cannot tell at this sample size"
+EQUIVALENT = "the same within the margin"
+OUTCOMES = (SUPPORTED, EQUIVALENT, CONTRADICTED, CANNOT_TELL)
 
 
 @dataclass(frozen=True)
@@ -197,23 +207,171 @@ def paired_interval(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nda
     return bootstrap_interval(first - second, clusters, level=level, n_resamples=n_resamples, seed=seed)
 
 
-def verdict(interval: Interval, threshold: float = 0.0, *, claim: str = "above") -> str:
-    """Judge the claim "the quantity is ``claim`` ``threshold``" from ``interval``.
-
-    ``claim="above"``: supported when ``low > threshold``, contradicted when ``high < threshold``;
-    ``claim="below"`` mirrors it. Anything else (the interval straddles the threshold) cannot be
-    told apart at this sample size.
-    """
+def _check_claim(claim: str) -> None:
     if claim not in ("above", "below"):
         raise ValueError(f"claim must be 'above' or 'below', got {claim!r}")
-    above, below = interval.low > threshold, interval.high < threshold
-    if claim == "below":
-        above, below = below, above
-    if above:
+
+
+def _check_margin(margin: float) -> float:
+    if not (margin >= 0 and math.isfinite(margin)):
+        raise ValueError(f"margin must be a finite number >= 0, got {margin}")
+    return float(margin)
+
+
+def verdict(interval: Interval, threshold: float = 0.0, *, claim: str = "above", margin: float = 0.0) -> str:
+    """Judge the claim "the quantity is ``claim`` ``threshold`` by more than ``margin``" (the
+    practical size: the smallest difference that matters) from ``interval``.
+
+    For ``claim="above"`` (``"below"`` mirrors it), with edge ``e = threshold + margin``:
+
+    * ``SUPPORTED`` when ``low > e``: the whole interval clears the practical size;
+    * ``EQUIVALENT`` when ``threshold − margin ≤ low`` and ``high ≤ e`` (needs ``margin > 0``):
+      the quantity equals ``threshold`` within ± ``margin`` — a tie, which denies the claim;
+    * ``CONTRADICTED`` when ``high < e``: the claimed practical difference is ruled out;
+    * ``CANNOT_TELL`` otherwise: the interval reaches both sides of ``e``.
+
+    With ``margin=0`` this is the plain test of "above ``threshold``".
+    """
+    _check_claim(claim)
+    margin = _check_margin(margin)
+    sign = 1.0 if claim == "above" else -1.0
+    # in "above" coordinates: the distance of each end beyond the threshold
+    low, high = sorted((sign * (interval.low - threshold), sign * (interval.high - threshold)))
+    if low > margin:
         return SUPPORTED
-    if below:
+    if margin > 0 and low >= -margin and high <= margin:
+        return EQUIVALENT
+    if high < margin:
         return CONTRADICTED
     return CANNOT_TELL
+
+
+def describe(outcome: str, margin: float | None = None, unit: str = "") -> str:
+    """An outcome in words; an equivalence names its margin ("the same within ±0.02")."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}")
+    if outcome == EQUIVALENT and margin is not None:
+        return f"the same within ±{margin:g}{unit}"
+    return outcome
+
+
+def at_ceiling(*intervals: Interval, ceiling: float = 1.0, margin: float = 0.01) -> bool:
+    """Whether every one of ``intervals`` (accuracies, say) reaches within ``margin`` of
+    ``ceiling``: two settings both there cannot differ by more than the room left, so a tie
+    between them says nothing about how they would differ on a harder task."""
+    if not intervals:
+        raise ValueError("at_ceiling needs at least one interval")
+    return all(interval.high >= ceiling - margin and interval.estimate >= ceiling - 2 * margin
+               for interval in intervals)
+
+
+def _one_sided_p(interval: Interval, edge: float, side: str) -> float:
+    """Normal-approximation p-value of "the quantity is beyond ``edge`` on ``side``" (``"above"``
+    or ``"below"``), with the standard error read from the interval's half on that side, so that
+    p < (1 − level) / 2 exactly when that end of the interval clears ``edge``."""
+    z = NormalDist().inv_cdf(0.5 + interval.level / 2)
+    if side == "above":
+        spread = (interval.estimate - interval.low) / z
+        distance = interval.estimate - edge
+    else:
+        spread = (interval.high - interval.estimate) / z
+        distance = edge - interval.estimate
+    if spread <= 0:
+        return 0.0 if distance > 0 else 1.0
+    return 1.0 - NormalDist().cdf(distance / spread)
+
+
+def holm_reject(p_values: Sequence[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure: which of ``p_values`` are rejected with family-wise error at
+    most ``alpha``. Sorted ascending, the i-th smallest (from 0) is compared with alpha / (m − i);
+    the first one that fails stops the rejections."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    p = np.asarray(p_values, dtype=np.float64)
+    if p.ndim != 1 or not np.all((p >= 0) & (p <= 1)):
+        raise ValueError("p_values must be a 1-D sequence of probabilities")
+    rejected = [False] * p.size
+    for rank, index in enumerate(np.argsort(p, kind="stable")):
+        if p[index] > alpha / (p.size - rank):
+            break
+        rejected[int(index)] = True
+    return rejected
+
+
+@dataclass(frozen=True)
+class FamilyVerdicts:
+    """Verdicts for a family of settings judged on one claim: ``per_setting`` as each interval
+    alone gives them, ``holm`` after Holm's adjustment for the family, and ``expected_by_chance``:
+    how many settings would come out "supported" (or, separately, "contradicted") by chance alone
+    if every true value sat exactly on the practical edge (each side errs with (1 − level) / 2)."""
+
+    per_setting: dict[str, str]
+    holm: dict[str, str]
+    expected_by_chance: float
+    level: float
+
+    def counts(self, adjusted: bool = False) -> dict[str, int]:
+        verdicts = (self.holm if adjusted else self.per_setting).values()
+        return {outcome: sum(v == outcome for v in verdicts) for outcome in OUTCOMES}
+
+    def summary(self, margin: float | None = None) -> str:
+        """One sentence: the counts before and after Holm's adjustment."""
+        def words(counts):
+            return ", ".join(f"{n} {describe(outcome, margin)}" for outcome, n in counts.items() if n) or "none"
+        m = len(self.per_setting)
+        return (f"{m} settings: {words(self.counts())}; by chance alone about {self.expected_by_chance:.1f} would "
+                f"come out supported and as many contradicted; after Holm's adjustment (family-wise "
+                f"{1 - self.level:.0%}): {words(self.counts(adjusted=True))}.")
+
+
+def family_verdicts(intervals: Mapping[str, Interval], threshold: float = 0.0, *, claim: str = "above",
+                    margin: float = 0.0) -> FamilyVerdicts:
+    """``verdict`` for every interval of a family, and the verdicts that survive Holm's
+    step-down adjustment across it. Each interval's one-sided tests (its end beyond the practical
+    edge; both ends inside ± margin for an equivalence) get normal-approximation p-values from the
+    interval's own halves; each kind of outcome is adjusted over the family at (1 − level) / 2,
+    the one-sided error of a single interval, so a family of one gives ``verdict`` itself."""
+    _check_claim(claim)
+    margin = _check_margin(margin)
+    if not intervals:
+        raise ValueError("family_verdicts needs at least one interval")
+    names = list(intervals)
+    levels = {interval.level for interval in intervals.values()}
+    if len(levels) != 1:
+        raise ValueError(f"the intervals of one family must share a level, got {sorted(levels)}")
+    level = levels.pop()
+    alpha = (1 - level) / 2
+    forward, backward = ("above", "below") if claim == "above" else ("below", "above")
+    edge = threshold + margin if claim == "above" else threshold - margin
+    far_edge = threshold - margin if claim == "above" else threshold + margin
+    p_supported = [_one_sided_p(intervals[n], edge, forward) for n in names]
+    p_short = [_one_sided_p(intervals[n], edge, backward) for n in names]
+    p_equivalent = [max(_one_sided_p(intervals[n], far_edge, forward), _one_sided_p(intervals[n], edge, backward))
+                    if margin > 0 else 1.0 for n in names]
+    supported, equivalent, short = (holm_reject(p, alpha) for p in (p_supported, p_equivalent, p_short))
+    holm = {}
+    for i, name in enumerate(names):
+        holm[name] = (SUPPORTED if supported[i] else EQUIVALENT if equivalent[i] and margin > 0
+                      else CONTRADICTED if short[i] else CANNOT_TELL)
+    per_setting = {name: verdict(intervals[name], threshold, claim=claim, margin=margin) for name in names}
+    return FamilyVerdicts(per_setting, holm, alpha * len(names), level)
+
+
+def sample_size_to_tell(interval: Interval, n: int, threshold: float = 0.0, *, margin: float = 0.0,
+                        claim: str = "above") -> int | None:
+    """Roughly how many items (of the kind that gave ``n``) would let an interval centred where
+    this one is decide against the practical edge ``threshold ± margin``: the interval's half
+    width shrinks as 1/√n, so it must fall below the estimate's distance from the edge. None when
+    the estimate sits on the edge (no sample size decides it)."""
+    _check_claim(claim)
+    margin = _check_margin(margin)
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    edge = threshold + margin if claim == "above" else threshold - margin
+    distance = abs(interval.estimate - edge)
+    if distance == 0 or interval.half_width == 0:
+        return None
+    return max(n, math.ceil(n * (interval.half_width / distance) ** 2))
 
 
 def retained_fraction_interval(pruned: Sequence[float] | np.ndarray, dense: Sequence[float] | np.ndarray,
@@ -257,3 +415,29 @@ def equivalence_verdict(interval: Interval, margin: float, centre: float = 0.0) 
     if interval.low > centre + margin or interval.high < centre - margin:
         return CONTRADICTED
     return CANNOT_TELL
+
+
+def strongest_rule(rules: Mapping[str, Sequence[float] | np.ndarray]) -> tuple[str, np.ndarray]:
+    """The rule with the highest mean score among ``rules`` = {name: per-item score [n]} (rules
+    that need no model: chance, the question-only prior, answer length, a blank input), with its
+    scores. An accuracy is judged against this one, not against chance alone. Picking the best
+    rule on the same items flatters the rule, never the model."""
+    if not rules:
+        raise ValueError("no rules given")
+    scores = {name: _as_values(values, name) for name, values in rules.items()}
+    sizes = {values.size for values in scores.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every rule must score the same items, got sizes {sorted(sizes)}")
+    best = max(scores, key=lambda name: scores[name].mean())
+    return best, scores[best]
+
+
+def above_strongest_rule(correct: Sequence[float] | np.ndarray, rules: Mapping[str, Sequence[float] | np.ndarray],
+                         *, margin: float, clusters: Sequence | None = None, seed: int = 0) -> dict:
+    """Judge "the model scores more than ``margin`` above the strongest rule that needs no model"
+    on the same items (paired bootstrap over items, or over ``clusters``). Returns {rule, rule_score,
+    difference: Interval, verdict}."""
+    name, values = strongest_rule(rules)
+    difference = paired_interval(correct, values, clusters, seed=seed)
+    return {"rule": name, "rule_score": float(values.mean()), "difference": difference,
+            "verdict": verdict(difference, 0.0, margin=margin)}

@@ -1,0 +1,112 @@
+"""What a notebook run found, in words: each claim's outcome, how it departs from the paper, and
+what would be needed to tell the undecided ones — written from the run's own numbers.
+
+A notebook collects ``Finding`` s as it judges its claims and ends with ``findings_markdown``,
+displayed as Markdown in a cell tagged ``findings``. ``notebook_findings`` reads that cell's
+output back from an executed notebook, so the README can quote it and a test can check that the
+README says what the committed runs found (``readme_findings`` / ``replace_readme_findings``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortlab.stats import CANNOT_TELL, CONTRADICTED, EQUIVALENT, OUTCOMES, SUPPORTED, Interval, describe
+
+FINDINGS_TAG = "findings"
+_HEADINGS = {SUPPORTED: "What held", CONTRADICTED: "What did not hold", EQUIVALENT: "Ties within the margin",
+             CANNOT_TELL: "What this run cannot tell"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One judged claim. ``claim``: the claim in words ("BI removal beats random removal at
+    k = 8"); ``outcome``: a verdict of ``shortlab.stats``; ``interval``: what it was judged from
+    (None for a count or a summary); ``practical``: the practical size in words ("by more than
+    0.05 in accuracy"); ``paper``: how this departs from or matches the paper, with its numbers;
+    ``to_tell``: for an undecided claim, what would be needed to decide it."""
+
+    claim: str
+    outcome: str
+    interval: Interval | str | None = None
+    practical: str = ""
+    margin: float | None = None
+    paper: str = ""
+    to_tell: str = ""
+
+    def __post_init__(self):
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {self.outcome!r}; expected one of {OUTCOMES}")
+        if not self.claim.strip():
+            raise ValueError("a finding needs its claim in words")
+
+    def sentence(self) -> str:
+        text = self.claim.rstrip(".")
+        if self.practical:
+            text += f" ({self.practical})"
+        if self.outcome == EQUIVALENT:
+            text += f": {describe(EQUIVALENT, self.margin)}"
+        if self.interval is not None:
+            text += f"; 95 % interval {self.interval}"
+        text += "."
+        if self.to_tell and self.outcome == CANNOT_TELL:
+            text += f" {self.to_tell.rstrip('.')}."
+        return text
+
+
+def findings_markdown(title: str, findings: Sequence[Finding], departures: Sequence[str] = (),
+                      setting: str = "") -> str:
+    """The closing section of a notebook: one short paragraph per kind of outcome (what held,
+    what did not, ties, what cannot be told and what would tell it), then how the run departs
+    from the paper. ``setting``: one sentence saying what was run (model, sizes)."""
+    if not findings:
+        raise ValueError("no findings to write")
+    parts = [f"### {title}"]
+    if setting:
+        parts.append(setting.rstrip(".") + ".")
+    for outcome in (SUPPORTED, CONTRADICTED, EQUIVALENT, CANNOT_TELL):
+        chosen = [f for f in findings if f.outcome == outcome]
+        if chosen:
+            parts.append(f"**{_HEADINGS[outcome]}.** " + " ".join(f.sentence() for f in chosen))
+    paper = [f.paper.rstrip(".") + "." for f in findings if f.paper] + [d.rstrip(".") + "." for d in departures]
+    if paper:
+        parts.append("**Beside the paper.** " + " ".join(paper))
+    return "\n\n".join(parts) + "\n"
+
+
+def notebook_findings(path: str | Path) -> str:
+    """The Markdown output of the cell tagged ``findings`` in an executed notebook."""
+    notebook = json.loads(Path(path).read_text())
+    for cell in notebook["cells"]:
+        if FINDINGS_TAG in cell.get("metadata", {}).get("tags", []):
+            for output in cell.get("outputs", []):
+                markdown = output.get("data", {}).get("text/markdown")
+                if markdown is not None:
+                    return "".join(markdown) if isinstance(markdown, list) else markdown
+            raise ValueError(f"{path}: the cell tagged {FINDINGS_TAG!r} has no Markdown output (not executed?)")
+    raise ValueError(f"{path}: no cell tagged {FINDINGS_TAG!r}")
+
+
+def _marker(key: str) -> tuple[str, str]:
+    return f"<!-- findings: {key} -->", f"<!-- /findings: {key} -->"
+
+
+def readme_findings(readme: str, key: str) -> str:
+    """The text between the README's findings markers for ``key`` (a committed run's path)."""
+    start, end = _marker(key)
+    match = re.search(re.escape(start) + r"\n(.*?)" + re.escape(end), readme, flags=re.S)
+    if match is None:
+        raise ValueError(f"the README has no findings block for {key!r} ({start} … {end})")
+    return match.group(1)
+
+
+def replace_readme_findings(readme: str, key: str, findings: str) -> str:
+    """``readme`` with the findings block for ``key`` replaced by ``findings``."""
+    start, end = _marker(key)
+    readme_findings(readme, key)  # raises when the block is missing
+    pattern = re.escape(start) + r"\n.*?" + re.escape(end)
+    return re.sub(pattern, lambda _: f"{start}\n{findings.rstrip()}\n{end}", readme, count=1, flags=re.S)
