@@ -33,10 +33,16 @@ import torch
 from shortlab.arch import model_parts
 from shortlab.rope.conventions import _check_base
 from shortlab.rope_experiment.measurements import (
+    VERDICT_RULE,
     binned_perplexity,
     describe_half_accuracy,
+    fails_beyond_verdict,
+    gated_verdict,
     half_accuracy_summary,
+    halfway_level,
+    passkey_chance,
     per_position_nll,
+    retrieval_gate,
 )
 from shortlab.rope_experiment.passkey import min_passkey_distance, passkey_length, passkey_prompt
 from shortlab.stats import (
@@ -361,48 +367,69 @@ def _interval_dict(interval: Interval) -> dict:
                 method=interval.method)
 
 
-def bound_verdicts(run: dict, control: dict, context: int, ppl_tolerance: float = 1.1) -> dict:
-    """The issue's verdict for one fine-tuned ``run`` against the ``control`` (same steps, own
-    base), both result dicts as ``scripts/rope_finetune.py`` writes them ("bound", "passkey",
-    "perplexity"). Three claims, each with its interval and ``verdict``:
+def _pooled_rate(rows: Sequence[dict]) -> Interval:
+    return wilson_interval(sum(r["correct"] for r in rows), sum(r["n"] for r in rows))
 
-    * ``within_minus_beyond``: the run's passkey rate at distances ≤ its bound minus its rate
-      at distances in (bound, context] is above 0 (Newcombe interval, trials independent);
-    * ``control_minus_run_beyond``: at the distances beyond the run's bound, the control's
-      rate minus the run's is above 0 (the same prompts: paired over trials) — this one does
-      not confound the bound with distance;
+
+def bound_verdicts(run: dict, control: dict, context: int, ppl_tolerance: float = 1.1,
+                   accuracy_margin: float = 0.05) -> dict:
+    """The bound's claims for one fine-tuned ``run`` against the ``control`` (same steps, own
+    base), both result dicts as ``scripts/rope_finetune.py`` writes them ("bound", "passkey",
+    "perplexity"), each with its interval, its practical size and ``verdict``:
+
+    * ``fails_beyond``: the run's passkey rate at distances in (bound, context] lies below the
+      halfway level from perfect to chance, and it retrieves at distances ≤ its bound
+      (``fails_beyond_verdict``, Wilson intervals; trials independent);
+    * ``within_minus_beyond``: its rate within the bound minus beyond it exceeds
+      ``accuracy_margin`` (Newcombe interval);
+    * ``control_minus_run_beyond``: at the distances beyond the run's bound, the control's rate
+      minus the run's exceeds ``accuracy_margin`` (the same prompts: paired over trials) — it
+      does not confound the bound with distance;
     * ``perplexity_ratio``: the run's perplexity over the control's on the same held-out rows
       (paired bootstrap) is below ``ppl_tolerance``.
 
-    ``overall`` is supported when all three are, contradicted when any is, else cannot tell.
-    Without distances on both sides of the bound the retrieval claims are None (and so is
-    ``overall``).
+    The retrieval claims cannot be supported when the run does not retrieve within its bound,
+    nor the control claim when the control does not retrieve beyond the run's bound ("reason").
+    ``overall`` (over fails_beyond, control_minus_run_beyond, perplexity_ratio) is supported when
+    all three are, contradicted when any is, else cannot tell. Without distances on both sides of
+    the bound the retrieval claims are None (and so is ``overall``). ``rule`` names the rule.
     """
     bound = run["bound"]
     within = [row for row in run["passkey"] if row["distance"] <= bound]
     beyond = [row for row in run["passkey"] if bound < row["distance"] <= context]
-    out = {"bound": bound, "context": context, "ppl_tolerance": ppl_tolerance}
+    out = {"bound": bound, "context": context, "ppl_tolerance": ppl_tolerance,
+           "accuracy_margin": accuracy_margin, "rule": VERDICT_RULE}
     run_rows, control_rows = run["perplexity"]["rows"], control["perplexity"]["rows"]
     ratio = paired_perplexity_ratio(np.sum(run_rows["nll_sum"], 1), np.sum(control_rows["nll_sum"], 1),
                                     np.sum(run_rows["count"], 1))
     out["perplexity_ratio"] = dict(_interval_dict(ratio),
                                    verdict=verdict(ratio, ppl_tolerance, claim="below"))
     if not within or not beyond:
-        out["within_minus_beyond"] = out["control_minus_run_beyond"] = out["overall"] = None
+        out["fails_beyond"] = out["within_minus_beyond"] = out["control_minus_run_beyond"] = out["overall"] = None
         return out
+    chance = passkey_chance()
+    within_rate, beyond_rate = _pooled_rate(within), _pooled_rate(beyond)
+    out["fails_beyond"] = fails_beyond_verdict(within_rate, beyond_rate, chance)
+    not_retrieving = retrieval_gate(within_rate, halfway_level(chance))
     gap = difference_of_rates(sum(r["correct"] for r in within), sum(r["n"] for r in within),
                               sum(r["correct"] for r in beyond), sum(r["n"] for r in beyond))
-    out["within_minus_beyond"] = dict(_interval_dict(gap), verdict=verdict(gap, 0.0))
+    out["within_minus_beyond"] = gated_verdict(gap, 0.0, claim="above", margin=accuracy_margin,
+                                               reason=not_retrieving)
     control_by_distance = {row["distance"]: row["found"] for row in control["passkey"]}
     missing = [row["distance"] for row in beyond if row["distance"] not in control_by_distance]
     if missing:
         raise ValueError(f"the control was not tested at distances {missing}")
     run_found = np.concatenate([row["found"] for row in beyond])
     control_found = np.concatenate([control_by_distance[row["distance"]] for row in beyond])
+    control_rate = wilson_interval(int(np.sum(control_found)), control_found.size)
+    control_gate = None if control_rate.low > halfway_level(chance) else (
+        f"the control does not retrieve beyond this bound either (found {control_rate.estimate:.2f} "
+        f"[{control_rate.low:.2f}, {control_rate.high:.2f}]), so the run cannot be told to fall short of it")
     paired = paired_interval(control_found, run_found)
-    out["control_minus_run_beyond"] = dict(_interval_dict(paired), verdict=verdict(paired, 0.0))
-    verdicts = [out[key]["verdict"] for key in
-                ("within_minus_beyond", "control_minus_run_beyond", "perplexity_ratio")]
+    out["control_minus_run_beyond"] = gated_verdict(paired, 0.0, claim="above", margin=accuracy_margin,
+                                                    reason=not_retrieving or control_gate)
+    verdicts = [out["fails_beyond"]["verdict"], out["control_minus_run_beyond"]["verdict"],
+                out["perplexity_ratio"]["verdict"]]
     out["overall"] = (SUPPORTED if all(v == SUPPORTED for v in verdicts)
                       else CONTRADICTED if CONTRADICTED in verdicts else CANNOT_TELL)
     return out
@@ -462,31 +489,43 @@ def _perplexity_from_rows(perplexity: dict, where: str, problems: list[str]) -> 
     return fresh
 
 
-def _compare_verdicts(stored: dict | None, fresh: dict | None, where: str, problems: list[str]) -> None:
-    """Note in ``problems`` every claim whose stored verdict or estimate differs from ``fresh``."""
+def _same_rule(stored: dict, fresh: dict) -> bool:
+    """Whether a stored verdict was made under the rule and practical sizes of ``fresh``."""
+    return all(stored.get(key) == fresh.get(key) for key in ("rule", "ppl_tolerance", "accuracy_margin"))
+
+
+def _compare_verdicts(stored: dict | None, fresh: dict | None, where: str, problems: list[str]) -> bool:
+    """Note in ``problems`` every claim whose stored estimate differs from ``fresh``, and, when
+    the stored verdicts were made under the same rule and practical sizes (``_same_rule``),
+    every verdict that differs. Returns whether the verdicts were compared (False: an older
+    rule, whose verdicts may differ by design; their estimates are still checked)."""
     if stored is None or fresh is None:
         if (stored is None) != (fresh is None):
             problems.append(f"{where}: stored verdict {stored!r} but recomputed {fresh!r}")
-        return
-    if stored.get("overall") != fresh["overall"]:
+        return False
+    same_rule = _same_rule(stored, fresh)
+    if same_rule and stored.get("overall") != fresh["overall"]:
         problems.append(f"{where}: stored overall verdict {stored.get('overall')!r}, "
                         f"recomputed {fresh['overall']!r}")
     for claim in ("perplexity_ratio", "within_minus_beyond", "control_minus_run_beyond"):
         old, new = stored.get(claim), fresh[claim]
         if (old is None) != (new is None):
             problems.append(f"{where}: {claim} stored {old!r}, recomputed {new!r}")
-        elif old is not None and (old["verdict"] != new["verdict"]
-                                  or not math.isclose(old["estimate"], new["estimate"],
-                                                      rel_tol=1e-9, abs_tol=1e-12)):
-            problems.append(f"{where}: {claim} stored {old['verdict']!r} ({old['estimate']}), "
-                            f"recomputed {new['verdict']!r} ({new['estimate']})")
+        elif old is not None and not math.isclose(old["estimate"], new["estimate"], rel_tol=1e-9, abs_tol=1e-12):
+            problems.append(f"{where}: {claim} stored estimate {old['estimate']}, recomputed {new['estimate']}")
+        elif old is not None and same_rule and old["verdict"] != new["verdict"]:
+            problems.append(f"{where}: {claim} stored {old['verdict']!r}, recomputed {new['verdict']!r}")
+    return same_rule
 
 
-def shipped_bound_verdict(passkey: Sequence[dict], bound: int) -> dict | None:
-    """The untouched model's passkey rate at distances ≤ its own ``bound`` minus its rate beyond
-    it (Newcombe interval; trials independent) and the verdict on "above 0", or None when the
-    rows do not reach both sides. Rows {distance, n, correct}. Returns {within: {correct, n},
-    beyond: {correct, n}, within_minus_beyond: {estimate, low, high, method, verdict}}."""
+def shipped_bound_verdict(passkey: Sequence[dict], bound: int, accuracy_margin: float = 0.05) -> dict | None:
+    """The untouched model's passkey around its own ``bound``: "fails beyond the bound"
+    (``fails_beyond_verdict``: the rate beyond it below halfway, only for a model that retrieves
+    within it) and its rate within minus beyond (Newcombe interval; trials independent; claimed
+    above ``accuracy_margin``, and only for a model that retrieves within its bound), or None when
+    the rows do not reach both sides. Rows {distance, n, correct}. Returns {within: {correct, n},
+    beyond: {correct, n}, fails_beyond, within_minus_beyond: {estimate, low, high, method,
+    verdict, margin, reason}, rule}."""
     within = [row for row in passkey if row["distance"] <= bound]
     beyond = [row for row in passkey if row["distance"] > bound]
     if not within or not beyond:
@@ -495,20 +534,26 @@ def shipped_bound_verdict(passkey: Sequence[dict], bound: int) -> dict | None:
               for name, rows in (("within", within), ("beyond", beyond))}
     gap = difference_of_rates(counts["within"]["correct"], counts["within"]["n"],
                               counts["beyond"]["correct"], counts["beyond"]["n"])
-    return dict(counts, within_minus_beyond=dict(_interval_dict(gap), verdict=verdict(gap, 0.0)))
+    chance = passkey_chance()
+    within_rate = _pooled_rate(within)
+    return dict(counts, fails_beyond=fails_beyond_verdict(within_rate, _pooled_rate(beyond), chance),
+                within_minus_beyond=gated_verdict(gap, 0.0, claim="above", margin=accuracy_margin,
+                                                  reason=retrieval_gate(within_rate, halfway_level(chance))),
+                rule=VERDICT_RULE)
 
 
-def _passkey_half_accuracy(passkey: Sequence[dict], bound: int) -> dict | None:
+def _passkey_half_accuracy(passkey: Sequence[dict], bound: int, ratio_margin: float = 0.1) -> dict | None:
     """``half_accuracy_summary`` of passkey rows (chance 0: a five-digit key is not guessed), or
     None when the distances have different numbers of trials."""
     found = [row["found"] for row in passkey]
     if not found or len({len(trials) for trials in found}) != 1:
         return None
     return half_accuracy_summary([row["distance"] for row in passkey], np.asarray(found, dtype=np.float64)[None],
-                                 0.0, bound)
+                                 passkey_chance(), bound, ratio_margin)
 
 
-def finetune_summary(results: dict) -> dict:
+def finetune_summary(results: dict, *, ppl_tolerance: float | None = None, accuracy_margin: float = 0.05,
+                     ratio_margin: float = 0.1) -> dict:
     """What notebook 03 shows of ``scripts/rope_finetune.py``'s results (schema 1), recomputed
     from the raw measurements the file keeps rather than taken from its summaries:
 
@@ -517,8 +562,11 @@ def finetune_summary(results: dict) -> dict:
     * where each run's passkey rate falls to half (``half_accuracy_summary``, bootstrap over
       trials), also in units of its bound;
     * each run's verdicts with ``bound_verdicts`` against the control (label "own"), at the
-      file's context and perplexity tolerance; the shipped model's within-minus-beyond verdict
-      around its own bound (``shipped_bound_verdict``).
+      file's context and at the practical sizes given here (``ppl_tolerance`` None: the file's);
+      the shipped model's verdicts around its own bound (``shipped_bound_verdict``).
+
+    Stored estimates are always checked; stored verdicts only when they were made under the same
+    rule and practical sizes ("verdicts_compared" counts those, "older_rule" the others).
 
     Returns {"complete", "model", "environment", "text", "parameters", "context",
     "ppl_tolerance", "wall_seconds_last_call" (None until the script finishes), "runs": [each
@@ -537,7 +585,8 @@ def finetune_summary(results: dict) -> dict:
     if missing:
         raise ValueError(f"the results file lacks {missing}")
     parameters = results["parameters"]
-    context, tolerance = int(parameters["context"]), float(parameters["ppl_tolerance"])
+    context = int(parameters["context"])
+    tolerance = float(parameters["ppl_tolerance"] if ppl_tolerance is None else ppl_tolerance)
     problems: list[str] = []
     runs = []
     for stored in results["runs"]:
@@ -551,24 +600,30 @@ def finetune_summary(results: dict) -> dict:
         raise ValueError(f"no control run (label {CONTROL_LABEL!r}) among "
                          f"{[run['label'] for run in runs]}: the verdicts compare every base with it")
     for run in runs:
-        run["half_accuracy"] = _passkey_half_accuracy(run["passkey"], run["bound"])
+        run["half_accuracy"] = _passkey_half_accuracy(run["passkey"], run["bound"], ratio_margin)
     control_half = control["half_accuracy"] if control is not None else None
     if control_half is not None and control_half["below_at_shortest"]:
         for run in runs:  # a failure is not the bound's when the task was never learnt
             if run["half_accuracy"] is not None and run["half_accuracy"].pop("verdict", None) is not None:
                 run["half_accuracy"]["unjudged"] = "the control itself does not retrieve at the shortest distance"
+    compared = older = 0
     for run, stored in zip(runs, results["runs"]):
-        run["verdict"] = None if run["control"] else bound_verdicts(run, control, context, tolerance)
-        if "verdict" in stored:  # the script writes verdicts once every base is done
-            _compare_verdicts(stored["verdict"], run["verdict"], f"run {run['label']}", problems)
+        run["verdict"] = None if run["control"] else bound_verdicts(run, control, context, tolerance, accuracy_margin)
+        if stored.get("verdict") is not None:  # the script writes verdicts once every base is done
+            if _compare_verdicts(stored["verdict"], run["verdict"], f"run {run['label']}", problems):
+                compared += 1
+            else:
+                older += 1
     shipped = None
     if results.get("shipped_passkey") is not None:
         stored = results["shipped_passkey"]
         passkey = _passkey_rows_from_trials(stored["passkey"], "shipped model", problems)
-        shipped = dict(stored, passkey=passkey, verdict=shipped_bound_verdict(passkey, stored["bound"]))
+        shipped = dict(stored, passkey=passkey, verdict=shipped_bound_verdict(passkey, stored["bound"], accuracy_margin))
     return {"complete": bool(results.get("complete")), "model": results["model"],
             "environment": results["environment"], "text": results["text"],
             "parameters": parameters, "context": context, "ppl_tolerance": tolerance,
+            "accuracy_margin": accuracy_margin, "ratio_margin": ratio_margin,
+            "verdicts_compared": compared, "older_rule": older,
             "wall_seconds_last_call": results.get("wall_seconds_last_call"),
             "runs": runs, "shipped": shipped, "problems": problems}
 
@@ -576,8 +631,19 @@ def finetune_summary(results: dict) -> dict:
 def _claim_text(claim: dict | None, spec: str = "+.2f") -> str:
     if claim is None:
         return "— (no distances on both sides of the bound)"
-    return (f"{claim['estimate']:{spec}} [{claim['low']:{spec}}, {claim['high']:{spec}}] → "
-            f"{claim['verdict']}")
+    text = f"{claim['estimate']:{spec}} [{claim['low']:{spec}}, {claim['high']:{spec}}] → {claim['verdict']}"
+    return text + (f" ({claim['reason']})" if claim.get("reason") else "")
+
+
+def describe_fails_beyond(claim: dict | None) -> str:
+    """A ``fails_beyond_verdict`` in words: both rates beside the halfway level, the verdict and why."""
+    if claim is None:
+        return "— (no distances on both sides of the bound)"
+    within, beyond = claim["within"], claim["beyond"]
+    text = (f"found within {within['estimate']:.2f} [{within['low']:.2f}, {within['high']:.2f}], beyond "
+            f"{beyond['estimate']:.2f} [{beyond['low']:.2f}, {beyond['high']:.2f}] against halfway "
+            f"{claim['halfway_level']:.2f} → {claim['verdict']}")
+    return text + (f" ({claim['reason']})" if claim.get("reason") else "")
 
 
 def describe_finetune(summary: dict) -> str:
@@ -610,13 +676,16 @@ def describe_finetune(summary: dict) -> str:
         lines.append(f"  the shipped model's passkey grid: {summary['shipped']['seconds']:.0f} s")
     if summary["wall_seconds_last_call"] is not None:
         lines.append(f"  the script's last call: {summary['wall_seconds_last_call'] / 60:.1f} min")
-    lines.append(f"Verdicts recomputed from the per-trial outcomes and per-row NLLs (95 % intervals; "
-                 f"perplexity tolerance {summary['ppl_tolerance']:g} × the control's):")
+    lines.append(f"Verdicts recomputed from the per-trial outcomes and per-row NLLs (95 % intervals; practical "
+                 f"sizes: perplexity tolerance {summary['ppl_tolerance']:g} × the control's, passkey rate differences "
+                 f"beyond {summary['accuracy_margin']:g}, retrieval broken below halfway from perfect to chance "
+                 f"{passkey_chance():.1e}, the strongest rule that needs no model):")
     for run in summary["runs"]:
         if run["control"]:
             continue
         claims = run["verdict"]
-        lines.append(f"  base {run['base']:g} (L_θ = {run['bound']:,}): within − beyond "
+        lines.append(f"  base {run['base']:g} (L_θ = {run['bound']:,}): fails beyond the bound: "
+                     f"{describe_fails_beyond(claims['fails_beyond'])}; within − beyond "
                      f"{_claim_text(claims['within_minus_beyond'])}; control − run beyond "
                      f"{_claim_text(claims['control_minus_run_beyond'])}; perplexity ratio "
                      f"{_claim_text(claims['perplexity_ratio'], '.3f')}; all three: "
@@ -627,13 +696,16 @@ def describe_finetune(summary: dict) -> str:
         lines.append(f"  shipped model (base {shipped['base']:g}, L_θ = {shipped['bound']:,}): " + (
             "no distances on both sides of its bound" if claim is None else
             f"found within its bound {claim['within']['correct']}/{claim['within']['n']}, beyond "
-            f"{claim['beyond']['correct']}/{claim['beyond']['n']}; within − beyond "
+            f"{claim['beyond']['correct']}/{claim['beyond']['n']}; fails beyond the bound: "
+            f"{describe_fails_beyond(claim['fails_beyond'])}; within − beyond "
             f"{_claim_text(claim['within_minus_beyond'])}"))
     lines.append("Where the passkey rate falls to half (interpolated; 95 % bootstrap over trials):")
     for run in summary["runs"]:
         lines.append(f"  {'control, own base' if run['control'] else 'base'} {run['base']:g} (L_θ = {run['bound']:,}): "
                      + describe_half_accuracy(run["half_accuracy"], [row["distance"] for row in run["passkey"]]))
-    checked = sum(run["stored_verdict"] is not None for run in summary["runs"])
+    older = (f"; {summary['older_rule']} stored verdicts were made under an earlier rule, so only their estimates "
+             "were checked" if summary.get("older_rule") else "")
     lines.append(f"Stored values the recomputation does not reproduce: "
-                 f"{'; '.join(summary['problems']) or 'none'} ({checked} stored verdicts checked).")
+                 f"{'; '.join(summary['problems']) or 'none'} ({summary.get('verdicts_compared', 0)} stored verdicts "
+                 f"checked{older}).")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import tempfile
 import time
@@ -41,8 +42,15 @@ import torch
 from shortlab import rope
 from shortlab.files import write_json_atomically
 from shortlab.rope_experiment.measurements import (
+    VERDICT_RULE,
     _next_token_stats,
+    fails_beyond_verdict,
+    gated_family,
+    gated_verdict,
     half_accuracy_summary,
+    halfway_level,
+    interval_from,
+    retrieval_gate,
     qk_pair_covariances,
     qk_pair_weights,
     retrieval_accuracy,
@@ -53,6 +61,7 @@ from shortlab.rope_experiment.retrieval_data import (
     RetrievalTask,
     answer_mask,
     distance_batch,
+    model_free_rules,
     repeated_sequence_batches,
     retrieval_example,
     stack_examples,
@@ -60,6 +69,7 @@ from shortlab.rope_experiment.retrieval_data import (
 )
 from shortlab.rope_experiment.training import build_model, rope_model_config, train_lm
 from shortlab.stats import (
+    FamilyVerdicts,
     Interval,
     paired_perplexity_ratio,
     perplexity_interval,
@@ -543,31 +553,42 @@ def _perplexity(bin_nll: np.ndarray, counts: np.ndarray, bins: np.ndarray) -> In
     return perplexity_interval(bin_nll[:, bins].sum(1), np.full(bin_nll.shape[0], counts[bins].sum()))
 
 
-def summarize(results: dict) -> dict:
-    """Intervals and verdicts from the runs present (bases with all seeds done).
+def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: float = 1.1,
+              ratio_margin: float = 0.1) -> dict:
+    """Intervals and verdicts from the runs present (bases with all seeds done), each judged
+    against a practical size (stored under "practical" with the rule's name).
 
     Per base: accuracy per distance pooled over seeds (Wilson) and per seed; for bases whose
-    bound lies inside the probed distances, accuracy beyond the bound minus within it
-    (``crossed_bootstrap``; claim "below 0": retrieval fails beyond the bound), the same
-    difference relative to the control's at the same distances, and verdicts; perplexity per
+    bound lies inside the probed distances, accuracy within and beyond the bound (bootstrap over
+    seeds × probe sequences) and "verdict" on "retrieval fails beyond the bound"
+    (``fails_beyond_verdict``: beyond-bound accuracy below the halfway level from perfect to
+    chance, only when the model retrieves within its bound), beyond minus within relative to the
+    control's same difference ("relative_verdict": a drop larger than the control's by more than
+    ``accuracy_margin``; it too needs a model that retrieves within its bound); perplexity per
     position bin (seed-averaged NLL, rows resampled) and, beyond the bound, its ratio to the
-    control's on the same rows (claim "above 1"); where accuracy falls halfway to chance and
-    that distance over the bound (``half_accuracy_summary``). Also whether the pretrained model retrieves
-    at short distances (Wilson interval above chance).
+    control's on the same rows ("perplexity_verdict" on "comparable": below ``ppl_tolerance``);
+    where accuracy falls halfway to chance and that distance over the bound
+    (``half_accuracy_summary``, its verdict at ``ratio_margin``). Also the model-free rules
+    ("rules": what every accuracy is set beside) and whether the pretrained model retrieves at
+    short distances (Wilson interval above the halfway level).
     """
     config = ExperimentConfig.from_dict(results["config"])
     distances = np.array(results["distances"])
     edges = np.array(results["position_edges"])
     centres = (edges[:-1] + edges[1:]) / 2
     chance = 1 / len(config.task().value_alphabet) ** config.task().value_length
-    summary: dict = {"chance": chance, "bases": []}
+    rules = model_free_rules(config.task(n_queries=1))
+    halfway = halfway_level(chance)
+    summary: dict = {"chance": chance, "halfway_level": halfway, "rules": rules, "bases": [],
+                     "practical": {"rule": VERDICT_RULE, "accuracy_margin": accuracy_margin,
+                                   "ppl_tolerance": ppl_tolerance, "ratio_margin": ratio_margin}}
     short = distances <= config.context / 4
     pretrained = results.get("pretrained")
     if pretrained:
         interval = _short_distance_accuracy(config, pretrained["correct"])
         summary["pretrained"] = {"short_distance_accuracy": _rate(np.asarray(pretrained["correct"])[short]),
                                  "max_short_distance": int(distances[short].max()),
-                                 "learned": verdict(interval, chance)}
+                                 "learned": verdict(interval, halfway, claim="above")}
     complete = {}
     for entry in results["bases"]:
         runs = [results["runs"].get(run_key(entry["base"], s)) for s in config.seeds]
@@ -593,18 +614,23 @@ def summarize(results: dict) -> dict:
         within, beyond = np.flatnonzero(item_distance <= bound), np.flatnonzero(item_distance > bound)
         if within.size and beyond.size:
             subsets = {"within": within, "beyond": beyond}
-            difference = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within")], subsets)
             row["within"], row["beyond"] = _rate(flat[:, within]), _rate(flat[:, beyond])
+            fails = fails_beyond_verdict(crossed_bootstrap([(1.0, flat, "within")], subsets),
+                                         crossed_bootstrap([(1.0, flat, "beyond")], subsets), chance)
+            row["fails_beyond"] = fails
+            row["verdict"], row["verdict_reason"] = fails["verdict"], fails["reason"]
+            difference = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within")], subsets)
             row["beyond_minus_within"] = _interval_dict(difference)
-            row["verdict"] = verdict(difference, 0.0, claim="below")
             if control_runs is not None and not entry["control"]:
                 control = stacked(control_runs, "correct").reshape(flat.shape)
                 relative = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within"),
                                               (-1.0, control, "beyond"), (1.0, control, "within")],
                                              subsets)
-                row["relative_to_control"] = _interval_dict(relative)
-                row["relative_verdict"] = verdict(relative, 0.0, claim="below")
-        row["half_accuracy"] = half_accuracy_summary(distances, correct, chance, bound)
+                claim = gated_verdict(relative, 0.0, claim="below", margin=accuracy_margin,
+                                      reason=retrieval_gate(interval_from(fails["within"]), halfway))
+                row["relative_to_control"] = claim
+                row["relative_verdict"] = claim["verdict"]
+        row["half_accuracy"] = half_accuracy_summary(distances, correct, chance, bound, ratio_margin)
         bin_nll = stacked(runs, "bin_nll").mean(0)  # [rows, bins], averaged over seeds
         counts = np.asarray(runs[0]["bin_counts"], dtype=np.float64)
         row["perplexity"] = [{"low_position": int(lo), "high_position": int(hi),
@@ -616,10 +642,47 @@ def summarize(results: dict) -> dict:
             ratio = paired_perplexity_ratio(bin_nll[:, far].sum(1), control_nll[:, far].sum(1),
                                             np.full(bin_nll.shape[0], counts[far].sum()))
             row["perplexity_ratio_beyond_bound"] = _interval_dict(ratio)
-            row["perplexity_verdict"] = verdict(ratio, 1.0, claim="above")
+            row["perplexity_verdict"] = verdict(ratio, ppl_tolerance, claim="below")
         for name in ("covariance_bounds", "variance_bounds"):
             values = stacked(runs, name).ravel()
             row[name] = {"min": int(values.min()), "median": float(np.median(values)),
                          "max": int(values.max())}
         summary["bases"].append(row)
     return summary
+
+
+def from_scratch_families(summary: dict) -> dict[str, FamilyVerdicts]:
+    """The bases of ``summarize`` judged together on each claim (Holm's adjustment over the
+    bases whose bound lies inside the probed distances): "fails beyond the bound",
+    "relative to the control", "perplexity comparable" and "retrieval holds up to the bound"."""
+    practical = summary["practical"]
+    rows = [row for row in summary["bases"] if "fails_beyond" in row]
+    name = {id(row): f"base {row['base']:.4g}" for row in summary["bases"]}
+    families = {}
+    if rows:
+        families["fails beyond the bound"] = gated_family(
+            {name[id(r)]: dict(r["fails_beyond"]["beyond"], reason=r["fails_beyond"]["reason"]) for r in rows},
+            summary["halfway_level"], claim="below")
+    relative = {name[id(r)]: r["relative_to_control"] for r in rows if "relative_to_control" in r}
+    if relative:
+        families["drops more than the control's"] = gated_family(relative, 0.0, claim="below",
+                                                                 margin=practical["accuracy_margin"])
+    ratios = {name[id(r)]: dict(r["perplexity_ratio_beyond_bound"]) for r in summary["bases"]
+              if "perplexity_ratio_beyond_bound" in r}
+    if ratios:
+        families["perplexity comparable to the control's"] = gated_family(ratios, practical["ppl_tolerance"],
+                                                                          claim="below")
+    halves = {}
+    for row in summary["bases"]:
+        half = row["half_accuracy"]
+        if "verdict" in half:
+            over = half["over_bound"]
+            largest = max(a["distance"] for a in row["accuracy"]) / row["bound"]
+            halves[name[id(row)]] = {"estimate": over["estimate"] if over["estimate"] is not None else largest,
+                                     "low": over["low"] if over["low"] is not None else largest,
+                                     "high": over["high"] if over["high"] is not None else math.inf,
+                                     "reason": half.get("reason")}
+    if halves:
+        families["retrieval holds up to the bound"] = gated_family(halves, 1.0 - practical["ratio_margin"],
+                                                                   claim="above")
+    return families

@@ -34,7 +34,13 @@ import torch
 from shortlab.arch import model_parts
 from shortlab.rope import pair_variances_from_vectors
 from shortlab.rope.conventions import _check_layout
-from shortlab.stats import Interval, _check_resampling, verdict
+from shortlab.stats import (
+    CANNOT_TELL, SUPPORTED, FamilyVerdicts, Interval, _check_resampling, family_verdicts, verdict,
+)
+
+# Names the rule the retrieval verdicts follow; stored verdicts made under another rule are not
+# compared with recomputed ones (their estimates still are).
+VERDICT_RULE = "halfway-gated/1"
 
 
 def _next_token_stats(model, input_ids: torch.Tensor, chunk: int = 512
@@ -302,23 +308,34 @@ def _finite_or_none(value: float) -> float | None:
     return None if math.isinf(value) else value
 
 
-def half_accuracy_summary(distances: Sequence[int], correct: np.ndarray, chance: float, bound: int) -> dict:
+def half_accuracy_summary(distances: Sequence[int], correct: np.ndarray, chance: float, bound: int,
+                          ratio_margin: float = 0.1) -> dict:
     """``half_accuracy_distance`` and the same in units of ``bound``, with the ``bound``, as JSON-safe dicts
     {estimate, low, high, method} where ``None`` means beyond the largest distance (JSON has no
-    infinity), plus "verdict" on "retrieval holds up to the bound" (ratio above 1) when the
-    bound lies inside the distances (else a crossing beyond them says nothing about it) and
-    "below_at_shortest": accuracy is already at or below the halfway level at the first distance.
+    infinity), "below_at_shortest": accuracy is already at or below the halfway level at the
+    first distance, and, when the bound lies inside the distances (else a crossing beyond them
+    says nothing about it), "verdict" on "retrieval holds up to the bound": the half-accuracy
+    distance is not short of the bound by more than ``ratio_margin`` × L_θ (supported when its
+    interval over L_θ lies wholly above 1 − margin, contradicted when wholly below). A curve
+    already below halfway at the shortest distance cannot support it: if that distance lies
+    beyond 1 − margin of the bound, whether retrieval held before it is unknown ("reason").
     """
     half = half_accuracy_distance(distances, correct, chance)
     correct = np.asarray(correct, dtype=np.float64)
     summary = {"bound": int(bound), "distance": {}, "over_bound": {}, "halfway_level": halfway_level(chance),
-               "below_at_shortest": bool(correct[:, 0].mean() <= halfway_level(chance))}
+               "below_at_shortest": bool(correct[:, 0].mean() <= halfway_level(chance)),
+               "ratio_margin": float(ratio_margin)}
     for key, scale in (("distance", 1.0), ("over_bound", float(bound))):
         summary[key] = {"estimate": _finite_or_none(half.estimate / scale), "low": _finite_or_none(half.low / scale),
                         "high": _finite_or_none(half.high / scale), "method": half.method}
     if bound < max(distances):
         over = Interval(half.estimate / bound, half.low / bound, half.high / bound, half.level, half.method)
-        summary["verdict"] = verdict(over, 1.0, claim="above")
+        outcome = verdict(over, 1.0 - ratio_margin, claim="above")
+        if outcome == SUPPORTED and summary["below_at_shortest"]:
+            outcome = CANNOT_TELL
+            summary["reason"] = ("accuracy is below halfway already at the shortest distance: whether retrieval "
+                                 "held before it is not measured")
+        summary["verdict"] = outcome
     return summary
 
 
@@ -347,5 +364,84 @@ def describe_half_accuracy(half: dict | None, distances: Sequence[int]) -> str:
     if "unjudged" in half:
         return line + f"; no verdict: {half['unjudged']}"
     if "verdict" in half:
-        return line + f"; retrieval holds up to the bound (ratio above 1): {half['verdict']}"
+        margin = half.get("ratio_margin", 0.0)
+        line += f"; retrieval holds up to the bound (ratio above {1 - margin:g}): {half['verdict']}"
+        return line + (f" ({half['reason']})" if "reason" in half else "")
     return line + " (the bound lies beyond the probed distances: no verdict)"
+
+
+# ---------------------------------------------------------------- the bound's retrieval claims
+
+
+def retrieval_gate(within: Interval, level: float) -> str | None:
+    """Why a model's accuracy within its bound (``within``) does not let the bound be tested, or
+    None when it retrieves there (the interval wholly above ``level``, the halfway level): a
+    bound cannot be tested on a model that does not retrieve at all."""
+    if within.low > level:
+        return None
+    if within.high <= level:
+        return (f"it does not retrieve within its bound (accuracy {within.estimate:.2f} [{within.low:.2f}, "
+                f"{within.high:.2f}], not above the halfway level {level:.2f}): the bound cannot be tested on a "
+                "model that does not retrieve")
+    return (f"whether it retrieves within its bound cannot be told (accuracy {within.estimate:.2f} "
+            f"[{within.low:.2f}, {within.high:.2f}] reaches the halfway level {level:.2f})")
+
+
+def _interval_json(interval: Interval) -> dict:
+    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "method": interval.method}
+
+
+def fails_beyond_verdict(within: Interval, beyond: Interval, chance: float) -> dict:
+    """"Retrieval fails beyond the bound": accuracy beyond the bound (``beyond``) lies below the
+    halfway level from perfect to ``chance``. Supported when the ``beyond`` interval lies wholly
+    below it *and* the model retrieves within its bound (``within`` wholly above it); contradicted
+    when ``beyond`` lies wholly above it (the model retrieves past its bound); otherwise cannot
+    tell, with the "reason" when the model does not retrieve within its bound.
+    Returns {within, beyond: interval dicts, halfway_level, verdict, reason (or None)}."""
+    level = halfway_level(chance)
+    reason = retrieval_gate(within, level)
+    outcome = verdict(beyond, level, claim="below")
+    if outcome == SUPPORTED and reason is not None:
+        outcome = CANNOT_TELL
+    return {"within": _interval_json(within), "beyond": _interval_json(beyond), "halfway_level": level,
+            "verdict": outcome, "reason": reason if outcome == CANNOT_TELL else None}
+
+
+def gated_verdict(interval: Interval, threshold: float, *, claim: str, margin: float,
+                  reason: str | None) -> dict:
+    """``verdict`` of a claim that only means something when ``reason`` is None (e.g. a drop of
+    retrieval that needs a model that retrieves): with a ``reason`` it cannot be supported, and
+    it cannot be told either way when it would be. {estimate, low, high, method, verdict, margin, reason}."""
+    outcome = verdict(interval, threshold, claim=claim, margin=margin)
+    if reason is not None and outcome == SUPPORTED:
+        outcome = CANNOT_TELL
+    return dict(_interval_json(interval), verdict=outcome, margin=margin,
+                reason=reason if outcome == CANNOT_TELL else None)
+
+
+def interval_from(stored: dict, level: float = 0.95) -> Interval:
+    """An ``Interval`` back from its JSON dict {estimate, low, high, method}."""
+    return Interval(stored["estimate"], stored["low"], stored["high"], level, stored.get("method", ""))
+
+
+def gated_family(claims: dict[str, dict], threshold: float, *, claim: str, margin: float = 0.0,
+                 interval_key: str | None = None) -> FamilyVerdicts:
+    """``family_verdicts`` (Holm) over several settings judged on one claim, from their verdict
+    dicts (``claims``: setting → dict with the interval, or with it under ``interval_key``, and
+    "reason"): a setting whose claim cannot be judged (a "reason") stays "cannot tell" after the
+    adjustment too, as it is alone."""
+    intervals = {name: interval_from(c[interval_key] if interval_key else c) for name, c in claims.items()}
+    family = family_verdicts(intervals, threshold, claim=claim, margin=margin)
+    gated = {name for name, c in claims.items() if c.get("reason")}
+
+    def gate(verdicts):
+        return {name: CANNOT_TELL if name in gated and v == SUPPORTED else v for name, v in verdicts.items()}
+
+    return FamilyVerdicts(gate(family.per_setting), gate(family.holm), family.expected_by_chance, family.level)
+
+
+def passkey_chance(digits: int = 5) -> float:
+    """The strongest rule that needs no model on the passkey: the keys are uniform over the
+    ``digits``-digit numbers, so answering the most frequent key is no better than a guess,
+    1 / (9 · 10^(digits − 1))."""
+    return 1.0 / (9 * 10 ** (digits - 1))

@@ -415,3 +415,25 @@ def text_batch(text_ids: np.ndarray, length: int, n_rows: int, seed: int) -> tor
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, text_ids.size - length + 1, n_rows)
     return torch.from_numpy(np.stack([text_ids[o: o + length] for o in offsets]))
+
+
+def model_free_rules(task: RetrievalTask, n_samples: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Accuracy of rules that answer a query without a model: "uniform guess" (1 / alphabet^length;
+    values are drawn uniformly, so always answering the most frequent value does no better) and
+    "most common record value" (answer the value that most records of the sequence hold, ties
+    broken at random: it needs no key, yet the queried value is among the records). The second is
+    estimated by simulating ``n_samples`` sequences' values (seeded)."""
+    alphabet = len(task.value_alphabet) ** task.value_length
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, alphabet, (n_samples, task.n_records))  # record 0 is the queried one
+    counts = np.stack([(values == v).sum(1) for v in range(alphabet)], axis=1)  # [samples, alphabet]
+    modal = counts == counts.max(1, keepdims=True)
+    hit = modal[np.arange(n_samples), values[:, 0]] / modal.sum(1)  # chance the tie-break picks it
+    return {"uniform guess": 1.0 / alphabet, "most common record value": float(hit.mean())}
+
+
+def strongest_model_free_rule(task: RetrievalTask) -> tuple[str, float]:
+    """(name, accuracy) of the best of ``model_free_rules``: what an accuracy is set beside."""
+    rules = model_free_rules(task)
+    best = max(rules, key=rules.get)
+    return best, rules[best]

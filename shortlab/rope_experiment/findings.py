@@ -1,0 +1,81 @@
+"""Notebook 03's closing findings, built from the run's own verdicts: ``rope_findings``."""
+
+from __future__ import annotations
+
+from shortlab.findings import Finding
+from shortlab.rope_experiment.from_scratch import from_scratch_families
+from shortlab.rope_experiment.measurements import interval_from
+from shortlab.stats import CANNOT_TELL, sample_size_to_tell
+
+
+def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: float = 0.0) -> str:
+    if claim.get("reason"):
+        return f"Cannot be judged: {claim['reason']}"
+    size = sample_size_to_tell(interval_from(claim), n, threshold, margin=margin, claim=claim_side)
+    return ("no sample size decides it: the estimate sits on the edge" if size is None
+            else f"about {size:,} trials instead of {n:,} would decide it")
+
+
+def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | None, paper: dict,
+                  practical: dict) -> tuple[list[Finding], list[str]]:
+    """(findings, departures from the paper) of notebook 03 from ``summarize``'s result
+    (``scratch``), the ``finetune_summary`` s, the real model's ``shipped_bound_verdict``
+    (``passkey``), ``paper_numbers("rope_base")`` and the practical sizes used."""
+    findings, departures = [], []
+    margin = practical["accuracy_margin"]
+    if scratch is not None:
+        for claim, family in from_scratch_families(scratch).items():
+            counts = family.counts(adjusted=True)
+            outcome = max(counts, key=lambda o: (counts[o], o != CANNOT_TELL))
+            per_base = "; ".join(f"{name}: {v}" for name, v in family.holm.items())
+            findings.append(Finding(
+                f"Small Llamas fine-tuned with bases whose bound lies inside the context: {claim} "
+                f"(most bases, after Holm's adjustment; {per_base})", outcome,
+                practical={"fails beyond the bound": f"accuracy below the halfway level {scratch['halfway_level']:.2f}",
+                           "drops more than the control's": f"by more than {margin} in accuracy",
+                           "perplexity comparable to the control's": f"ratio below {practical['ppl_tolerance']}",
+                           "retrieval holds up to the bound": f"halving no earlier than {1 - practical['ratio_margin']:g} × L_θ",
+                           }.get(claim, ""), margin=margin))
+        rules = scratch["rules"]
+        departures.append(f"Every small-model accuracy stands beside chance {rules['uniform guess']:.2f} and the "
+                          f"strongest rule that needs no model, {rules['most common record value']:.2f}")
+    for finetune in finetunes:
+        label = f"{finetune['model']['label']} ({finetune['parameters']['task_fraction']:.0%} passkey rows)"
+        for run in finetune["runs"]:
+            if run["control"] or run["verdict"]["fails_beyond"] is None:
+                continue
+            claim = run["verdict"]["fails_beyond"]
+            n = sum(row["n"] for row in run["passkey"] if run["bound"] < row["distance"] <= finetune["context"])
+            findings.append(Finding(
+                f"{label} with base {run['base']:g}: retrieval fails beyond its bound {run['bound']:,} "
+                f"(found within {claim['within']['estimate']:.2f}, beyond {claim['beyond']['estimate']:.2f})",
+                claim["verdict"], interval_from(claim["beyond"]),
+                practical=f"beyond-bound rate below {claim['halfway_level']:.2f}, only for a model that retrieves within it",
+                to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), n, claim["halfway_level"], "below")))
+            half = run["half_accuracy"]
+            if half is not None and "verdict" in half:
+                over = half["over_bound"]
+                findings.append(Finding(
+                    f"{label} with base {run['base']:g}: retrieval holds up to the bound (half-accuracy distance over "
+                    f"L_θ: {'beyond the probed distances' if over['estimate'] is None else format(over['estimate'], '.2f')})",
+                    half["verdict"], practical=f"no earlier than {1 - half['ratio_margin']:g} × L_θ",
+                    to_tell=half.get("reason", "")))
+            ratio = run["verdict"]["perplexity_ratio"]
+            findings.append(Finding(f"{label} with base {run['base']:g}: perplexity comparable to the control's",
+                                    ratio["verdict"], interval_from(ratio),
+                                    practical=f"ratio below {finetune['ppl_tolerance']:g}",
+                                    to_tell=_to_tell(ratio, 32, finetune["ppl_tolerance"], "below")))
+    if passkey is not None:
+        claim = passkey["fails_beyond"]
+        n = passkey["beyond"]["n"]
+        findings.append(Finding("The shipped model's passkey fails beyond its own bound", claim["verdict"],
+                                interval_from(claim["beyond"]),
+                                practical=f"beyond-bound rate below {claim['halfway_level']:.2f}",
+                                to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), n,
+                                                 claim["halfway_level"], "below")))
+    tuning = paper["fine_tuning"]
+    departures.append(f"The paper ({tuning['source']}) reports: {tuning['finding']}; here the models are far smaller "
+                      "and the contexts shorter, so its numbers are not reproduced one for one")
+    scratch_paper = paper["from_scratch"]
+    departures.append(f"Its from-scratch model ({scratch_paper['source']}) {scratch_paper['finding']}")
+    return findings, departures
