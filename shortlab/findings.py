@@ -37,6 +37,7 @@ class Finding:
     margin: float | None = None
     paper: str = ""
     to_tell: str = ""
+    detail: str = ""  # a further sentence, whatever the outcome (e.g. a family's counts after Holm)
 
     def __post_init__(self):
         if self.outcome not in OUTCOMES:
@@ -47,15 +48,21 @@ class Finding:
     def sentence(self) -> str:
         text = self.claim.rstrip(".")
         if self.practical:
-            text += f" ({self.practical})"
+            text += f" {self.practical}"
+        if self.interval is not None:
+            text += f" (95 % interval {self.interval})"
         if self.outcome == EQUIVALENT:
             text += f": {describe(EQUIVALENT, self.margin)}"
-        if self.interval is not None:
-            text += f"; 95 % interval {self.interval}"
-        text += "."
+        text = _capital(text) + "."
+        if self.detail:
+            text += f" {_capital(self.detail.rstrip('.'))}."
         if self.to_tell and self.outcome == CANNOT_TELL:
-            text += f" {self.to_tell.rstrip('.')}."
+            text += f" {_capital(self.to_tell.rstrip('.'))}."
         return text
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def findings_markdown(title: str, findings: Sequence[Finding], departures: Sequence[str] = (),
@@ -67,12 +74,12 @@ def findings_markdown(title: str, findings: Sequence[Finding], departures: Seque
         raise ValueError("no findings to write")
     parts = [f"### {title}"]
     if setting:
-        parts.append(setting.rstrip(".") + ".")
+        parts.append(_capital(setting.rstrip(".")) + ".")
     for outcome in (SUPPORTED, CONTRADICTED, EQUIVALENT, CANNOT_TELL):
         chosen = [f for f in findings if f.outcome == outcome]
         if chosen:
             parts.append(f"**{_HEADINGS[outcome]}.** " + " ".join(f.sentence() for f in chosen))
-    paper = [f.paper.rstrip(".") + "." for f in findings if f.paper] + [d.rstrip(".") + "." for d in departures]
+    paper = [_capital(text.rstrip(".")) + "." for text in [f.paper for f in findings if f.paper] + list(departures)]
     if paper:
         parts.append("**Beside the paper.** " + " ".join(paper))
     return "\n\n".join(parts) + "\n"
@@ -110,3 +117,26 @@ def replace_readme_findings(readme: str, key: str, findings: str) -> str:
     readme_findings(readme, key)  # raises when the block is missing
     pattern = re.escape(start) + r"\n.*?" + re.escape(end)
     return re.sub(pattern, lambda _: f"{start}\n{findings.rstrip()}\n{end}", readme, count=1, flags=re.S)
+
+
+def readme_findings_keys(readme: str) -> list[str]:
+    """The committed runs (paths relative to the repository) whose findings the README quotes."""
+    return re.findall(r"<!-- findings: (\S+) -->", readme)
+
+
+def update_readme_findings(root: str | Path) -> list[str]:
+    """Copy each committed run's findings into ``root``/README.md, at its findings markers (written
+    atomically); returns the keys whose text changed."""
+    from shortlab.files import write_atomically
+
+    path = Path(root) / "README.md"
+    readme = updated = path.read_text()
+    changed = []
+    for key in readme_findings_keys(readme):
+        findings = notebook_findings(Path(root) / key)
+        if readme_findings(updated, key) != findings.rstrip() + "\n":
+            updated = replace_readme_findings(updated, key, findings)
+            changed.append(key)
+    if changed:
+        write_atomically(path, lambda tmp: Path(tmp).write_text(updated))
+    return changed

@@ -248,11 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="where executed copies go (default: <repo>/outputs)")
     parser.add_argument("--in-place", action="store_true",
                         help="the default run: write each executed notebook over its source (outputs committed)")
+    parser.add_argument("--readme-findings", action="store_true",
+                        help="afterwards (or alone) copy each committed run's findings into README.md")
     args = parser.parse_args(argv)
     if args.in_place and (args.parameter or args.output_dir):
         parser.error("--in-place is the default run: it takes no -p overrides and no --output-dir")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # papermill logs cell output
     paths = numbered_notebooks() if args.all else args.notebooks
+    if not paths and args.readme_findings:
+        return _update_readme()
     if not paths:
         parser.error("name notebooks to run, or --all")
     overrides = {name: parse_value(value) for name, value in args.parameter}
@@ -261,11 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_place:
         print(f"running {', '.join(map(str, paths))}; each replaced by its executed copy after the last", flush=True)
         run_in_place(list(paths), log_output=True)
-        return 0
+        return _update_readme() if args.readme_findings else 0
     output_dir = args.output_dir or (repository_root() or Path.cwd()) / "outputs"
     for path in paths:
         print(f"running {path} {overrides or ''}", flush=True)
         run_notebook(path, output_dir / path.name, overrides, log_output=True)
+    return _update_readme() if args.readme_findings else 0
+
+
+def _update_readme() -> int:
+    from shortlab.findings import update_readme_findings
+
+    changed = update_readme_findings(repository_root() or Path.cwd())
+    print(f"README findings updated from {', '.join(changed)}" if changed else "README findings already current")
     return 0
 
 

@@ -48,8 +48,10 @@ from shortlab.quantize import quantize_weights
 from shortlab.stats import (
     CANNOT_TELL,
     CONTRADICTED,
+    EQUIVALENT,
     SUPPORTED,
     Interval,
+    above_strongest_rule,
     bootstrap_interval,
     paired_perplexity_ratio,
     perplexity_interval,
@@ -407,7 +409,22 @@ def model_free_baselines(examples: Sequence[MCExample]) -> dict[str, np.ndarray]
             "longest answer": np.array([pick(e, max) for e in examples])}
 
 
-CONCLUSION_OPENINGS = {SUPPORTED: "Supported", CONTRADICTED: "Contradicted",
+def accuracy_beside_rules(correct: Sequence[float] | np.ndarray, examples: Sequence[MCExample], *, margin: float,
+                          seed: int = 0) -> dict:
+    """A model's per-question correctness [n] on ``examples`` judged against the strongest rule
+    that needs no model (``model_free_baselines``): {"accuracy": Wilson interval, "rules": {name:
+    mean score}, "rule": the strongest, "rule_score", "difference": paired interval of model −
+    rule, "verdict": "above the strongest rule by more than ``margin``"}."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if correct.shape != (len(examples),):
+        raise ValueError(f"one correctness value per question: {correct.shape} vs {len(examples)} questions")
+    rules = model_free_baselines(examples)
+    judged = above_strongest_rule(correct, rules, margin=margin, seed=seed)
+    return {"accuracy": wilson_interval(int(correct.sum()), correct.size),
+            "rules": {name: float(values.mean()) for name, values in rules.items()}, **judged}
+
+
+CONCLUSION_OPENINGS = {SUPPORTED: "Supported", CONTRADICTED: "Contradicted", EQUIVALENT: "The same within the margin",
                        CANNOT_TELL: "Cannot tell at this sample size"}
 
 

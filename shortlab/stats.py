@@ -60,7 +60,13 @@ class Interval:
         return (self.high - self.low) / 2
 
     def __str__(self) -> str:
-        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}]"
+        values = (self.estimate, self.low, self.high)
+        magnitude = max(abs(v) for v in values)
+        # scientific notation only where three decimals cannot show the interval: all of it below
+        # 0.001 (a perplexity ratio of 2e-06) or above 1e5 (a perplexity of 1.5e+09)
+        if math.isfinite(magnitude) and (0 < magnitude < 1e-3 or magnitude >= 1e5):
+            return "{:.3g} [{:.3g}, {:.3g}]".format(*values)
+        return "{:.3f} [{:.3f}, {:.3f}]".format(*values)
 
 
 def _check_level(level: float) -> float:

@@ -62,3 +62,15 @@ def test_blank_image_is_shown_with_every_question():
     assert [p for _, p, _ in with_blank["predictions"]] == expected
     with pytest.raises(ValueError, match="not both"):
         lm.evaluate_items(model, processor, items, image=blank, features={})
+
+
+def test_the_strongest_no_model_rule_on_the_real_questions_is_the_question_prior():
+    from shortlab.stats import strongest_rule
+
+    items = lm.fixed_test_questions(1000)
+    rules = lm.no_model_rules(items, lm.easy_vqa_questions("train"))
+    assert set(rules) == {"chance", "majority", "question prior"}
+    assert all(len(scores) == len(items) for scores in rules.values())
+    name, scores = strongest_rule(rules)
+    # a uniform guess within the question's type already beats the majority answer ("yes")
+    assert name == "question prior" and scores.mean() > sum(rules["chance"]) / len(items) > sum(rules["majority"]) / len(items)

@@ -23,6 +23,7 @@ from shortlab.evaluate import (
     piqa_example,
     sciq_example,
     score_examples,
+    score_items,
     social_iqa_example,
     winogrande_example,
 )
@@ -360,3 +361,13 @@ def test_evaluation_keeps_no_reference_to_the_model(tiny):
     del copy_of_model
     gc.collect()
     assert alive() is None
+
+
+def test_score_items_is_evaluate_mc_item_by_item(tiny):
+    examples, correct = score_items(*tiny, "piqa", limit=4, batch_size=2, seed=3)
+    summary = evaluate_mc(*tiny, "piqa", limit=4, batch_size=2, seed=3, progress=False)["piqa"]
+    assert [e.gold for e in examples] == [e.gold for e in load_task("piqa", limit=4, seed=3)]
+    assert correct["acc"].mean() == pytest.approx(summary["acc"])
+    assert correct["acc_norm"].mean() == pytest.approx(summary["acc_norm"])
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        score_items(*tiny, "nope")

@@ -13,7 +13,8 @@ from shortlab.evaluate import MCExample, item_correct
 from shortlab.models import load_model
 from shortlab.pruning import random_layers, rank_layers_for_counts, rank_random
 from shortlab.shortgpt_evidence import (
-    EvidencePlan, EvidenceStore, Measurement, accuracy_interaction, collect, conclusion, data_fingerprint, measure,
+    EvidencePlan, EvidenceStore, Measurement, Setting, accuracy_beside_rules, accuracy_interaction, collect, conclusion,
+    data_fingerprint, measure,
     model_fingerprint, model_free_baselines, perplexity_with_ratio, plan_settings, quantisation_interaction,
     random_versus, ranked_choices, removal_counts,
 )
@@ -111,7 +112,6 @@ def test_measure_and_collect_resume_without_touching_the_model(tmp_path):
     assert len(record["nll"]) == 2 and record["tokens"] == [15.0, 15.0] and record["correct"] == {}
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
     store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), "data")
-    from shortlab.shortgpt_evidence import Setting
     settings = [Setting("dense", 0, dense), Setting("block_influence", 1, pruned_q)]
     records = collect(model, tokenizer, settings, store, held_out, examples, batch_size=2, log=None)
     assert set(records[dense]["correct"]["toy"]) == {"acc", "acc_norm"} and store.written == 2
@@ -261,3 +261,43 @@ def test_dense_precision_extends_the_paired_blocks_and_is_stored_once(tmp_path):
     assert dense_precision(model, tokenizer, config, store, log=made.append) == wide and len(made) == 1
     with pytest.raises(ValueError, match="dense_blocks = 1 must be at least eval_blocks = 2"):
         dense_precision(model, tokenizer, EvidenceConfig(eval_blocks=2, dense_blocks=1), store)
+
+
+def test_questions_added_to_a_stored_layer_set_reuse_its_block_nlls(tmp_path):
+    model, tokenizer = load_model("tiny-llama")
+    held_out = {"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))}
+    held_out["attention_mask"] = torch.ones_like(held_out["input_ids"])
+    examples = {"toy": [MCExample.shared("Question: one plus one\nAnswer:", ["two", "seven"], 0)]}
+    store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), "data")
+    plain = Measurement((1,), None, None, 2, False)
+    first = collect(model, tokenizer, [Setting("reverse_order", 1, plain)], store, held_out, examples, log=None)[plain]
+    # a stored record whose NLLs differ from a fresh forward pass shows which one the questions' record took
+    marked = {**first, "nll": [value + 1.0 for value in first["nll"]]}
+    (tmp_path / f"{plain.name}.json").write_text(json.dumps(marked))
+    with_tasks = Measurement((1,), None, None, 2, True)
+    fresh_store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), "data")
+    record = collect(model, tokenizer, [Setting("reverse_order", 1, with_tasks)], fresh_store, held_out, examples,
+                     log=None)[with_tasks]
+    assert record["nll"] == marked["nll"] and set(record["correct"]["toy"]) == {"acc", "acc_norm"}
+    with pytest.raises(ValueError, match="known_nll has 1 blocks"):
+        measure(model, tokenizer, with_tasks, held_out, examples, known_nll={"nll": [1.0], "tokens": [15.0]})
+
+
+def test_plan_scores_every_ranking_on_the_tasks_by_default():
+    from shortlab.shortgpt_evidence import EvidenceConfig
+    assert EvidenceConfig().task_rankings is None  # None: every ranking of the config
+    plan = EvidencePlan(ks=(2, 4), table_k=4, eval_blocks=8, random_draws=0,
+                        task_rankings=("block_influence", "reverse_order", "relative_magnitude"))
+    with_tasks = {s.ranking for s in plan_settings(CHOICES, plan, 8) if s.measurement.tasks and s.k == 4}
+    assert with_tasks == {"block_influence", "reverse_order", "relative_magnitude"}
+
+
+def test_accuracy_beside_rules_judges_against_the_strongest_rule():
+    examples = [MCExample.shared("q", ["a", "bbbb"], 0)] * 40 + [MCExample.shared("q", ["a", "bbbb"], 1)] * 10
+    # the shortest answer is right 80 % of the time: a model at 0.82 beats chance but not that rule
+    judged = accuracy_beside_rules(np.r_[np.ones(41), np.zeros(9)], examples, margin=0.05)
+    assert judged["rule"] == "shortest answer" and judged["rule_score"] == pytest.approx(0.8)
+    assert judged["verdict"] != stats.SUPPORTED and judged["accuracy"].estimate == pytest.approx(0.82)
+    assert accuracy_beside_rules(np.ones(50), examples, margin=0.05)["verdict"] in (stats.SUPPORTED, stats.CANNOT_TELL)
+    with pytest.raises(ValueError, match="one correctness value per question"):
+        accuracy_beside_rules(np.ones(3), examples, margin=0.05)

@@ -14,7 +14,7 @@ from shortlab.contribution import layer_contribution, token_groups
 from shortlab.llava_mini import evidence
 from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting
 from shortlab.models import load_model
-from shortlab.stats import CANNOT_TELL, CONTRADICTED, SUPPORTED, bootstrap_interval, crossed_bootstrap_interval
+from shortlab.stats import CANNOT_TELL, CONTRADICTED, EQUIVALENT, SUPPORTED, bootstrap_interval, crossed_bootstrap_interval
 
 # a plan small enough for a test on the tiny model: 2-question pools, one random draw per N
 TINY = evidence.EvidenceConfig(n_eval=6, frozen_counts=(1,), lc_counts=(2,), random_seeds=(0, 1), shortv_n=2,
@@ -62,11 +62,11 @@ def test_crossed_bootstrap_names_bad_input(values, clusters, match):
 def test_loss_verdicts_and_the_largest_n_within_tolerance():
     clusters = np.arange(400) // 4
     dense = np.ones(400)
-    frozen = {2: np.ones(400),  # no loss: supported
+    frozen = {2: np.ones(400),  # no loss: the same within the tolerance, which keeps the accuracy
               4: np.r_[np.zeros(8), np.ones(392)],  # 2 % loss, but the interval reaches below 1 %
               6: np.r_[np.zeros(200), np.ones(200)]}  # 50 % loss: contradicted
     rows, largest, smallest_contradicted = evidence.max_frozen_within(dense, frozen, clusters, tolerance=0.01)
-    assert [row["verdict"] for row in rows] == [SUPPORTED, CANNOT_TELL, CONTRADICTED]
+    assert [row["verdict"] for row in rows] == [EQUIVALENT, CANNOT_TELL, CONTRADICTED]
     assert (largest, smallest_contradicted) == (2, 6)
     assert rows[2]["loss"] == pytest.approx(0.5)
     _, none_supported, _ = evidence.max_frozen_within(dense, {6: frozen[6]}, clusters)

@@ -111,9 +111,9 @@ def test_findings_are_written_per_outcome_and_read_back(tmp_path):
                 Finding("LC beats cosine", EQUIVALENT, iv(-0.01, 0.01), margin=0.02),
                 Finding("ties", CANNOT_TELL, iv(-0.1, 0.1), to_tell="about 400 questions would tell")]
     text = findings_markdown("What this run found", findings, setting="SmolLM2, 500 questions")
-    assert "**What held.** BI beats random (by more than 0.05)" in text
-    assert "the same within ±0.02" in text and "about 400 questions would tell" in text
-    assert "**Beside the paper.** the paper reports the same." in text
+    assert "**What held.** BI beats random by more than 0.05 (95 % interval" in text
+    assert "the same within ±0.02" in text and "About 400 questions would tell." in text
+    assert "**Beside the paper.** The paper reports the same." in text
     with pytest.raises(ValueError, match="outcome"):
         Finding("x", "probably")
     notebook = {"cells": [{"cell_type": "code", "metadata": {"tags": ["findings"]}, "source": "",
@@ -126,3 +126,25 @@ def test_findings_are_written_per_outcome_and_read_back(tmp_path):
     assert readme_findings(updated, "nb") == text.rstrip() + "\n" and updated.endswith("y\n")
     with pytest.raises(ValueError, match="no findings block"):
         readme_findings("nothing", "nb")
+
+
+def test_readme_findings_are_copied_from_the_committed_runs(tmp_path):
+    import json
+
+    from shortlab.findings import update_readme_findings
+
+    def executed(text):
+        return json.dumps({"cells": [{"cell_type": "code", "metadata": {"tags": ["findings"]}, "source": "",
+                                      "outputs": [{"output_type": "display_data",
+                                                   "data": {"text/markdown": text}}]}]})
+
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01.ipynb").write_text(executed("### found\n\n**What held.** X.\n"))
+    readme = "intro\n<!-- findings: notebooks/01.ipynb -->\nold text\n<!-- /findings: notebooks/01.ipynb -->\nend\n"
+    (tmp_path / "README.md").write_text(readme)
+    assert update_readme_findings(tmp_path) == ["notebooks/01.ipynb"]
+    assert "**What held.** X." in (tmp_path / "README.md").read_text() and "old text" not in (tmp_path / "README.md").read_text()
+    assert update_readme_findings(tmp_path) == []  # already current: nothing written
+    (tmp_path / "notebooks" / "01.ipynb").write_text(json.dumps({"cells": []}))
+    with pytest.raises(ValueError, match="no cell tagged 'findings'"):
+        update_readme_findings(tmp_path)

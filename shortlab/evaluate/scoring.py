@@ -105,3 +105,16 @@ def evaluate_mc(
         logliks = loglikelihoods(model, requests, batch_size, device, progress, desc=name)
         results[name] = score_examples(examples, logliks.tolist())
     return results
+
+
+def score_items(model, tokenizer, task_name: str, limit: int | None = None, batch_size: int = 8,
+                seed: int = 0, device: torch.device | str | None = None,
+                progress: bool = False) -> tuple[list[MCExample], dict[str, np.ndarray]]:
+    """The questions of one task (``load_task(task_name, limit, seed)``) and which of them
+    ``model`` gets right: ``(examples, {"acc": bool[n], "acc_norm": bool[n]})``, in order, for
+    paired comparisons with another model or with a rule that needs no model."""
+    if task_name not in TASKS:
+        raise ValueError(f"unknown task {task_name!r}; known tasks: {', '.join(TASKS)}")
+    examples = load_task(task_name, limit=limit, seed=seed)
+    logliks = loglikelihoods(model, encode_examples(tokenizer, examples), batch_size, device, progress, desc=task_name)
+    return examples, item_correct(examples, logliks.tolist())

@@ -40,12 +40,13 @@ from shortlab.checkpoints import CHAT_TEMPLATE, IMAGE_TOKEN
 from shortlab.llava_mini.build import (
     CARD_FILE, DEFAULT_IMAGE_SIZE, LANGUAGE_MODEL, LOG_FILE, LORA_FILE, PATCH_SIZE, PROJECTOR_FILE,
     VISION_FEATURE_LAYER, VISION_FEATURE_SELECT_STRATEGY, WEIGHTS_DIR, build_llava_mini,
-    build_processor, merge_lora, num_image_tokens,
+    build_processor, merge_lora, num_image_tokens, trained_weights_provenance,
 )
 from shortlab.llava_mini.easy_vqa import (
     ANSWER_INSTRUCTION, EASY_VQA, QUESTION_TYPES, SHAPE_ANSWERS, QuestionPrior, VQAItem,
     accuracy_report, blank_image, chat_text, easy_vqa_answers, easy_vqa_image, easy_vqa_questions,
-    easy_vqa_root, fixed_test_questions, majority_answer, question_type, user_prompt,
+    easy_vqa_root, fixed_test_questions, majority_answer, no_model_rules, question_type, type_chance,
+    user_prompt,
 )
 from shortlab.llava_mini.packing import (
     PackedSequence, PromptTokens, build_eval_sequence, pack, packed_attention_mask, packed_batch,
@@ -78,9 +79,10 @@ __all__ = [
     "IMAGE_TOKEN", "LANGUAGE_MODEL", "LOG_FILE", "LORA_FILE", "PATCH_SIZE", "PROJECTOR_FILE",
     "VISION_FEATURE_LAYER", "VISION_FEATURE_SELECT_STRATEGY", "WEIGHTS_DIR", "Intervention",
     "PackedSequence", "PromptTokens", "QUESTION_TYPES", "QuestionPrior", "SHAPE_ANSWERS", "VQAItem",
-    "accuracy_report", "blank_image", "question_type", "build_eval_sequence", "build_llava_mini",
+    "accuracy_report", "blank_image", "no_model_rules", "question_type", "type_chance", "build_eval_sequence",
+    "build_llava_mini",
     "build_processor", "chat_text", "easy_vqa_answers", "easy_vqa_image", "easy_vqa_questions",
     "easy_vqa_root", "evaluate_items", "fixed_test_questions", "image_token_features", "input_embeddings", "majority_answer",
-    "merge_lora", "num_image_tokens", "pack", "packed_attention_mask", "packed_batch",
+    "merge_lora", "num_image_tokens", "trained_weights_provenance", "pack", "packed_attention_mask", "packed_batch",
     "packed_hidden_states", "prompt_tokens", "score_answers", "user_prompt", "vision_features",
 ]

@@ -70,6 +70,30 @@ def _trained_files(weights_dir: Path) -> tuple[Path, Path | None, dict]:
     return projector, lora, card
 
 
+def trained_weights_provenance(weights_dir: str | Path | None = None) -> list[str]:
+    """One line per trained file of llava-mini (projector, LoRA delta): its path under the
+    repository, the tensor dtypes stored in it and what its card says of it (the LoRA's rank and
+    how it is merged). Read from the safetensors headers and the card, not from the model."""
+    from safetensors import safe_open
+
+    projector, lora, card = _trained_files(Path(weights_dir or WEIGHTS_DIR))
+    lines = []
+    for label, path in [("projector", projector), ("LoRA delta", lora)]:
+        if path is None:
+            continue
+        with safe_open(str(path), "pt") as handle:
+            dtypes = sorted({str(handle.get_slice(key).get_dtype()) for key in handle.keys()})
+            count = len(list(handle.keys()))
+        where = f"shortlab/weights/{path.name}" if path.parent == WEIGHTS_DIR else str(path)
+        line = f"{label}: {where}, {count} tensors stored as {'/'.join(dtypes)}"
+        if label == "LoRA delta":
+            line += f", rank {card['lora']['rank']}, merged into the language model ({card['lora']['merged']})"
+        else:
+            line += f", {card['projector']}"
+        lines.append(line + f"; trained here on easy-VQA ({CARD_FILE})")
+    return lines
+
+
 def merge_lora(model, lora_state: dict[str, torch.Tensor], scale: float) -> list[str]:
     """Add ``scale · B @ A`` to each adapted weight (``<param>.lora_A`` [r, in], ``.lora_B`` [out, r],
     ``<param>`` a parameter name of ``model``). Returns the merged parameter names."""

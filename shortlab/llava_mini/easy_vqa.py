@@ -124,6 +124,32 @@ def blank_image(size: int = 64, colour: tuple[int, int, int] = (255, 255, 255)):
     return Image.new("RGB", (size, size), colour)
 
 
+def type_chance(item: VQAItem, answers: list[str]) -> float:
+    """The expected score of guessing uniformly among the answers of ``item``'s question type
+    (``answers``: easy-VQA's answer set): 1/2 for yes/no, 1/3 for a shape, 1/(colours) else."""
+    kind = question_type(item)
+    return 1.0 / sum(question_type(VQAItem("", answer, 0)) == kind for answer in answers)
+
+
+def no_model_rules(items: list[VQAItem], train_items: list[VQAItem], blank_predictions: list[str] | None = None,
+                   answers: list[str] | None = None) -> dict[str, list[float]]:
+    """Per-item scores of the rules that need no model, on ``items``: "chance" (a uniform guess
+    within the question's type), "majority" (the training split's most frequent answer),
+    "question prior" (``QuestionPrior``) and, given the model's answers with a blank image,
+    "blank image". An accuracy is judged against the strongest of these
+    (``stats.strongest_rule``), not against chance alone."""
+    answers = answers if answers is not None else easy_vqa_answers()
+    prior, (majority, _) = QuestionPrior(train_items), majority_answer(train_items)
+    rules = {"chance": [type_chance(item, answers) for item in items],
+             "majority": [float(item.answer == majority) for item in items],
+             "question prior": [float(prior.predict(item.question) == item.answer) for item in items]}
+    if blank_predictions is not None:
+        if len(blank_predictions) != len(items):
+            raise ValueError(f"need one blank-image answer per item: {len(items)} items, {len(blank_predictions)}")
+        rules["blank image"] = [float(p == item.answer) for item, p in zip(items, blank_predictions)]
+    return rules
+
+
 def accuracy_report(items: list[VQAItem], predicted: list[str], *, n_resamples: int = 4000,
                     seed: int = 0) -> dict:
     """Accuracy of ``predicted`` answers (aligned with ``items``), overall and per question type,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from shortlab.files import write_json_atomically
+from shortlab.findings import Finding
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
 from shortlab.llava_mini.easy_vqa import (
     QUESTION_TYPES,
@@ -38,7 +39,22 @@ from shortlab.llava_mini.easy_vqa import (
     question_type,
 )
 from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting
-from shortlab.stats import CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, paired_interval
+from shortlab.stats import (
+    CANNOT_TELL,
+    CONTRADICTED,
+    EQUIVALENT,
+    SUPPORTED,
+    FamilyVerdicts,
+    Interval,
+    at_ceiling,
+    crossed_bootstrap_interval,
+    describe,
+    family_verdicts,
+    paired_interval,
+    sample_size_to_tell,
+    strongest_rule,
+    verdict,
+)
 
 EVIDENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "shortv"
 POOLS = ("mixed", *QUESTION_TYPES)
@@ -462,39 +478,217 @@ def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:
     return np.array([float(p == item.answer) for item, p in zip(items, predicted)])
 
 
+# "loses at most the tolerance" is the mirror of "loses more than the tolerance": judging the
+# latter with ``stats.verdict`` gives the equivalence band for free (a loss inside ± tolerance is
+# a tie with the reference, which is what "keeps the accuracy" means)
+_KEEPS = {SUPPORTED: CONTRADICTED, CONTRADICTED: SUPPORTED, EQUIVALENT: EQUIVALENT, CANNOT_TELL: CANNOT_TELL}
+
+
 def loss_verdict(interval: Interval, tolerance: float = 0.01) -> str:
-    """Verdict on "freezing loses at most ``tolerance`` accuracy" from the interval of the paired
-    dense-minus-frozen difference: supported when its upper bound is <= ``tolerance``,
-    contradicted when its lower bound is > ``tolerance``, otherwise cannot tell."""
-    if interval.high <= tolerance:
-        return SUPPORTED
-    if interval.low > tolerance:
-        return CONTRADICTED
-    return CANNOT_TELL
+    """Verdict on "freezing loses at most ``tolerance`` accuracy" (the practical size) from the
+    interval of the paired reference-minus-frozen difference: ``EQUIVALENT`` (the same within
+    ± ``tolerance``: the accuracy is kept) when the whole interval lies inside ± ``tolerance``;
+    ``SUPPORTED`` when it lies below ``tolerance`` but reaches below − ``tolerance`` (no loss that
+    matters, perhaps a gain); ``CONTRADICTED`` when the whole interval lies above ``tolerance``;
+    otherwise ``CANNOT_TELL``."""
+    return _KEEPS[verdict(interval, 0.0, claim="above", margin=tolerance)]
+
+
+def loss_family(intervals: dict[str, Interval], tolerance: float = 0.01) -> FamilyVerdicts:
+    """``loss_verdict`` for a family of loss intervals ({setting: reference − frozen}), each and
+    after Holm's adjustment across the family (``stats.family_verdicts``), in the same words."""
+    family = family_verdicts(intervals, 0.0, claim="above", margin=tolerance)
+    return FamilyVerdicts({k: _KEEPS[v] for k, v in family.per_setting.items()},
+                          {k: _KEEPS[v] for k, v in family.holm.items()}, family.expected_by_chance, family.level)
 
 
 def max_frozen_within(dense: np.ndarray, frozen: dict[int, np.ndarray], clusters, tolerance: float = 0.01,
                       seed: int = 0) -> tuple[list[dict], int | None, int | None]:
     """For each N of ``frozen`` ({N: correct [items]}), the paired interval of ``dense − frozen``
     (clustered by ``clusters``) and its ``loss_verdict``. Returns the rows {"N", "loss", "low",
-    "high", "verdict"}, the largest N whose verdict is supported (None if none) and the
-    smallest N whose verdict is contradicted (None if none)."""
+    "high", "verdict"}, the largest N whose loss is established to be at most ``tolerance``
+    (supported or the same within it; None if none) and the smallest N whose verdict is
+    contradicted (None if none)."""
     rows = []
     for n in sorted(frozen):
         interval = paired_interval(dense, frozen[n], clusters, seed=seed)
         rows.append({"N": n, "loss": interval.estimate, "low": interval.low, "high": interval.high,
                      "verdict": loss_verdict(interval, tolerance)})
-    supported = [row["N"] for row in rows if row["verdict"] == SUPPORTED]
+    kept = [row["N"] for row in rows if row["verdict"] in (SUPPORTED, EQUIVALENT)]
     contradicted = [row["N"] for row in rows if row["verdict"] == CONTRADICTED]
-    return rows, max(supported, default=None), min(contradicted, default=None)
+    return rows, max(kept, default=None), min(contradicted, default=None)
+
+
+def family_outcome(verdicts, *, tie_holds: bool) -> str:
+    """One verdict for a claim that needs every one of ``verdicts`` (links of a chain, settings of
+    a family): contradicted when any is; when ``tie_holds`` (a claim of keeping, such as "loses at
+    most the tolerance") supported when all are supported or ties, the same within the margin
+    when all are ties; otherwise (a claim of beating) a tie at any link denies it as a tie;
+    supported only when every one is; otherwise cannot tell."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        return CANNOT_TELL
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    if tie_holds:
+        if all(v == EQUIVALENT for v in verdicts):
+            return EQUIVALENT
+        return SUPPORTED if all(v in (SUPPORTED, EQUIVALENT) for v in verdicts) else CANNOT_TELL
+    if EQUIVALENT in verdicts:
+        return EQUIVALENT
+    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else CANNOT_TELL
 
 
 def ordered_verdict(verdicts: list[str]) -> str:
-    """The verdict on a chain of claims ("a > b > c") from the verdicts of its links: supported
-    when every link is, contradicted when any link is, otherwise cannot tell."""
-    if any(v == CONTRADICTED for v in verdicts):
-        return CONTRADICTED
-    return SUPPORTED if verdicts and all(v == SUPPORTED for v in verdicts) else CANNOT_TELL
+    """The verdict on a chain of claims ("a > b > c") from the verdicts of its links: contradicted
+    when any link is, the same within the margin when a link is a tie (which denies "better"),
+    supported when every link is, otherwise cannot tell."""
+    return family_outcome(verdicts, tie_holds=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """A verdict with what it was judged from and against: the ``interval``, the ``outcome``
+    (``shortlab.stats``), the practical size ``margin`` and whether every accuracy compared sits
+    at the ``ceiling`` (then a tie says nothing about a harder task)."""
+
+    interval: Interval
+    outcome: str
+    margin: float
+    ceiling: bool = False
+
+    def words(self) -> str:
+        text = describe(self.outcome, self.margin)
+        if self.ceiling:
+            text += ", both at the accuracy ceiling (only a harder task can separate them)"
+        return text
+
+    def __str__(self) -> str:
+        return f"{self.interval} -> {self.words()} (practical size {self.margin:g})"
+
+
+def judge(interval: Interval, threshold: float = 0.0, *, margin: float, claim: str = "above",
+          accuracies: tuple[Interval, ...] = (), ceiling: float = 1.0) -> Judgement:
+    """``stats.verdict`` of the claim "``claim`` ``threshold`` by more than ``margin``", with the
+    ceiling named when the claim is not supported and every one of ``accuracies`` (the settings
+    compared) lies within ``margin`` of ``ceiling`` (``stats.at_ceiling``)."""
+    outcome = verdict(interval, threshold, claim=claim, margin=margin)
+    topped = bool(accuracies) and outcome != SUPPORTED and at_ceiling(*accuracies, ceiling=ceiling,
+                                                                       margin=max(margin, 1e-9))
+    return Judgement(interval, outcome, margin, topped)
+
+
+def to_tell(judgement: Judgement, n: int, threshold: float = 0.0, *, claim: str = "above",
+            unit: str = "questions") -> str:
+    """What would decide an undecided ``judgement`` made from ``n`` items, in words: a harder
+    task for a tie at the ceiling, else roughly how many items (``stats.sample_size_to_tell``)."""
+    if judgement.ceiling:
+        return "both settings sit at the accuracy ceiling: only a harder task can separate them"
+    if judgement.outcome != CANNOT_TELL:
+        return ""
+    needed = sample_size_to_tell(judgement.interval, n, threshold, margin=judgement.margin, claim=claim)
+    if needed is None:
+        return "the estimate sits on the practical edge: no sample size decides it"
+    return f"about {needed} {unit} would decide it (this run has {n})"
+
+
+def finding(claim: str, judgement: Judgement, n: int, *, practical: str | None = None, paper: str = "",
+            unit: str = "in accuracy") -> Finding:
+    """A ``findings.Finding`` from a ``Judgement`` made on ``n`` items: the practical size in
+    words (``practical``, default "by more than <margin> <unit>"; a tie at the ceiling says that
+    only a harder task could separate the settings) and, for an undecided one, what would tell."""
+    words = practical if practical is not None else f"by more than {judgement.margin:g} {unit}"
+    if judgement.ceiling:
+        words += "; both at the accuracy ceiling, so only a harder task can separate them"
+    return Finding(claim, judgement.outcome, judgement.interval, words, judgement.margin, paper, to_tell(judgement, n))
+
+
+def question_masks(items: list[VQAItem]) -> dict[str, np.ndarray]:
+    """{"all": every item, question type: its items} as boolean masks [len(items)] (types present only)."""
+    masks = {"all": np.ones(len(items), dtype=bool)}
+    for kind in QUESTION_TYPES:
+        mask = np.array([question_type(item) == kind for item in items], dtype=bool)
+        if mask.any():
+            masks[kind] = mask
+    return masks
+
+
+def interpolate_at_flops(points: dict[float, np.ndarray], target: float) -> tuple[np.ndarray, str]:
+    """Per-question scores of a method at FLOPs fraction ``target``, linearly interpolated
+    between the two settings of its sweep ({FLOPs fraction: correct [items]}) that bracket it (a
+    setting at exactly ``target`` is returned as is). Interpolating each question's score keeps
+    the comparison paired with a setting scored on the same questions. Returns the scores and
+    how they were made, in words."""
+    if not points:
+        raise ValueError("no sweep points to interpolate")
+    flops = sorted(points)
+    if not flops[0] - 1e-9 <= target <= flops[-1] + 1e-9:
+        raise ValueError(f"FLOPs fraction {target:.3f} lies outside the sweep [{flops[0]:.3f}, {flops[-1]:.3f}]")
+    for x in flops:
+        if abs(x - target) <= 1e-9:
+            return np.asarray(points[x], dtype=np.float64), f"the setting at {x:.0%} FLOPs"
+    upper = min(x for x in flops if x > target)
+    lower = max(x for x in flops if x < target)
+    weight = (target - lower) / (upper - lower)  # on the upper point
+    scores = weight * np.asarray(points[upper], dtype=np.float64) + (1 - weight) * np.asarray(points[lower], dtype=np.float64)
+    return scores, f"interpolated between {lower:.0%} and {upper:.0%} FLOPs"
+
+
+def combination_verdicts(combined: np.ndarray, flops: float, alone: dict[str, dict[float, np.ndarray]],
+                         clusters, *, margin: float, seed: int = 0) -> tuple[dict[str, dict], str]:
+    """Judge "the combination beats each method alone at equal FLOPs": for every method of
+    ``alone`` ({name: {FLOPs fraction: correct [items]}}), its scores at ``flops`` (the
+    combination's, ``interpolate_at_flops``) and the paired interval of ``combined − alone``
+    clustered by ``clusters``, judged against ``margin``. Returns ({name: {"judgement", "how"}}
+    (judgement None where the method's sweep does not reach those FLOPs) and the verdict on the
+    whole claim (``ordered_verdict``: every method must be beaten)."""
+    rows = {}
+    for name, points in alone.items():
+        if not min(points) - 1e-9 <= flops <= max(points) + 1e-9:  # no setting of equal FLOPs to compare with
+            rows[name] = {"judgement": None, "how": f"its sweep does not reach {flops:.0%} FLOPs"}
+            continue
+        scores, how = interpolate_at_flops(points, flops)
+        difference = paired_interval(combined, scores, clusters, seed=seed)
+        rows[name] = {"judgement": judge(difference, margin=margin), "how": how}
+    outcomes = [CANNOT_TELL if row["judgement"] is None else row["judgement"].outcome for row in rows.values()]
+    return rows, ordered_verdict(outcomes)
+
+
+def rule_family(settings: dict[str, np.ndarray], rules: dict[str, np.ndarray], clusters, *, margin: float,
+                seed: int = 0) -> tuple[str, float, dict[str, Interval], FamilyVerdicts]:
+    """Judge every accuracy of ``settings`` ({name: correct [items], or [draws, items] for
+    random draws}) against the strongest rule that needs no model among ``rules`` ({name:
+    per-item score [items]}; ``stats.strongest_rule``), claim "above it by more than ``margin``",
+    paired over the same items and clustered by ``clusters`` (draws crossed with the clusters).
+    Returns the rule's name, its mean score, the difference intervals and their family verdicts
+    (each, and Holm-adjusted)."""
+    name, rule = strongest_rule(rules)
+    intervals = {}
+    for setting, values in settings.items():
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 2:
+            intervals[setting] = crossed_bootstrap_interval(values - rule[None, :], clusters, seed=seed)
+        else:
+            intervals[setting] = paired_interval(values, rule, clusters, seed=seed)
+    return name, float(rule.mean()), intervals, family_verdicts(intervals, 0.0, margin=margin)
+
+
+def against_rules_by_group(correct: np.ndarray, rules: dict[str, np.ndarray], masks: dict[str, np.ndarray],
+                           clusters, *, margin: float, seed: int = 0) -> tuple[list[dict], FamilyVerdicts]:
+    """``correct`` [items] judged against the strongest no-model rule of each group of questions
+    (``masks``: {group: boolean mask [items]}, e.g. ``question_masks``; the strongest rule may
+    differ between groups), as one family. Returns rows {"questions", "strongest rule", "rule
+    accuracy", "minus rule"} and the ``FamilyVerdicts`` keyed by group."""
+    clusters = np.asarray(clusters)
+    rows, intervals = [], {}
+    for group, mask in masks.items():
+        mask = np.asarray(mask, dtype=bool)
+        name, score, found, _ = rule_family({group: np.asarray(correct, dtype=np.float64)[mask]},
+                                            {r: np.asarray(v, dtype=np.float64)[mask] for r, v in rules.items()},
+                                            clusters[mask], margin=margin, seed=seed)
+        intervals[group] = found[group]
+        rows.append({"questions": group, "strongest rule": name, "rule accuracy": score, "minus rule": found[group]})
+    return rows, family_verdicts(intervals, 0.0, margin=margin)
 
 
 def jaccard(a, b) -> float:

@@ -8,12 +8,12 @@ from shortlab.rope_experiment.measurements import interval_from
 from shortlab.stats import CANNOT_TELL, sample_size_to_tell
 
 
-def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: float = 0.0) -> str:
+def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: float = 0.0, unit: str = "trials") -> str:
     if claim.get("reason"):
         return f"Cannot be judged: {claim['reason']}"
     size = sample_size_to_tell(interval_from(claim), n, threshold, margin=margin, claim=claim_side)
     return ("no sample size decides it: the estimate sits on the edge" if size is None
-            else f"about {size:,} trials instead of {n:,} would decide it")
+            else f"about {size:,} {unit} instead of {n:,} would decide it")
 
 
 def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | None, paper: dict,
@@ -64,7 +64,8 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
             findings.append(Finding(f"{label} with base {run['base']:g}: perplexity comparable to the control's",
                                     ratio["verdict"], interval_from(ratio),
                                     practical=f"ratio below {finetune['ppl_tolerance']:g}",
-                                    to_tell=_to_tell(ratio, 32, finetune["ppl_tolerance"], "below")))
+                                    to_tell=_to_tell(ratio, len(run["perplexity"]["rows"]["nll_sum"]),
+                                                     finetune["ppl_tolerance"], "below", unit="held-out rows")))
     if passkey is not None:
         claim = passkey["fails_beyond"]
         n = passkey["beyond"]["n"]
