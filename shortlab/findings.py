@@ -62,7 +62,9 @@ class Finding:
 
 
 def _capital(text: str) -> str:
-    return text[:1].upper() + text[1:]
+    """Capitalise a sentence's first word unless it is a name (``smollm2-135m``, ``llava-mini``)."""
+    first = text.split(" ", 1)[0]
+    return text[:1].upper() + text[1:] if first.isalpha() and first.islower() else text
 
 
 def findings_markdown(title: str, findings: Sequence[Finding], departures: Sequence[str] = (),

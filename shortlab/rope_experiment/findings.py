@@ -31,10 +31,10 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
             findings.append(Finding(
                 f"Small Llamas fine-tuned with bases whose bound lies inside the context: {claim} "
                 f"(most bases, after Holm's adjustment; {per_base})", outcome,
-                practical={"fails beyond the bound": f"accuracy below the halfway level {scratch['halfway_level']:.2f}",
+                practical={"fails beyond the bound": f"(accuracy below the halfway level {scratch['halfway_level']:.2f})",
                            "drops more than the control's": f"by more than {margin} in accuracy",
-                           "perplexity comparable to the control's": f"ratio below {practical['ppl_tolerance']}",
-                           "retrieval holds up to the bound": f"halving no earlier than {1 - practical['ratio_margin']:g} × L_θ",
+                           "perplexity comparable to the control's": f"(a ratio below {practical['ppl_tolerance']})",
+                           "retrieval holds up to the bound": f"(halving no earlier than {1 - practical['ratio_margin']:g} × L_θ)",
                            }.get(claim, ""), margin=margin))
         rules = scratch["rules"]
         departures.append(f"Every small-model accuracy stands beside chance {rules['uniform guess']:.2f} and the "
@@ -50,7 +50,7 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
                 f"{label} with base {run['base']:g}: retrieval fails beyond its bound {run['bound']:,} "
                 f"(found within {claim['within']['estimate']:.2f}, beyond {claim['beyond']['estimate']:.2f})",
                 claim["verdict"], interval_from(claim["beyond"]),
-                practical=f"beyond-bound rate below {claim['halfway_level']:.2f}, only for a model that retrieves within it",
+                practical=f"(a rate beyond it below {claim['halfway_level']:.2f}, judged only for a model that retrieves within it)",
                 to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), n, claim["halfway_level"], "below")))
             half = run["half_accuracy"]
             if half is not None and "verdict" in half:
@@ -58,12 +58,12 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
                 findings.append(Finding(
                     f"{label} with base {run['base']:g}: retrieval holds up to the bound (half-accuracy distance over "
                     f"L_θ: {'beyond the probed distances' if over['estimate'] is None else format(over['estimate'], '.2f')})",
-                    half["verdict"], practical=f"no earlier than {1 - half['ratio_margin']:g} × L_θ",
+                    half["verdict"], practical=f"(halving no earlier than {1 - half['ratio_margin']:g} × L_θ)",
                     to_tell=half.get("reason", "")))
             ratio = run["verdict"]["perplexity_ratio"]
             findings.append(Finding(f"{label} with base {run['base']:g}: perplexity comparable to the control's",
                                     ratio["verdict"], interval_from(ratio),
-                                    practical=f"ratio below {finetune['ppl_tolerance']:g}",
+                                    practical=f"(a ratio below {finetune['ppl_tolerance']:g})",
                                     to_tell=_to_tell(ratio, len(run["perplexity"]["rows"]["nll_sum"]),
                                                      finetune["ppl_tolerance"], "below", unit="held-out rows")))
     if passkey is not None:
@@ -71,7 +71,7 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
         n = passkey["beyond"]["n"]
         findings.append(Finding("The shipped model's passkey fails beyond its own bound", claim["verdict"],
                                 interval_from(claim["beyond"]),
-                                practical=f"beyond-bound rate below {claim['halfway_level']:.2f}",
+                                practical=f"(a rate beyond it below {claim['halfway_level']:.2f})",
                                 to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), n,
                                                  claim["halfway_level"], "below")))
     tuning = paper["fine_tuning"]
