@@ -325,9 +325,9 @@ class FamilyVerdicts:
         def words(counts):
             return ", ".join(f"{n} {describe(outcome, margin)}" for outcome, n in counts.items() if n) or "none"
         m = len(self.per_setting)
-        return (f"{m} settings: {words(self.counts())}; by chance alone about {self.expected_by_chance:.1f} would "
-                f"come out supported and as many contradicted; after Holm's adjustment (family-wise "
-                f"{1 - self.level:.0%}): {words(self.counts(adjusted=True))}.")
+        return (f"{m} settings, each judged alone: {words(self.counts())} (by chance alone about "
+                f"{self.expected_by_chance:.1f} would come out supported and as many contradicted); after Holm's "
+                f"adjustment for the family (family-wise error {1 - self.level:.0%}): {words(self.counts(adjusted=True))}.")
 
 
 def family_verdicts(intervals: Mapping[str, Interval], threshold: float = 0.0, *, claim: str = "above",

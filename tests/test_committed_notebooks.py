@@ -52,7 +52,7 @@ README_VERDICT_ROWS = {
     "… than reverse order (accuracy)": "BI keeps more accuracy than reverse_order",
     "BI beats random removal (20 draws, every k)": "BI beats random removal",
     "the dense model beats the strongest rule that needs no model": "the dense model scores above the strongest rule",
-    "a quarter of the layers removed keeps most of the accuracy above that rule": "keeps most of the accuracy",
+    "a quarter of the layers removed keeps most of the accuracy above that rule": "keeps most of what the dense model scores",
     "removal and 4-bit weights compose in perplexity": "removal and 4-bit weights compose in perplexity",
     "… in accuracy (± 2 points)": "removal and 4-bit weights compose in accuracy",
 }

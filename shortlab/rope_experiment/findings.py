@@ -28,9 +28,11 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
             counts = family.counts(adjusted=True)
             outcome = max(counts, key=lambda o: (counts[o], o != CANNOT_TELL))
             per_base = "; ".join(f"{name}: {v}" for name, v in family.holm.items())
+            share = ("all" if counts[outcome] == len(family.holm)
+                     else f"{counts[outcome]} of {len(family.holm)}")
             findings.append(Finding(
-                f"Small Llamas fine-tuned with bases whose bound lies inside the context: {claim} "
-                f"(most bases, after Holm's adjustment; {per_base})", outcome,
+                f"Small Llamas pretrained once, then fine-tuned with bases whose bound lies inside the context: {claim} "
+                f"({share} bases after Holm's adjustment; {per_base})", outcome,
                 practical={"fails beyond the bound": f"(accuracy below the halfway level {scratch['halfway_level']:.2f})",
                            "drops more than the control's": f"by more than {margin} in accuracy",
                            "perplexity comparable to the control's": f"(a ratio below {practical['ppl_tolerance']})",
@@ -66,10 +68,23 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
                                     practical=f"(a ratio below {finetune['ppl_tolerance']:g})",
                                     to_tell=_to_tell(ratio, len(run["perplexity"]["rows"]["nll_sum"]),
                                                      finetune["ppl_tolerance"], "below", unit="held-out rows")))
+    for finetune in finetunes:  # the untouched model on the fine-tuning script's passkey grid
+        shipped = finetune.get("shipped")
+        claim = None if shipped is None or shipped.get("verdict") is None else shipped["verdict"].get("fails_beyond")
+        if claim is not None:
+            findings.append(Finding(
+                f"The shipped model's passkey on {finetune['model']['label']}'s grid fails beyond its own bound "
+                f"{shipped['bound']:,} (found within {claim['within']['estimate']:.2f}, beyond "
+                f"{claim['beyond']['estimate']:.2f})", claim["verdict"], interval_from(claim["beyond"]),
+                practical=f"(a rate beyond it below {claim['halfway_level']:.2f})",
+                to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), shipped["verdict"]["beyond"]["n"],
+                                 claim["halfway_level"], "below")))
     if passkey is not None:
         claim = passkey["fails_beyond"]
         n = passkey["beyond"]["n"]
-        findings.append(Finding("The shipped model's passkey fails beyond its own bound", claim["verdict"],
+        findings.append(Finding(f"The shipped model's passkey in this notebook's section 4 fails beyond its own bound "
+                                f"(found within {claim['within']['estimate']:.2f}, beyond {claim['beyond']['estimate']:.2f}; "
+                                "its prompts and distances differ from the fine-tuning grid's)", claim["verdict"],
                                 interval_from(claim["beyond"]),
                                 practical=f"(a rate beyond it below {claim['halfway_level']:.2f})",
                                 to_tell=_to_tell(dict(claim["beyond"], reason=claim["reason"]), n,
