@@ -40,6 +40,7 @@ from shortlab.rope_experiment.measurements import (
     gated_verdict,
     half_accuracy_summary,
     halfway_level,
+    interval_json,
     passkey_chance,
     per_position_nll,
     retrieval_gate,
@@ -362,11 +363,6 @@ def difference_of_rates(a_correct: int, a_n: int, b_correct: int, b_n: int,
     return Interval(difference, low, high, level, "Newcombe hybrid score")
 
 
-def _interval_dict(interval: Interval) -> dict:
-    return dict(estimate=interval.estimate, low=interval.low, high=interval.high,
-                method=interval.method)
-
-
 def _pooled_rate(rows: Sequence[dict]) -> Interval:
     return wilson_interval(sum(r["correct"] for r in rows), sum(r["n"] for r in rows))
 
@@ -402,7 +398,7 @@ def bound_verdicts(run: dict, control: dict, context: int, ppl_tolerance: float 
     run_rows, control_rows = run["perplexity"]["rows"], control["perplexity"]["rows"]
     ratio = paired_perplexity_ratio(np.sum(run_rows["nll_sum"], 1), np.sum(control_rows["nll_sum"], 1),
                                     np.sum(run_rows["count"], 1))
-    out["perplexity_ratio"] = dict(_interval_dict(ratio),
+    out["perplexity_ratio"] = dict(interval_json(ratio),
                                    verdict=verdict(ratio, ppl_tolerance, claim="below"))
     if not within or not beyond:
         out["fails_beyond"] = out["within_minus_beyond"] = out["control_minus_run_beyond"] = out["overall"] = None

@@ -49,6 +49,7 @@ from shortlab.rope_experiment.measurements import (
     gated_verdict,
     half_accuracy_summary,
     halfway_level,
+    interval_json,
     interval_from,
     retrieval_gate,
     qk_pair_covariances,
@@ -508,11 +509,6 @@ def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_id
 
 # ----------------------------------------------------------------------------- analysis
 
-def _interval_dict(interval: Interval) -> dict:
-    return {"estimate": interval.estimate, "low": interval.low, "high": interval.high,
-            "method": interval.method}
-
-
 def _rate(correct: np.ndarray) -> dict:
     """{n, correct, rate, low, high} of 0/1 outcomes, with a Wilson interval."""
     n, hits = int(correct.size), int(correct.sum())
@@ -620,7 +616,7 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
             row["fails_beyond"] = fails
             row["verdict"], row["verdict_reason"] = fails["verdict"], fails["reason"]
             difference = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within")], subsets)
-            row["beyond_minus_within"] = _interval_dict(difference)
+            row["beyond_minus_within"] = interval_json(difference)
             if control_runs is not None and not entry["control"]:
                 control = stacked(control_runs, "correct").reshape(flat.shape)
                 relative = crossed_bootstrap([(1.0, flat, "beyond"), (-1.0, flat, "within"),
@@ -634,14 +630,14 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
         bin_nll = stacked(runs, "bin_nll").mean(0)  # [rows, bins], averaged over seeds
         counts = np.asarray(runs[0]["bin_counts"], dtype=np.float64)
         row["perplexity"] = [{"low_position": int(lo), "high_position": int(hi),
-                              **_interval_dict(_perplexity(bin_nll, counts, np.array([j])))}
+                              **interval_json(_perplexity(bin_nll, counts, np.array([j])))}
                              for j, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
         far = np.flatnonzero(centres > bound)
         if far.size and control_runs is not None and not entry["control"]:
             control_nll = stacked(control_runs, "bin_nll").mean(0)
             ratio = paired_perplexity_ratio(bin_nll[:, far].sum(1), control_nll[:, far].sum(1),
                                             np.full(bin_nll.shape[0], counts[far].sum()))
-            row["perplexity_ratio_beyond_bound"] = _interval_dict(ratio)
+            row["perplexity_ratio_beyond_bound"] = interval_json(ratio)
             row["perplexity_verdict"] = verdict(ratio, ppl_tolerance, claim="below")
         for name in ("covariance_bounds", "variance_bounds"):
             values = stacked(runs, name).ravel()

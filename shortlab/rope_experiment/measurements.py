@@ -387,7 +387,9 @@ def retrieval_gate(within: Interval, level: float) -> str | None:
             f"[{within.low:.2f}, {within.high:.2f}] reaches the halfway level {level:.2f})")
 
 
-def _interval_json(interval: Interval) -> dict:
+def interval_json(interval: Interval) -> dict:
+    """An ``Interval`` as the JSON dict {estimate, low, high, method} the results files store
+    (``interval_from`` reads it back)."""
     return {"estimate": interval.estimate, "low": interval.low, "high": interval.high, "method": interval.method}
 
 
@@ -403,7 +405,7 @@ def fails_beyond_verdict(within: Interval, beyond: Interval, chance: float) -> d
     outcome = verdict(beyond, level, claim="below")
     if outcome == SUPPORTED and reason is not None:
         outcome = CANNOT_TELL
-    return {"within": _interval_json(within), "beyond": _interval_json(beyond), "halfway_level": level,
+    return {"within": interval_json(within), "beyond": interval_json(beyond), "halfway_level": level,
             "verdict": outcome, "reason": reason if outcome == CANNOT_TELL else None}
 
 
@@ -415,7 +417,7 @@ def gated_verdict(interval: Interval, threshold: float, *, claim: str, margin: f
     outcome = verdict(interval, threshold, claim=claim, margin=margin)
     if reason is not None and outcome == SUPPORTED:
         outcome = CANNOT_TELL
-    return dict(_interval_json(interval), verdict=outcome, margin=margin,
+    return dict(interval_json(interval), verdict=outcome, margin=margin,
                 reason=reason if outcome == CANNOT_TELL else None)
 
 
