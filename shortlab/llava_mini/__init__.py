@@ -21,6 +21,11 @@ The package is split by topic; every name is importable from ``shortlab.llava_mi
 * ``build``: the processor, the trained weights' files, ``merge_lora``, ``build_llava_mini``;
 * ``easy_vqa``: the easy-VQA questions, answers and images, the chat prompt, and what an accuracy
   is judged against: the question-only prior, a blank image, per-type intervals clustered by image;
+* ``scenes``: a generated CLEVR-like scene VQA (several objects; existence, counting, attribute,
+  relation and count-comparison questions), seeded and with disjoint splits, whose answers follow
+  from each question's text and its scene;
+* ``tasks``: easy-VQA and the scenes behind one ``VQATask`` interface (questions per split,
+  images, answer set, question types, chance, blank image, the weights trained for the task);
 * ``packing``: several questions about one image packed into one sequence (the image prefix
   shared, each question seeing only the prefix and itself, through a 4D attention mask and
   position ids that restart after the prefix). A packed question gets exactly the logits it would
@@ -61,6 +66,7 @@ from shortlab.llava_mini.evidence import (
     EVIDENCE_DIR, Calibration, EvidenceConfig, calibration, calibration_pools, evidence_plan,
     max_frozen_within, model_fingerprint, question_layer_contributions, run_plan, store_path,
 )
+from shortlab.llava_mini.tasks import EASY_VQA_TASK, SCENES_TASK, TASKS, VQATask, task
 from shortlab.llava_mini.explorer import (
     PRESETS, AnswerView, answer_explorer, answer_probabilities, answer_view, draw_answer_view, layer_presets,
 )
@@ -69,6 +75,7 @@ from shortlab.llava_mini.sweep import (
 )
 
 __all__ = [
+    "EASY_VQA_TASK", "SCENES_TASK", "TASKS", "VQATask", "task",
     "PRESETS", "AnswerView", "answer_explorer", "answer_probabilities", "answer_view", "draw_answer_view",
     "layer_presets",
     "EVIDENCE_DIR", "Calibration", "EvidenceConfig", "calibration", "calibration_pools", "evidence_plan",

@@ -151,9 +151,10 @@ def no_model_rules(items: list[VQAItem], train_items: list[VQAItem], blank_predi
 
 
 def accuracy_report(items: list[VQAItem], predicted: list[str], *, n_resamples: int = 4000,
-                    seed: int = 0) -> dict:
-    """Accuracy of ``predicted`` answers (aligned with ``items``), overall and per question type,
-    each with a 95 % bootstrap interval clustered by image (questions about one image share it, so
+                    seed: int = 0, question_type=question_type, types=QUESTION_TYPES) -> dict:
+    """Accuracy of ``predicted`` answers (aligned with ``items``), overall and per question type
+    (``question_type(item)`` among ``types``: easy-VQA's by default, a task's own otherwise), each
+    with a 95 % bootstrap interval clustered by image (questions about one image share it, so
     they are not independent). Returns {"all" | type: {"accuracy", "low", "high", "n", "images"}}
     and "correct": the per-item 0/1 list, for paired comparisons."""
     from shortlab.stats import bootstrap_interval
@@ -164,8 +165,9 @@ def accuracy_report(items: list[VQAItem], predicted: list[str], *, n_resamples: 
     correct = [float(p == item.answer) for item, p in zip(items, predicted)]
     report: dict = {"correct": correct}
     groups = {"all": list(range(len(items)))}
-    for kind in QUESTION_TYPES:
-        groups[kind] = [i for i, item in enumerate(items) if question_type(item) == kind]
+    kinds = [question_type(item) for item in items]
+    for kind in types:
+        groups[kind] = [i for i, found in enumerate(kinds) if found == kind]
     for name, index in groups.items():
         if not index:
             continue

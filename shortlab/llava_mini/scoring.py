@@ -15,7 +15,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 from shortlab.arch import ModelParts, UnsupportedArchitectureError, model_parts
-from shortlab.llava_mini.easy_vqa import VQAItem, easy_vqa_answers, easy_vqa_image
+from shortlab.llava_mini.easy_vqa import VQAItem, easy_vqa_answers
 from shortlab.llava_mini.packing import PromptTokens, build_eval_sequence, packed_batch, prompt_tokens
 
 # (packed input_ids, question-end mask) -> a context manager around the decoder forward
@@ -177,11 +177,15 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
 
 def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", batch_size: int = 2,
                    features: dict[int, torch.Tensor] | None = None,
-                   intervention: Intervention | None = None, image=None) -> dict:
-    """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over the 13
+                   intervention: Intervention | None = None, image=None, task=None) -> dict:
+    """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over the task's
     answers (``accuracy``) and greedy exact match (``greedy_accuracy``). ``intervention``: as in
     ``score_answers``. ``image``: one image shown with every question instead of its own (e.g.
-    ``blank_image()``, the blank-image baseline)."""
+    the task's blank image, the blank-image baseline). ``task``: a ``VQATask`` or its name
+    (default easy-VQA), which gives the images of ``split`` and the answer set."""
+    from shortlab.llava_mini.tasks import task as find_task
+
+    vqa_task = find_task(task or "easy-vqa")
     by_image: dict[int, list[VQAItem]] = defaultdict(list)
     for item in items:
         by_image[item.image_id].append(item)
@@ -191,10 +195,11 @@ def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", 
     if image is not None:
         images = [image] * len(image_ids)
     else:
-        images = None if features is not None else [easy_vqa_image(split, i) for i in image_ids]
+        images = None if features is not None else [vqa_task.image(split, i) for i in image_ids]
     feats = [features[i] for i in image_ids] if features is not None else None
     results = score_answers(model, processor, images, [[it.question for it in by_image[i]] for i in image_ids],
-                            batch_size=batch_size, features=feats, intervention=intervention)
+                            answers=list(vqa_task.answers), batch_size=batch_size, features=feats,
+                            intervention=intervention)
     correct = greedy_correct = total = 0
     predictions = []
     for image_id, image_results in zip(image_ids, results):

@@ -1,0 +1,108 @@
+"""The visual question-answering tasks llava-mini is trained and judged on, behind one interface:
+their questions per split, images, closed answer set, question types, the chance score of a
+question, the blank image, and the weights trained for them.
+
+* ``easy-vqa``: one coloured shape on a 64-pixel image (the ``easy-vqa`` wheel); llava-mini
+  answers it almost perfectly, which leaves nothing for layer choices to differ on;
+* ``scenes``: the generated CLEVR-like scenes of ``shortlab.llava_mini.scenes``: several objects,
+  counts and relations, so an answer needs the image's detail.
+
+Each task has its own trained weights (projector and LoRA delta): ``build_llava_mini(weights_dir=
+task.weights_dir)``. The scene adapter is a second adapter, not joint training, so the easy-VQA
+weights stay exactly as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortlab.llava_mini import easy_vqa, scenes
+from shortlab.llava_mini.build import WEIGHTS_DIR
+from shortlab.llava_mini.easy_vqa import VQAItem
+
+
+@dataclass(frozen=True)
+class VQATask:
+    name: str
+    description: str
+    splits: tuple[str, ...]
+    answers: tuple[str, ...]  # the closed set every question is scored over
+    question_types: tuple[str, ...]
+    questions: Callable[[str], list[VQAItem]]  # split -> its questions, image by image
+    image: Callable[[str, int], object]  # (split, image id) -> RGB PIL image
+    question_type: Callable[[VQAItem], str]
+    chance: Callable[[VQAItem], float]  # a uniform guess among the answers of the question's type
+    blank_image: Callable[[], object]
+    weights_dir: Path
+    calibration_split: str  # where layer rankings are computed (never the split they are judged on)
+
+    def check_split(self, split: str) -> str:
+        if split not in self.splits:
+            raise ValueError(f"{self.name} has splits {self.splits}, not {split!r}")
+        return split
+
+
+# Images per split of the scene task: the test split's 420 images with one question per family
+# give about 2,100 test questions, clustered by image.
+SCENE_IMAGES = {"train": 6000, "validation": 300, "test": 420}
+SCENE_QUESTIONS_PER_FAMILY = {"train": 2, "validation": 1, "test": 1}
+
+
+def _scene_questions(split: str) -> list[VQAItem]:
+    if split not in SCENE_IMAGES:
+        raise ValueError(f"scenes has splits {tuple(SCENE_IMAGES)}, not {split!r}")
+    return list(scenes.scene_vqa_questions(split, SCENE_IMAGES[split], SCENE_QUESTIONS_PER_FAMILY[split]))
+
+
+def _easy_vqa_chance(item: VQAItem) -> float:
+    return easy_vqa.type_chance(item, easy_vqa.easy_vqa_answers())
+
+
+EASY_VQA_TASK = VQATask(
+    name="easy-vqa",
+    description="easy-VQA (PyPI easy-vqa 1.0): one shape on a 64x64 image, 13 answers",
+    splits=("train", "test"),
+    answers=(),  # filled from the wheel on first use: see task()
+    question_types=easy_vqa.QUESTION_TYPES,
+    questions=easy_vqa.easy_vqa_questions,
+    image=easy_vqa.easy_vqa_image,
+    question_type=easy_vqa.question_type,
+    chance=_easy_vqa_chance,
+    blank_image=easy_vqa.blank_image,
+    weights_dir=WEIGHTS_DIR,
+    calibration_split="train",
+)
+
+SCENES_TASK = VQATask(
+    name="scenes",
+    description=(f"generated CLEVR-like scenes ({scenes.IMAGE_SIZE} px, {scenes.MIN_OBJECTS}-{scenes.MAX_OBJECTS} "
+                 f"objects; questions: {', '.join(scenes.FAMILIES)}), {len(scenes.ANSWERS)} answers"),
+    splits=scenes.SPLITS,
+    answers=scenes.ANSWERS,
+    question_types=scenes.FAMILIES,
+    questions=_scene_questions,
+    image=scenes.scene_image,
+    question_type=scenes.scene_question_family,
+    chance=scenes.family_chance,
+    blank_image=scenes.blank_scene_image,
+    weights_dir=WEIGHTS_DIR / "scenes",
+    calibration_split="validation",
+)
+
+TASKS = {"easy-vqa": EASY_VQA_TASK, "scenes": SCENES_TASK}
+
+
+def task(name: str | VQATask) -> VQATask:
+    """The task called ``name`` ("easy-vqa" or "scenes"), with its answer set resolved."""
+    if isinstance(name, VQATask):
+        return name
+    if name not in TASKS:
+        raise ValueError(f"unknown VQA task {name!r}; tasks: {sorted(TASKS)}")
+    found = TASKS[name]
+    if not found.answers:
+        from dataclasses import replace
+
+        found = replace(found, answers=tuple(easy_vqa.easy_vqa_answers()))
+    return found
