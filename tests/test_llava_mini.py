@@ -92,6 +92,22 @@ def test_packed_questions_get_the_logits_they_get_alone(llava, easy_image):
         assert torch.allclose(model.lm_head(hidden[0, last]), alone, atol=1e-3)
 
 
+def test_each_question_scored_over_its_own_candidates_gets_the_scores_of_the_full_set(llava):
+    model, processor = llava
+    scenes = lm.task("scenes")
+    items = scenes.questions("validation")[:5]
+    image = scenes.image("validation", items[0].image_id)
+    questions = [it.question for it in items if it.image_id == items[0].image_id]
+    own = lm.score_answers(model, processor, [image], [questions], answers=scenes.candidates)[0]
+    full = lm.score_answers(model, processor, [image], [questions], answers=list(scenes.answers))[0]
+    for question, (scores, _), (all_scores, _) in zip(questions, own, full):
+        assert set(scores) == set(scenes.candidates(question)) and len(scores) < len(all_scores)
+        for answer, score in scores.items():
+            assert score == pytest.approx(all_scores[answer], abs=1e-3)
+    with pytest.raises(ValueError, match="candidate answers for 1"):
+        lm.build_eval_sequence(lm.prompt_tokens(processor), questions, [["yes", "no"]])
+
+
 def test_forward_and_generate(llava, easy_image):
     model, processor = llava
     batch = _batch(processor, easy_image)

@@ -115,3 +115,9 @@ def test_family_chance_matches_the_answer_sets():
     assert by_family == {"existence": 0.5, "relation": 0.5, "comparison": 0.5, "counting": 1 / 9}
     colour = next(i for i in items if i.family == "attribute" and i.program[1] == "colour")
     assert S.family_chance(colour) == 1 / len(S.COLOURS)
+
+
+def test_every_answer_is_among_its_questions_candidates():
+    for item in S.scene_vqa_questions("test", 80, 1):
+        assert item.answer in S.candidate_answers(item.question)
+    assert S.candidate_answers("What size is the leftmost object?") == ("small", "large")

@@ -219,20 +219,26 @@ def packed_batch(sequences: list[PackedSequence], pad_id: int, dtype: torch.dtyp
     return input_ids.to(device), position_ids.to(device), mask.to(device)
 
 
-def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers: list[str],
+def build_eval_sequence(tokens: PromptTokens, questions: list[str], answers,
                         prefix: list[int] | None = None):
-    """Pack every question about one image with 13 answer branches each, below ``prefix`` (default
-    ``tokens.prefix``; ``tokens.prefix_for(image.size)`` for an image of another size); returns the
-    sequence and per question: (index of the question's last token, {answer: [token index of each
-    answer token]})."""
-    answer_ids = {a: tokens.answer(a) for a in answers}
+    """Pack every question about one image with one branch per candidate answer below it, below
+    ``prefix`` (default ``tokens.prefix``; ``tokens.prefix_for(image.size)`` for an image of
+    another size). ``answers``: the candidates of every question (a list of strings), or one list
+    per question (each question scored over the answers its type can have). Returns the sequence,
+    per question (index of the question's last token, {answer: [token index of each answer
+    token]}), and the ids of every answer."""
+    per_question_answers = ([list(answers)] * len(questions) if not answers or isinstance(answers[0], str)
+                            else [list(a) for a in answers])
+    if len(per_question_answers) != len(questions):
+        raise ValueError(f"{len(questions)} questions but candidate answers for {len(per_question_answers)}")
+    answer_ids = {a: tokens.answer(a) for candidates in per_question_answers for a in candidates}
     segments: list[tuple[list[int], int]] = []
     layout = []
-    for question in questions:
+    for question, candidates in zip(questions, per_question_answers):
         segments.append((tokens.block(question), 0))
         q_segment = len(segments)
         branch_segments = {}
-        for answer in answers:
+        for answer in candidates:
             segments.append((answer_ids[answer], q_segment))
             branch_segments[answer] = len(segments)
         layout.append((q_segment, branch_segments))

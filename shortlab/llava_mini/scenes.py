@@ -400,12 +400,17 @@ def scene_question_family(item: VQAItem) -> str:
     return item.family if isinstance(item, SceneItem) else parse_question(item.question)[0]
 
 
+def candidate_answers(question: str) -> tuple[str, ...]:
+    """The answers a question's family (and queried attribute) can have: a question is scored
+    over these, as a person would choose among them, and chance is one over their number."""
+    family, *args = parse_question(question)
+    if family in ("existence", "relation", "comparison"):
+        return ("yes", "no")
+    if family == "counting":
+        return COUNT_ANSWERS
+    return tuple({"colour": COLOURS, "shape": SHAPES, "size": SIZES}[args[0]])
+
+
 def family_chance(item: VQAItem) -> float:
     """A uniform guess among the answers a question's family can have."""
-    family = scene_question_family(item)
-    if family in ("existence", "relation", "comparison"):
-        return 0.5
-    if family == "counting":
-        return 1 / len(COUNT_ANSWERS)
-    queried = parse_question(item.question)[1]
-    return 1 / len({"colour": COLOURS, "shape": SHAPES, "size": SIZES}[queried])
+    return 1 / len(candidate_answers(item.question))

@@ -1,4 +1,4 @@
-"""Scoring easy-VQA answers with a LLaVA model on packed sequences: the vision features, the
+"""Scoring VQA answers with a LLaVA model on packed sequences: the vision features, the
 decoder input with the projected features at the image tokens, the packed decoder forward
 (optionally inside an intervention such as ShortV or FastV), and accuracy over a question set.
 
@@ -96,12 +96,14 @@ def image_token_features(model, pixel_values, image_sizes=None) -> torch.Tensor:
 def score_answers(model, processor, images, question_lists, answers=None, batch_size: int = 2,
                   tokens: PromptTokens | None = None, features: list[torch.Tensor] | None = None,
                   intervention: Intervention | None = None):
-    """Closed-set easy-VQA scoring with packed sequences (one forward per ``batch_size`` images).
+    """Closed-set VQA scoring with packed sequences (one forward per ``batch_size`` images).
 
     ``images``: PIL images (each gets the prompt prefix for its size: ``tokens.prefix_for``), or
     None when ``features`` (LLaVA only: the vision features of each image, as ``vision_features``
     returns them, for images of ``tokens.image_size``) are given; ``question_lists``: the questions
-    of each image. Returns, per image and question, ``(scores, greedy)``: ``scores[answer]`` is the
+    of each image; ``answers``: the candidates every question is scored over (default easy-VQA's
+    13), or a function from a question's text to its own candidates (a task's ``candidates``).
+    Returns, per image and question, ``(scores, greedy)``: ``scores[answer]`` is the
     log-likelihood of the answer and its end token (``answer<|im_end|>`` for ChatML, `` yes</s>``
     for LLaVA-1.5 and LLaVA-NeXT-Mistral; sum over its tokens; see ``prompt_tokens``), and
     ``greedy`` the answer whose turn greedy decoding reproduces token by token (None if greedy
@@ -117,6 +119,7 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
     embeddings, LM head), so models placed with a ``device_map`` work as well.
     """
     answers = answers or easy_vqa_answers()
+    candidates = answers if callable(answers) else (lambda question: answers)
     tokens = tokens or prompt_tokens(processor)
     dtype = model.dtype
     parts = _llava_parts(model)
@@ -140,7 +143,7 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
             feats = torch.stack([features[i] for i in chunk])
             projected = projector(feats.to(device=projector_device, dtype=dtype))
             prefixes = [tokens.prefix] * len(chunk)
-        built = [build_eval_sequence(tokens, question_lists[i], answers, prefix)
+        built = [build_eval_sequence(tokens, question_lists[i], [candidates(q) for q in question_lists[i]], prefix)
                  for i, prefix in zip(chunk, prefixes)]
         input_ids, position_ids, mask = packed_batch([b[0] for b in built], tokens.end_id, dtype,
                                                      device=input_device)
@@ -178,8 +181,8 @@ def score_answers(model, processor, images, question_lists, answers=None, batch_
 def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", batch_size: int = 2,
                    features: dict[int, torch.Tensor] | None = None,
                    intervention: Intervention | None = None, image=None, task=None) -> dict:
-    """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over the task's
-    answers (``accuracy``) and greedy exact match (``greedy_accuracy``). ``intervention``: as in
+    """Accuracy on ``items`` (grouped by image): closed-set log-likelihood argmax over each
+    question's candidate answers (the task's ``candidates``: ``accuracy``) and greedy exact match (``greedy_accuracy``). ``intervention``: as in
     ``score_answers``. ``image``: one image shown with every question instead of its own (e.g.
     the task's blank image, the blank-image baseline). ``task``: a ``VQATask`` or its name
     (default easy-VQA), which gives the images of ``split`` and the answer set."""
@@ -198,7 +201,7 @@ def evaluate_items(model, processor, items: list[VQAItem], split: str = "test", 
         images = None if features is not None else [vqa_task.image(split, i) for i in image_ids]
     feats = [features[i] for i in image_ids] if features is not None else None
     results = score_answers(model, processor, images, [[it.question for it in by_image[i]] for i in image_ids],
-                            answers=list(vqa_task.answers), batch_size=batch_size, features=feats,
+                            answers=vqa_task.candidates, batch_size=batch_size, features=feats,
                             intervention=intervention)
     correct = greedy_correct = total = 0
     predictions = []

@@ -28,7 +28,8 @@ class VQATask:
     name: str
     description: str
     splits: tuple[str, ...]
-    answers: tuple[str, ...]  # the closed set every question is scored over
+    answers: tuple[str, ...]  # every answer the task has
+    candidates: Callable[[str], tuple[str, ...]]  # a question's text -> the answers it is scored over
     question_types: tuple[str, ...]
     questions: Callable[[str], list[VQAItem]]  # split -> its questions, image by image
     image: Callable[[str, int], object]  # (split, image id) -> RGB PIL image
@@ -65,6 +66,7 @@ EASY_VQA_TASK = VQATask(
     description="easy-VQA (PyPI easy-vqa 1.0): one shape on a 64x64 image, 13 answers",
     splits=("train", "test"),
     answers=(),  # filled from the wheel on first use: see task()
+    candidates=lambda question: tuple(easy_vqa.easy_vqa_answers()),  # all 13, as the committed numbers were scored
     question_types=easy_vqa.QUESTION_TYPES,
     questions=easy_vqa.easy_vqa_questions,
     image=easy_vqa.easy_vqa_image,
@@ -81,6 +83,7 @@ SCENES_TASK = VQATask(
                  f"objects; questions: {', '.join(scenes.FAMILIES)}), {len(scenes.ANSWERS)} answers"),
     splits=scenes.SPLITS,
     answers=scenes.ANSWERS,
+    candidates=scenes.candidate_answers,
     question_types=scenes.FAMILIES,
     questions=_scene_questions,
     image=scenes.scene_image,
