@@ -3,6 +3,7 @@
     .venv/bin/python scripts/shortv_evidence.py                       # llava-mini, the full sweep
     .venv/bin/python scripts/shortv_evidence.py --device cuda --dtype bfloat16
     .venv/bin/python scripts/shortv_evidence.py --smoke               # tiny-llava, a minute, temporary folder
+    .venv/bin/python scripts/shortv_evidence.py --task scenes --model llava-mini-scenes   # the scene task
 
 Writes <model>_calibration.json (per-question Layer Contribution tables and the visual-cosine
 scores every layer choice is made from) and <model>_predictions.json (each setting's predicted
@@ -25,6 +26,8 @@ from shortlab.models import load_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="llava-mini")
+    parser.add_argument("--task", default="easy-vqa", choices=("easy-vqa", "scenes"),
+                        help="the VQA task the sweep evaluates (and calibrates on)")
     parser.add_argument("--dtype", default="float32",
                         help="the notebook reads the stores only when its DTYPE is the same")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -39,7 +42,7 @@ def main() -> None:
 
     start = time.monotonic()
     deadline = None if args.max_minutes is None else start + 60 * args.max_minutes
-    config = evidence.fast_config() if args.smoke else evidence.EvidenceConfig()
+    config = evidence.fast_config(args.task) if args.smoke else evidence.default_config(args.task)
     model_name = "tiny-llava" if args.smoke and args.model == "llava-mini" else args.model
     with tempfile.TemporaryDirectory() as scratch:
         out = args.out or (Path(scratch) if args.smoke else evidence.EVIDENCE_DIR)
@@ -60,9 +63,9 @@ def main() -> None:
                 f"{prepared.missing()} to compute")
             left = evidence.run_plan(model, processor, prepared.items, prepared.plan, prepared.store,
                                      features=prepared.features, batch_size=args.batch_size, deadline=deadline,
-                                     log=log)
+                                     log=log, task=args.task)
         pools = prepared.calibration.complete_pools(config.pool_size)
-        finished = not left and len(pools) == len(evidence.POOLS)
+        finished = not left and len(pools) == len(evidence.pools_of(args.task))
         log("done: every setting is stored" if finished else
             f"{left} settings left, calibration pools complete: {pools}; run again to continue")
 

@@ -92,7 +92,9 @@ TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-1.5", "tiny-llava-next", "tiny-qwen
 TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + TINY_MULTIMODAL
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 QWEN_VL_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # one image in a prompt
-LLAVA_MINI_MODELS = {"llava-mini": 224, "llava-mini-336": 336}  # name -> image size
+LLAVA_MINI_MODELS = {"llava-mini": 224, "llava-mini-336": 336, "llava-mini-scenes": 224}  # name -> image size
+# llava-mini's adapters other than easy-VQA's: name -> the task whose weights it is built with
+LLAVA_MINI_TASKS = {"llava-mini-scenes": "scenes"}
 
 
 def _tiny_tokenizer():
@@ -367,7 +369,13 @@ def load_model(
     elif name in LLAVA_MINI_MODELS:
         from shortlab.llava_mini import build_llava_mini  # heavy; only llava-mini needs it
 
-        model, tokenizer = build_llava_mini(image_size=LLAVA_MINI_MODELS[name], dtype=torch_dtype)
+        weights_dir = None
+        if name in LLAVA_MINI_TASKS:
+            from shortlab.llava_mini.tasks import task
+
+            weights_dir = task(LLAVA_MINI_TASKS[name]).weights_dir
+        model, tokenizer = build_llava_mini(image_size=LLAVA_MINI_MODELS[name], dtype=torch_dtype,
+                                            weights_dir=weights_dir)
     else:
         if name in EMBEDDED_MODELS:
             source = embedded_checkpoint(name)

@@ -30,15 +30,9 @@ import torch
 from shortlab.files import write_json_atomically
 from shortlab.findings import Finding
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
-from shortlab.llava_mini.easy_vqa import (
-    QUESTION_TYPES,
-    VQAItem,
-    chat_text,
-    easy_vqa_image,
-    easy_vqa_questions,
-    question_type,
-)
+from shortlab.llava_mini.easy_vqa import VQAItem, chat_text
 from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting
+from shortlab.llava_mini.tasks import EASY_VQA_TASK, VQATask, task as find_task
 from shortlab.stats import (
     CANNOT_TELL,
     CONTRADICTED,
@@ -57,13 +51,17 @@ from shortlab.stats import (
 )
 
 EVIDENCE_DIR = Path(__file__).resolve().parents[2] / "results" / "shortv"
-POOLS = ("mixed", *QUESTION_TYPES)
+POOLS = ("mixed", *EASY_VQA_TASK.question_types)  # easy-VQA's; a task's own: pools_of(task)
 LAYER_CHOICES = ("layer_contribution", "visual_cosine", "random")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvidenceConfig:
     """What the sweep evaluates. Layer counts larger than the model's depth are clipped to it.
+
+    ``task``: the VQA task ("easy-vqa" or "scenes", ``shortlab.llava_mini.tasks``): its test
+    split is evaluated (``n_eval`` questions; scenes: whole images, up to the split's size) and
+    its calibration split (never the test split) calibrates every layer choice.
 
     ``frozen_counts``: N for all three layer choices (LC, visual cosine, ``random_seeds`` random
     draws); ``lc_counts``: extra N for the LC curve only (the "how many layers" question);
@@ -76,6 +74,7 @@ class EvidenceConfig:
     """
 
     n_eval: int = 1000
+    task: str = "easy-vqa"
     eval_seed: int = 0
     frozen_counts: tuple[int, ...] = (6, 12, 18, 24)
     lc_counts: tuple[int, ...] = (3, 9, 15, 21, 27)
@@ -92,6 +91,7 @@ class EvidenceConfig:
     calib_seed: int = 0
 
     def __post_init__(self):
+        find_task(self.task)  # an unknown task is refused by name
         if self.n_eval < 1 or self.pool_size < 1:
             raise ValueError(f"n_eval and pool_size must be positive, got {self.n_eval}, {self.pool_size}")
         if not 1 <= self.n_calib <= self.pool_size:
@@ -104,11 +104,19 @@ class EvidenceConfig:
 
 
 
-def fast_config() -> EvidenceConfig:
+def default_config(task: str = "easy-vqa") -> EvidenceConfig:
+    """The sweep of notebook 02's default run on ``task``: easy-VQA's 1,000 questions, or the
+    whole test split of the scenes."""
+    if task == "easy-vqa":
+        return EvidenceConfig()
+    return EvidenceConfig(task=task, n_eval=len(find_task(task).questions("test")))
+
+
+def fast_config(task: str = "easy-vqa") -> EvidenceConfig:
     """The whole sweep at a size that runs in about a minute on a tiny model (notebook 02's FAST
     mode and the script's ``--smoke``)."""
-    return EvidenceConfig(n_eval=12, frozen_counts=(1, 2), lc_counts=(3,), random_seeds=(0, 1), shortv_n=2,
-                          fastv_ratios=(0.5,), combined_ratios=(0.5,), n_calib=2, pool_size=3,
+    return EvidenceConfig(n_eval=12, task=task, frozen_counts=(1, 2), lc_counts=(3,), random_seeds=(0, 1),
+                          shortv_n=2, fastv_ratios=(0.5,), combined_ratios=(0.5,), n_calib=2, pool_size=3,
                           stability_sizes=(1, 3), stability_seeds=(0, 1), fastv_k=1)
 
 
@@ -131,36 +139,66 @@ def model_fingerprint(model, sample: int = 4096) -> str:
     return digest.hexdigest()[:16]
 
 
-def store_path(model_name: str, kind: str, directory: str | Path = EVIDENCE_DIR) -> Path:
-    """Where the sweep of ``model_name`` keeps ``kind`` ("predictions" or "calibration")."""
+def store_path(model_name: str, kind: str, directory: str | Path = EVIDENCE_DIR, task: str = "easy-vqa") -> Path:
+    """Where the sweep of ``model_name`` on ``task`` keeps ``kind`` ("predictions" or
+    "calibration"); easy-VQA's stores carry no task in their name."""
     safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in model_name)
-    return Path(directory) / f"{safe}_{kind}.json"
+    return Path(directory) / (f"{safe}_{kind}.json" if task == "easy-vqa" else f"{safe}_{task}_{kind}.json")
+
+
+def pools_of(task: str | VQATask = "easy-vqa") -> tuple[str, ...]:
+    """The calibration pools of ``task``: "mixed" and one per question type."""
+    return ("mixed", *find_task(task).question_types)
+
+
+def evaluation_items(config: EvidenceConfig) -> list[VQAItem]:
+    """The test questions the sweep evaluates: easy-VQA's ``n_eval`` seeded questions from few
+    images (``fixed_test_questions``); for another task, the test split image by image, whole
+    images only, until ``n_eval`` questions (the whole split when it has fewer)."""
+    from shortlab.llava_mini.easy_vqa import fixed_test_questions
+
+    if config.task == "easy-vqa":
+        return fixed_test_questions(config.n_eval, seed=config.eval_seed)
+    chosen: list[VQAItem] = []
+    for item in find_task(config.task).questions("test"):
+        if len(chosen) >= config.n_eval and item.image_id != chosen[-1].image_id:
+            break
+        chosen.append(item)
+    return chosen
 
 
 # ---------------------------------------------------------------- calibration
 
-def calibration_pools(pool_size: int = 80, seed: int = 0) -> dict[str, list[VQAItem]]:
-    """``pool_size`` seeded training questions per pool: "mixed" (any type) and one pool per
-    question type (``QUESTION_TYPES``)."""
-    train = easy_vqa_questions("train")
-    pools = {"mixed": random.Random(seed).sample(train, pool_size)}
-    for kind in QUESTION_TYPES:
-        of_kind = [item for item in train if question_type(item) == kind]
+def calibration_pools(pool_size: int = 80, seed: int = 0, task: str | VQATask = "easy-vqa") -> dict[str, list[VQAItem]]:
+    """``pool_size`` seeded questions of ``task``'s calibration split per pool: "mixed" (any type)
+    and one pool per question type."""
+    vqa_task = find_task(task)
+    source = vqa_task.questions(vqa_task.calibration_split)
+    pools = {"mixed": random.Random(seed).sample(source, pool_size)}
+    for kind in vqa_task.question_types:
+        of_kind = [item for item in source if vqa_task.question_type(item) == kind]
+        if len(of_kind) < pool_size:
+            raise ValueError(f"{vqa_task.name}'s {vqa_task.calibration_split} split has {len(of_kind)} {kind} "
+                             f"questions, fewer than pool_size {pool_size}")
         pools[kind] = random.Random(seed).sample(of_kind, pool_size)
     return pools
 
 
 def question_layer_contributions(model, processor, items: list[VQAItem], group: str = "visual",
-                                 split: str = "train", progress: Callable[[int], None] | None = None) -> np.ndarray:
+                                 split: str | None = None, progress: Callable[[int], None] | None = None,
+                                 task: str | VQATask = "easy-vqa") -> np.ndarray:
     """Visual (or text) Layer Contribution of every layer for each question on its own:
-    [len(items), layers] in nats (``contribution.layer_contribution`` at the answer position)."""
+    [len(items), layers] in nats (``contribution.layer_contribution`` at the answer position).
+    ``items`` come from ``split`` of ``task`` (default: its calibration split)."""
+    vqa_task = find_task(task)
+    split = split or vqa_task.calibration_split
     from shortlab.contribution import layer_contribution, token_groups
     from shortlab.evaluate import input_device
 
     device = input_device(model)
     rows = []
     for done, item in enumerate(items):
-        batch = processor(images=easy_vqa_image(split, item.image_id), text=chat_text(processor, item.question),
+        batch = processor(images=vqa_task.image(split, item.image_id), text=chat_text(processor, item.question),
                           return_tensors="pt")
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         mask = token_groups(model, batch["input_ids"])[group]
@@ -171,10 +209,13 @@ def question_layer_contributions(model, processor, items: list[VQAItem], group: 
     return np.array(rows)
 
 
-def visual_cosine_scores(model, processor, items: list[VQAItem], split: str = "train",
-                         batch_size: int = 8) -> np.ndarray:
+def visual_cosine_scores(model, processor, items: list[VQAItem], split: str | None = None,
+                         batch_size: int = 8, task: str | VQATask = "easy-vqa") -> np.ndarray:
     """ShortGPT's Block Influence restricted to the visual tokens, per layer [layers]: the
-    paper's "cosine similarity" layer choice freezes the layers with the lowest."""
+    paper's "cosine similarity" layer choice freezes the layers with the lowest. ``items`` come
+    from ``split`` of ``task`` (default: its calibration split)."""
+    vqa_task = find_task(task)
+    split = split or vqa_task.calibration_split
     from shortlab.contribution import token_groups
     from shortlab.evaluate import input_device
     from shortlab.metrics import block_influence
@@ -184,7 +225,7 @@ def visual_cosine_scores(model, processor, items: list[VQAItem], split: str = "t
     def batches():
         for start in range(0, len(items), batch_size):
             chunk = items[start: start + batch_size]
-            batch = processor(images=[easy_vqa_image(split, it.image_id) for it in chunk],
+            batch = processor(images=[vqa_task.image(split, it.image_id) for it in chunk],
                               text=[chat_text(processor, it.question) for it in chunk], padding=True,
                               return_tensors="pt")
             yield {name: tensor.to(device) for name, tensor in batch.items()}
@@ -234,6 +275,8 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
     ``Calibration.complete_pools``) and whether anything was computed."""
     fingerprint = {**fingerprint, "pool_size": config.pool_size, "n_calib": config.n_calib,
                    "calib_seed": config.calib_seed}
+    if config.task != "easy-vqa":  # easy-VQA's stored calibration predates tasks: its fingerprint stays as it was
+        fingerprint["task"] = config.task
     path = None if path is None else Path(path)
     where = "memory (no results folder)" if path is None else path  # for the errors of measure=False
     saved = {"visual_lc": {}, "text_lc": [], "visual_cosine": None}
@@ -243,7 +286,7 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
             saved = stored["calibration"]
         else:
             log(f"{path.name}: stored for {stored['fingerprint']}, recomputing")
-    pools = calibration_pools(config.pool_size, config.calib_seed)
+    pools = calibration_pools(config.pool_size, config.calib_seed, config.task)
     main = pools["mixed"][: config.n_calib]
     computed = False
 
@@ -261,7 +304,7 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
         for item in items[len(rows):]:
             if deadline is not None and time.monotonic() > deadline:
                 return False
-            rows.extend(question_layer_contributions(model, processor, [item], group=group).tolist())
+            rows.extend(question_layer_contributions(model, processor, [item], group=group, task=config.task).tolist())
             computed = True
             save()
         if time.perf_counter() - start > 1:
@@ -275,11 +318,11 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
         if not measure:
             raise RuntimeError(f"the visual cosine scores are not stored in {where}; run scripts/shortv_evidence.py "
                                "with this model and dtype, or measure them here")
-        saved["visual_cosine"] = visual_cosine_scores(model, processor, main).tolist()
+        saved["visual_cosine"] = visual_cosine_scores(model, processor, main, task=config.task).tolist()
         computed = True
         save()
     if done and not main_only:
-        for name in POOLS:
+        for name in pools_of(config.task):
             if not fill(visual.setdefault(name, []), pools[name], "visual", name):
                 break
     if saved["visual_cosine"] is None:
@@ -316,7 +359,7 @@ def stability_subsets(config: EvidenceConfig) -> list[dict]:
     """The calibration subsets of the stability study: {"pool", "size", "seed", "rows"} (row
     indices into that pool's LC table); a size equal to the pool gives one subset."""
     subsets = []
-    for pool in POOLS:
+    for pool in pools_of(config.task):
         for size in config.stability_sizes:
             seeds = config.stability_seeds[:1] if size == config.pool_size else config.stability_seeds
             for seed in seeds:
@@ -378,7 +421,7 @@ def evidence_plan(config: EvidenceConfig, calib: Calibration, num_layers: int,
 
 def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: PredictionStore, *,
              features=None, batch_size: int = 1, deadline: float | None = None,
-             log: Callable[[str], None] = print) -> int:
+             log: Callable[[str], None] = print, task: str | VQATask = "easy-vqa") -> int:
     """Evaluate every setting of ``plan`` that ``store`` lacks (each distinct setting once, in plan
     order) until ``deadline`` (a ``time.monotonic()`` value; None: no limit). Returns how many
     settings are still missing."""
@@ -389,7 +432,7 @@ def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: Pr
             return len(pending) - done
         start = time.perf_counter()
         predicted = evaluate_setting(model, processor, items, setting, store, features=features,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, task=task)
         accuracy = np.mean([p == item.answer for p, item in zip(predicted, items)])
         log(f"[{done + 1}/{len(pending)}] {time.perf_counter() - start:.0f} s accuracy {accuracy:.3f} {setting.key}")
     return 0
@@ -397,7 +440,8 @@ def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: Pr
 
 # ---------------------------------------------------------------- statistics
 
-def eval_features(model, processor, items: list[VQAItem], split: str = "test") -> dict[int, torch.Tensor] | None:
+def eval_features(model, processor, items: list[VQAItem], split: str = "test",
+                  task: str | VQATask = "easy-vqa") -> dict[int, torch.Tensor] | None:
     """The vision features of every image of ``items`` ({image id: [patches, width]}), computed
     once since no setting changes the vision tower; None for LLaVA-NeXT, whose anyres features
     are computed from the images themselves."""
@@ -408,9 +452,10 @@ def eval_features(model, processor, items: list[VQAItem], split: str = "test") -
     if model_parts(model).family == "llava_next":
         return None
     device = input_device(model)
+    vqa_task = find_task(task)
     with torch.inference_mode():
         return {image_id: vision_features(model, processor.image_processor(
-            [easy_vqa_image(split, image_id)], return_tensors="pt")["pixel_values"].to(device))[0]
+            [vqa_task.image(split, image_id)], return_tensors="pt")["pixel_values"].to(device))[0]
             for image_id in dict.fromkeys(item.image_id for item in items)}
 
 
@@ -449,12 +494,11 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
     see ``calibration``; the plan then holds the stability choices of the complete pools only.
     ``measure=False`` does not check the prediction store: ``Evidence.missing`` counts its gaps."""
     from shortlab.arch import model_parts
-    from shortlab.llava_mini.easy_vqa import fixed_test_questions
     from shortlab.llava_mini.sweep import items_fingerprint
 
-    items = fixed_test_questions(config.n_eval, seed=config.eval_seed)
+    items = evaluation_items(config)
     fingerprint = {"model": model_name, "weights": model_fingerprint(model), "dtype": dtype}
-    calib_path = None if directory is None else store_path(model_name, "calibration", directory)
+    calib_path = None if directory is None else store_path(model_name, "calibration", directory, config.task)
     calib, _ = calibration(model, processor, config, calib_path, fingerprint, log=log, main_only=main_only,
                            deadline=deadline, measure=measure)
     parts = model_parts(model)
@@ -464,11 +508,11 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
                                  frozen_layers=lowest(main_lc(calib, config), min(config.shortv_n, parts.num_layers)))
     matched = fastv_ratio_matching_flops(parts.text_config, n_text, n_visual, shortv_flops, k)
     plan = evidence_plan(config, calib, parts.num_layers, matched_fastv_ratio=matched)
-    predictions_path = None if directory is None else store_path(model_name, "predictions", directory)
+    predictions_path = None if directory is None else store_path(model_name, "predictions", directory, config.task)
     store = PredictionStore(predictions_path, {**fingerprint, "items": items_fingerprint(items)}, stale="recompute")
     if store.stale:
         log(f"{predictions_path.name} holds another model's, dtype's or question set's predictions: recomputing")
-    return Evidence(items, calib, plan, store, eval_features(model, processor, items))
+    return Evidence(items, calib, plan, store, eval_features(model, processor, items, task=config.task))
 
 
 def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:
@@ -603,11 +647,13 @@ def finding(claim: str, judgement: Judgement, n: int, *, practical: str | None =
     return Finding(claim, judgement.outcome, judgement.interval, words, judgement.margin, paper, to_tell(judgement, n))
 
 
-def question_masks(items: list[VQAItem]) -> dict[str, np.ndarray]:
+def question_masks(items: list[VQAItem], task: str | VQATask = "easy-vqa") -> dict[str, np.ndarray]:
     """{"all": every item, question type: its items} as boolean masks [len(items)] (types present only)."""
+    vqa_task = find_task(task)
     masks = {"all": np.ones(len(items), dtype=bool)}
-    for kind in QUESTION_TYPES:
-        mask = np.array([question_type(item) == kind for item in items], dtype=bool)
+    kinds = [vqa_task.question_type(item) for item in items]
+    for kind in vqa_task.question_types:
+        mask = np.array([found == kind for found in kinds], dtype=bool)
         if mask.any():
             masks[kind] = mask
     return masks

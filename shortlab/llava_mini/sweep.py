@@ -37,7 +37,7 @@ class Setting:
     ``frozen_tokens``: "visual", "text", "all", or "random" (as many tokens as there are visual
     ones per row, at positions drawn with ``seed``); ``fastv_k``/``fastv_ratio``: FastV drops that
     share of the visual tokens from layer ``fastv_k`` on; ``blank_image``: every question is asked
-    about ``easy_vqa.blank_image()`` instead of its own image (the blank-image baseline).
+    about the task's blank image instead of its own (the blank-image baseline).
     """
 
     frozen_layers: tuple[int, ...] = ()
@@ -152,20 +152,16 @@ class PredictionStore:
 
 def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,
                      store: PredictionStore | None = None, *, features=None, batch_size: int = 1,
-                     split: str = "test") -> list[str]:
-    """The closed-set answer ``model`` predicts for each of ``items`` (in order) under ``setting``,
-    through ``store`` when given."""
+                     split: str = "test", task="easy-vqa") -> list[str]:
+    """The closed-set answer ``model`` predicts for each of ``items`` (in order, questions of
+    ``split`` of ``task``) under ``setting``, through ``store`` when given."""
     from shortlab.llava_mini.scoring import evaluate_items
+    from shortlab.llava_mini.tasks import task as find_task
 
     def compute() -> list[str]:
-        if setting.blank_image:
-            from shortlab.llava_mini.easy_vqa import blank_image
-
-            source = {"image": blank_image()}
-        else:
-            source = {"features": features}
+        source = {"image": find_task(task).blank_image()} if setting.blank_image else {"features": features}
         result = evaluate_items(model, processor, items, split=split, batch_size=batch_size,
-                                intervention=setting_intervention(model, setting), **source)
+                                intervention=setting_intervention(model, setting), task=task, **source)
         by_item = {id(item): predicted for item, predicted, _ in result["predictions"]}
         return [by_item[id(item)] for item in items]
 
