@@ -61,3 +61,12 @@ def test_accuracy_report_groups_by_the_tasks_own_question_types():
     assert report["all"]["accuracy"] == 1.0
     assert set(report) - {"all", "correct"} == set(SCENES_TASK.question_types)
     assert sum(report[kind]["n"] for kind in SCENES_TASK.question_types) == len(items)
+
+
+def test_no_model_rules_on_scenes_use_the_family_chance_and_the_training_prior():
+    items = SCENES_TASK.questions("test")[:200]
+    train = SCENES_TASK.questions("train")[:3000]
+    rules = lm.no_model_rules(items, train, chance=SCENES_TASK.chance)
+    assert rules["chance"] == [SCENES_TASK.chance(item) for item in items]
+    yes_no = [r for r, item in zip(rules["question prior"], items) if item.family in ("existence", "relation")]
+    assert 0.3 < sum(yes_no) / len(yes_no) < 0.75  # balanced yes/no: the prior is near one half

@@ -132,15 +132,20 @@ def type_chance(item: VQAItem, answers: list[str]) -> float:
 
 
 def no_model_rules(items: list[VQAItem], train_items: list[VQAItem], blank_predictions: list[str] | None = None,
-                   answers: list[str] | None = None) -> dict[str, list[float]]:
+                   answers: list[str] | None = None, chance=None) -> dict[str, list[float]]:
     """Per-item scores of the rules that need no model, on ``items``: "chance" (a uniform guess
-    within the question's type), "majority" (the training split's most frequent answer),
-    "question prior" (``QuestionPrior``) and, given the model's answers with a blank image,
-    "blank image". An accuracy is judged against the strongest of these
+    within the question's type: ``chance(item)``, by default easy-VQA's ``type_chance`` over
+    ``answers``; a task's ``chance`` otherwise), "majority" (the training split's most frequent
+    answer), "question prior" (``QuestionPrior``) and, given the model's answers with a blank
+    image, "blank image". An accuracy is judged against the strongest of these
     (``stats.strongest_rule``), not against chance alone."""
-    answers = answers if answers is not None else easy_vqa_answers()
+    if chance is None:
+        answers = answers if answers is not None else easy_vqa_answers()
+
+        def chance(item):
+            return type_chance(item, answers)
     prior, (majority, _) = QuestionPrior(train_items), majority_answer(train_items)
-    rules = {"chance": [type_chance(item, answers) for item in items],
+    rules = {"chance": [chance(item) for item in items],
              "majority": [float(item.answer == majority) for item in items],
              "question prior": [float(prior.predict(item.question) == item.answer) for item in items]}
     if blank_predictions is not None:
