@@ -142,3 +142,71 @@ def update_readme_findings(root: str | Path) -> list[str]:
     if changed:
         write_atomically(path, lambda tmp: Path(tmp).write_text(updated))
     return changed
+
+
+# README's verdict table of notebook 01: row -> the text of its claim in a run's printed
+# conclusions, and the committed runs it summarises, column by column
+VERDICT_TABLE_ROWS = {
+    "BI removes less than iterative BI (perplexity)": "BI removes less than iterative_block_influence",
+    "… than relative magnitude (perplexity)": "BI removes less than relative_magnitude",
+    "… than angular distance (perplexity)": "BI removes less than angular_distance",
+    "… than reverse order (perplexity)": "BI removes less than reverse_order",
+    "BI keeps more accuracy than iterative BI": "BI keeps more accuracy than iterative_block_influence",
+    "… than relative magnitude (accuracy)": "BI keeps more accuracy than relative_magnitude",
+    "… than angular distance (accuracy)": "BI keeps more accuracy than angular_distance",
+    "… than reverse order (accuracy)": "BI keeps more accuracy than reverse_order",
+    "BI beats random removal (20 draws, every k)": "BI beats random removal",
+    "the dense model beats the strongest rule that needs no model": "the dense model scores above the strongest rule",
+    "a quarter of the layers removed keeps most of the accuracy above that rule": "keeps most of what the dense model scores",
+    "removal and 4-bit weights compose in perplexity": "removal and 4-bit weights compose in perplexity",
+    "… in accuracy (± 2 points)": "removal and 4-bit weights compose in accuracy",
+}
+VERDICT_TABLE_RUNS = {"SmolLM2-135M": "notebooks/01_block_influence_pruning.ipynb",
+                      "Qwen2.5-0.5B": "notebooks/runs/qwen2.5-0.5b/01_block_influence_pruning.ipynb"}
+_CONCLUSION = re.compile(r"- (Supported|Contradicted|The same within the margin|Cannot tell at this sample size): (.*)")
+
+
+def run_verdicts(path: str | Path) -> dict[str, str]:
+    """Verdict-table row -> the verdict an executed run of notebook 01 prints for it ("—" when it
+    prints none: a ranking that picks BI's own layers is not judged against BI)."""
+    cells = json.loads(Path(path).read_text())["cells"]
+    lines = [line for cell in cells if cell["cell_type"] == "code" for output in cell.get("outputs", [])
+             if output.get("output_type") == "stream" for line in "".join(output["text"]).splitlines()]
+    conclusions = [m for m in map(_CONCLUSION.match, lines) if m]
+    verdicts = {}
+    for row, claim in VERDICT_TABLE_ROWS.items():
+        found = {m.group(1).lower().removesuffix(" at this sample size") for m in conclusions if claim in m.group(2)}
+        if len(found) > 1:
+            raise ValueError(f"{path}: {row!r} has several verdicts {sorted(found)}")
+        verdicts[row] = found.pop() if found else "—"
+    return verdicts
+
+
+def verdict_table(root: str | Path) -> str:
+    """The README's verdict table (markdown) from the committed runs under ``root``."""
+    columns = {name: run_verdicts(Path(root) / path) for name, path in VERDICT_TABLE_RUNS.items()}
+    lines = [f"| claim | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {row} | {' | '.join(column[row] for column in columns.values())} |" for row in VERDICT_TABLE_ROWS]
+    return "\n".join(lines) + "\n"
+
+
+def replace_verdict_table(readme: str, table: str) -> str:
+    """``readme`` with the table that starts like ``table`` (same header) replaced by it."""
+    header = table.split("\n", 1)[0]
+    match = re.search(re.escape(header) + r"\n(?:\|.*\n)*", readme)
+    if match is None:
+        raise ValueError(f"the README has no verdict table starting {header!r}")
+    return readme[: match.start()] + table + readme[match.end():]
+
+
+def update_readme_verdict_table(root: str | Path) -> bool:
+    """Rewrite ``root``/README.md's verdict table from the committed runs (atomically); returns
+    whether it changed."""
+    from shortlab.files import write_atomically
+
+    path = Path(root) / "README.md"
+    readme = path.read_text()
+    updated = replace_verdict_table(readme, verdict_table(root))
+    if updated != readme:
+        write_atomically(path, lambda tmp: Path(tmp).write_text(updated))
+    return updated != readme

@@ -274,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _update_readme() -> int:
-    from shortlab.findings import update_readme_findings
+    from shortlab.findings import update_readme_findings, update_readme_verdict_table
 
-    changed = update_readme_findings(repository_root() or Path.cwd())
+    root = repository_root() or Path.cwd()
+    changed = update_readme_findings(root)
     print(f"README findings updated from {', '.join(changed)}" if changed else "README findings already current")
+    print("README verdict table updated" if update_readme_verdict_table(root) else "README verdict table already current")
     return 0
 
 

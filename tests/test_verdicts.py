@@ -148,3 +148,13 @@ def test_readme_findings_are_copied_from_the_committed_runs(tmp_path):
     (tmp_path / "notebooks" / "01.ipynb").write_text(json.dumps({"cells": []}))
     with pytest.raises(ValueError, match="no cell tagged 'findings'"):
         update_readme_findings(tmp_path)
+
+
+def test_verdict_table_replaces_only_its_own_rows():
+    from shortlab.findings import replace_verdict_table
+
+    readme = "intro\n\n| claim | A |\n|---|---|\n| x | supported |\n\nafter\n| other | table |\n"
+    updated = replace_verdict_table(readme, "| claim | A |\n|---|---|\n| x | contradicted |\n")
+    assert updated == "intro\n\n| claim | A |\n|---|---|\n| x | contradicted |\n\nafter\n| other | table |\n"
+    with pytest.raises(ValueError, match="no verdict table"):
+        replace_verdict_table("nothing here\n", "| claim | B |\n|---|---|\n")
