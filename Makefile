@@ -8,12 +8,10 @@ figures: env
 	.venv/bin/python -m shortlab.run_notebooks --all --in-place --readme-findings
 
 # notebook 01 on Qwen2.5-0.5B at the sizes of its stored evidence (results/shortgpt/qwen2.5-0.5b/),
-# committed beside the default run: notebooks/runs/qwen2.5-0.5b/ and figures/qwen2.5-0.5b/;
-# only BI's layer set is scored on the benchmarks there (the baselines' questions are not yet measured)
+# committed beside the default run: notebooks/runs/qwen2.5-0.5b/ and figures/qwen2.5-0.5b/
 figures-qwen: env
 	.venv/bin/python -m shortlab.run_notebooks notebooks/01_block_influence_pruning.ipynb \
 		-p MODEL qwen2.5-0.5b -p EVAL_BLOCKS 96 -p LIMIT 300 -p FIG_DIR figures/qwen2.5-0.5b \
-		-p TASK_RANKINGS "['block_influence']" \
 		--output-dir notebooks/runs/qwen2.5-0.5b --readme-findings
 
 test: env
