@@ -216,6 +216,13 @@ def test_shortv_notebook_runs_on_real_llava_templates(model, tmp_path):
     _run_in_fast_mode(path, tmp_path, {"MODEL": model})
 
 
+# The ShortV notebook on the generated scene task (calibrated on its validation split).
+@pytest.mark.notebook
+def test_shortv_notebook_runs_on_the_scene_task(tmp_path):
+    path = next(p for p in rn.numbered_notebooks() if p.name == "02_shortv_visual_freezing.ipynb")
+    _run_in_fast_mode(path, tmp_path, {"MODEL": "tiny-llava", "TASK": "scenes"})
+
+
 def _run_in_fast_mode(path, tmp_path, overrides):
     overrides = {"FAST": True, "FIG_DIR": str(tmp_path / "figures"), **overrides}
     rn.run_notebook(path, tmp_path / path.name, overrides, progress_bar=False)
