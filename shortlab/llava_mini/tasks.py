@@ -26,6 +26,7 @@ from shortlab.llava_mini.easy_vqa import VQAItem
 @dataclass(frozen=True)
 class VQATask:
     name: str
+    title: str  # the name in prose and on axes
     description: str
     splits: tuple[str, ...]
     answers: tuple[str, ...]  # every answer the task has
@@ -63,6 +64,7 @@ def _easy_vqa_chance(item: VQAItem) -> float:
 
 EASY_VQA_TASK = VQATask(
     name="easy-vqa",
+    title="easy-VQA",
     description="easy-VQA (PyPI easy-vqa 1.0): one shape on a 64x64 image, 13 answers",
     splits=("train", "test"),
     answers=(),  # filled from the wheel on first use: see task()
@@ -79,6 +81,7 @@ EASY_VQA_TASK = VQATask(
 
 SCENES_TASK = VQATask(
     name="scenes",
+    title="scene-VQA",
     description=(f"generated CLEVR-like scenes ({scenes.IMAGE_SIZE} px, {scenes.MIN_OBJECTS}-{scenes.MAX_OBJECTS} "
                  f"objects; questions: {', '.join(scenes.FAMILIES)}), {len(scenes.ANSWERS)} answers"),
     splits=scenes.SPLITS,
