@@ -213,6 +213,45 @@ def paired_interval(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nda
     return bootstrap_interval(first - second, clusters, level=level, n_resamples=n_resamples, seed=seed)
 
 
+def group_difference_interval(values: Sequence[float] | np.ndarray, groups: Sequence, first, second,
+                              clusters: Sequence | None = None, *, level: float = 0.95,
+                              n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Interval of mean(values over the items of group ``first``) − mean(over group ``second``),
+    ``values`` [n] and ``groups`` [n] aligned, resampling whole ``clusters`` (one label per item:
+    a resampled cluster brings its items of both groups, so groups measured on the same images,
+    e.g. two question families asked about each image, stay paired). Clusters holding no item of
+    either group are ignored; each item is its own cluster when ``clusters`` is None."""
+    _check_resampling(level, n_resamples)
+    array = _as_values(values)
+    labels = np.asarray(groups)
+    if labels.shape != array.shape:
+        raise ValueError(f"groups must give one label per value: {labels.shape} vs {array.shape}")
+    in_first, in_second = labels == first, labels == second
+    for name, mask in ((first, in_first), (second, in_second)):
+        if not mask.any():
+            raise ValueError(f"no item belongs to group {name!r}")
+    keep = in_first | in_second
+    cluster_labels = np.arange(array.size) if clusters is None else np.asarray(clusters)
+    if cluster_labels.shape != array.shape:
+        raise ValueError(f"clusters must give one label per value: {cluster_labels.shape} vs {array.shape}")
+    _, index = np.unique(cluster_labels[keep], return_inverse=True)
+    size = int(index.max()) + 1
+    kept_values, kept_first = array[keep], in_first[keep]
+    sums = np.stack([np.bincount(index, weights=kept_values * mask, minlength=size)
+                     for mask in (kept_first, ~kept_first)])  # [2, clusters]
+    counts = np.stack([np.bincount(index, weights=mask.astype(np.float64), minlength=size)
+                       for mask in (kept_first, ~kept_first)])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, size, size=(n_resamples, size))
+    drawn_sums, drawn_counts = sums[:, draws].sum(-1), counts[:, draws].sum(-1)  # [2, resamples]
+    valid = (drawn_counts > 0).all(0)
+    differences = drawn_sums[0, valid] / drawn_counts[0, valid] - drawn_sums[1, valid] / drawn_counts[1, valid]
+    tail = (1 - level) / 2
+    low, high = np.quantile(differences, [tail, 1 - tail])
+    estimate = array[in_first].mean() - array[in_second].mean()
+    return Interval(float(estimate), float(low), float(high), level, f"bootstrap over {size} clusters")
+
+
 def _check_claim(claim: str) -> None:
     if claim not in ("above", "below"):
         raise ValueError(f"claim must be 'above' or 'below', got {claim!r}")

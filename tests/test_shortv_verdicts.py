@@ -210,3 +210,23 @@ def test_no_model_rules_score_each_item():
     assert rules["blank image"] == [0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="one blank-image answer per item"):
         no_model_rules(items, train, blank_predictions=["no"], answers=answers)
+
+
+def test_family_losses_and_which_family_loses_more():
+    from shortlab.llava_mini.tasks import SCENES_TASK
+
+    items = SCENES_TASK.questions("test")[:600]
+    clusters = np.array([item.image_id for item in items])
+    counting = np.array([item.family == "counting" for item in items])
+    dense = np.ones(len(items))
+    frozen = np.where(counting, 0.0, 1.0)  # freezing breaks counting and nothing else
+    rows = evidence.family_losses(dense, {6: dense, 12: frozen}, items, clusters, task="scenes")
+    by = {(row["N"], row["type"]): row for row in rows}
+    assert by[(6, "existence")]["verdict"] == evidence.EQUIVALENT and by[(12, "counting")]["verdict"] == evidence.CONTRADICTED
+    assert by[(12, "counting")]["loss"].estimate == 1.0 and by[(12, "relation")]["loss"].estimate == 0.0
+    more = evidence.loses_more(dense, frozen, items, clusters, "counting", "existence", task="scenes", margin=0.05)
+    assert more.outcome == evidence.SUPPORTED
+    less = evidence.loses_more(dense, frozen, items, clusters, "relation", "existence", task="scenes", margin=0.05)
+    assert less.outcome == evidence.EQUIVALENT  # both lose nothing: the same within the margin
+    reverse = evidence.loses_more(dense, frozen, items, clusters, "existence", "counting", task="scenes", margin=0.05)
+    assert reverse.outcome == evidence.CONTRADICTED

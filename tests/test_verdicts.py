@@ -158,3 +158,19 @@ def test_verdict_table_replaces_only_its_own_rows():
     assert updated == "intro\n\n| claim | A |\n|---|---|\n| x | contradicted |\n\nafter\n| other | table |\n"
     with pytest.raises(ValueError, match="no verdict table"):
         replace_verdict_table("nothing here\n", "| claim | B |\n|---|---|\n")
+
+
+def test_group_difference_interval_pairs_groups_within_clusters():
+    from shortlab.stats import group_difference_interval
+
+    rng = np.random.default_rng(0)
+    images = np.repeat(np.arange(200), 2)
+    groups = np.tile(["counting", "existence"], 200)
+    shared = np.repeat(rng.normal(size=200), 2)  # an image effect both questions share
+    values = shared + np.where(groups == "counting", 0.3, 0.0) + rng.normal(scale=0.1, size=400)
+    paired = group_difference_interval(values, groups, "counting", "existence", images)
+    unpaired = group_difference_interval(values, groups, "counting", "existence")
+    assert paired.low < 0.3 < paired.high and paired.estimate == pytest.approx(0.3, abs=0.05)
+    assert paired.high - paired.low < 0.5 * (unpaired.high - unpaired.low)  # the image effect cancels
+    with pytest.raises(ValueError, match="no item belongs to group 'relation'"):
+        group_difference_interval(values, groups, "relation", "existence", images)

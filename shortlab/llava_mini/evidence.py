@@ -659,6 +659,42 @@ def question_masks(items: list[VQAItem], task: str | VQATask = "easy-vqa") -> di
     return masks
 
 
+def family_losses(dense: np.ndarray, frozen: dict[int, np.ndarray], items: list[VQAItem], clusters, *,
+                  task: str | VQATask = "easy-vqa", tolerance: float = 0.01, seed: int = 0) -> list[dict]:
+    """The accuracy each question type loses when the visual tokens are frozen: for every N of
+    ``frozen`` ({N: correct [items]}) and every type of ``task`` present in ``items``, the paired
+    interval of dense − frozen on that type's questions (clustered by image) and its
+    ``loss_verdict``. Rows {"N", "type", "questions", "loss" (an Interval), "verdict"}."""
+    vqa_task = find_task(task)
+    kinds = np.array([vqa_task.question_type(item) for item in items])
+    clusters = np.asarray(clusters)
+    rows = []
+    for n in sorted(frozen):
+        for kind in vqa_task.question_types:
+            mask = kinds == kind
+            if not mask.any():
+                continue
+            loss = paired_interval(np.asarray(dense)[mask], np.asarray(frozen[n])[mask], clusters[mask], seed=seed)
+            rows.append({"N": n, "type": kind, "questions": int(mask.sum()), "loss": loss,
+                         "verdict": loss_verdict(loss, tolerance)})
+    return rows
+
+
+def loses_more(dense: np.ndarray, frozen: np.ndarray, items: list[VQAItem], clusters, detailed: str, coarse: str, *,
+               task: str | VQATask = "easy-vqa", margin: float = 0.01, seed: int = 0) -> Judgement:
+    """Judge "questions of type ``detailed`` lose more accuracy than those of type ``coarse`` when
+    the visual tokens are frozen, by more than ``margin``": the interval of the difference of the
+    two types' mean losses (dense − frozen per question), resampling images, so that two
+    questions about one image stay together (``stats.group_difference_interval``)."""
+    from shortlab.stats import group_difference_interval
+
+    vqa_task = find_task(task)
+    kinds = [vqa_task.question_type(item) for item in items]
+    loss = np.asarray(dense, dtype=np.float64) - np.asarray(frozen, dtype=np.float64)
+    difference = group_difference_interval(loss, kinds, detailed, coarse, clusters, seed=seed)
+    return judge(difference, margin=margin)
+
+
 def interpolate_at_flops(points: dict[float, np.ndarray], target: float) -> tuple[np.ndarray, str]:
     """Per-question scores of a method at FLOPs fraction ``target``, linearly interpolated
     between the two settings of its sweep ({FLOPs fraction: correct [items]}) that bracket it (a
