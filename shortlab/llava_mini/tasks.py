@@ -39,6 +39,10 @@ class VQATask:
     blank_image: Callable[[], object]
     weights_dir: Path
     calibration_split: str  # where layer rankings are computed (never the split they are judged on)
+    # question types that need the image's detail, and the type that needs least of it: frozen
+    # visual tokens should hurt the detailed ones first (empty when the task has no such order)
+    detailed_types: tuple[str, ...] = ()
+    coarse_type: str | None = None
 
     def check_split(self, split: str) -> str:
         if split not in self.splits:
@@ -95,6 +99,10 @@ SCENES_TASK = VQATask(
     blank_image=scenes.blank_scene_image,
     weights_dir=WEIGHTS_DIR / "scenes",
     calibration_split="validation",
+    # counting needs every object and relations need two objects' positions; existence needs one
+    # object's colour and shape anywhere in the image
+    detailed_types=("counting", "relation"),
+    coarse_type="existence",
 )
 
 TASKS = {"easy-vqa": EASY_VQA_TASK, "scenes": SCENES_TASK}

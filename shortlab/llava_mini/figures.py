@@ -1,0 +1,29 @@
+"""Figures of notebook 02 that are more than a few lines: drawn on an axis the caller owns, from
+the rows the evidence functions return, so a cell stays one glance long."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") -> None:
+    """Accuracy lost per question type against the number of frozen layers N (rows of
+    ``evidence.family_losses``: one line per type, 95 % intervals as error bars), with the band
+    ± ``tolerance`` where a loss counts as none."""
+    types = list(dict.fromkeys(row["type"] for row in rows))
+    width = 0.8 / max(len(types), 1)
+    counts = sorted({row["N"] for row in rows})
+    for k, kind in enumerate(types):
+        mine = [row for row in rows if row["type"] == kind]
+        x = np.array([counts.index(row["N"]) for row in mine]) + (k - (len(types) - 1) / 2) * width * 0.5
+        loss = [row["loss"] for row in mine]
+        ax.errorbar(x, [i.estimate for i in loss], yerr=[[i.estimate - i.low for i in loss], [i.high - i.estimate for i in loss]],
+                    marker="o", capsize=3, label=f"{kind} ({mine[0]['questions']} questions)")
+    ax.axhspan(-tolerance, tolerance, color="0.9", zorder=0, label=f"no loss (± {tolerance:g})")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(counts)), [str(n) for n in counts])
+    ax.set_xlabel("layers with frozen visual tokens (N, lowest visual LC)")
+    ax.set_ylabel("accuracy lost: dense − frozen (95 % interval)")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
