@@ -265,3 +265,30 @@ def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny,
     assert not computed
     np.testing.assert_array_equal(again.visual_lc["shape"], full.visual_lc["shape"])
     assert json.loads(path.read_text())["fingerprint"]["pool_size"] == 3
+
+
+def test_layer_choice_correct_scores_each_choice_of_the_sweep():
+    from shortlab.llava_mini.easy_vqa import VQAItem
+    from shortlab.llava_mini.sweep import PredictionStore
+
+    items = [VQAItem(f"q{i}", "yes", i // 2) for i in range(6)]
+    calib = synthetic_calibration(pool_size=TINY.pool_size, n_calib=TINY.n_calib)
+    plan = evidence.evidence_plan(TINY, calib, 6)
+    store = PredictionStore(None, {})
+    for k, row in enumerate(plan):  # the k-th setting answers "yes" to its first k questions
+        store.results[row["setting"].key] = ["yes" if i < k else "no" for i in range(6)]
+    ev = evidence.Evidence(items, calib, plan, store, None)
+    curves = evidence.layer_choice_correct(ev)
+    assert set(curves) == set(evidence.LAYER_CHOICES)
+    def expected(row):  # rows may share a setting: the store holds one answer list per setting
+        return [float(answer == "yes") for answer in store.results[row["setting"].key]]
+
+    for row in plan:
+        if row["family"] == "shortv" and row["choice"] != "random":
+            assert list(curves[row["choice"]][row["N"]]) == expected(row)
+    random_rows = [row for row in plan if row["family"] == "shortv" and row["choice"] == "random"]
+    assert curves["random"][1].shape == (len(TINY.random_seeds), 6)
+    assert [list(draw) for draw in curves["random"][1]] == [expected(row) for row in random_rows]
+    del store.results[random_rows[0]["setting"].key]
+    with pytest.raises(KeyError, match="random at N = 1"):
+        evidence.layer_choice_correct(ev)

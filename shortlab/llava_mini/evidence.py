@@ -515,6 +515,26 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
     return Evidence(items, calib, plan, store, eval_features(model, processor, items, task=config.task))
 
 
+def layer_choice_correct(ev: Evidence) -> dict[str, dict[int, np.ndarray]]:
+    """The N sweep's stored answers scored: {choice: {N: correct [items]}} for the layer choices
+    "layer_contribution" and "visual_cosine", and {N: correct [draws, items]} (draws in seed
+    order) for "random". A setting missing from the store raises ``KeyError`` naming it."""
+    curves: dict[str, dict[int, list | np.ndarray]] = {choice: {} for choice in LAYER_CHOICES}
+    for row in ev.plan:
+        if row["family"] != "shortv":
+            continue
+        if row["setting"].key not in ev.store.results:
+            raise KeyError(f"no stored answers for {row['choice']} at N = {row['N']} ({row['setting'].key})")
+        scores = correct(ev.items, ev.store.results[row["setting"].key])
+        if row["choice"] == "random":
+            curves["random"].setdefault(row["N"], []).append((row["seed"], scores))
+        else:
+            curves[row["choice"]][row["N"]] = scores
+    curves["random"] = {n: np.stack([scores for _, scores in sorted(draws, key=lambda d: d[0])])
+                        for n, draws in curves["random"].items()}
+    return curves
+
+
 def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:
     """1.0 where ``predicted[i]`` is ``items[i]``'s answer, else 0.0: [len(items)]."""
     if len(items) != len(predicted):
