@@ -43,7 +43,10 @@ SIZES = {"small": 12, "large": 22}  # half-width in pixels at IMAGE_SIZE
 BACKGROUND = (225, 225, 225)
 MIN_OBJECTS, MAX_OBJECTS = 3, 8
 MIN_VISIBLE = 0.6  # share of each object's own pixels left visible after the later ones are drawn
-POSITION_MARGIN = 12  # pixels between centres before "left of" or "leftmost" is asked
+# pixels between centres before "left of" or "leftmost" is asked: two patches of the vision tower
+# (14 px at 224 px), so that a spatial answer never hinges on a difference smaller than what one
+# visual token can resolve
+POSITION_MARGIN = 28
 SPLITS = ("train", "validation", "test")
 FAMILIES = ("existence", "counting", "attribute", "relation", "comparison")
 QUESTIONS_PER_FAMILY = 2
