@@ -15,7 +15,8 @@ weights stay exactly as they were.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from shortlab.llava_mini import easy_vqa, scenes
@@ -73,7 +74,7 @@ EASY_VQA_TASK = VQATask(
     description="easy-VQA (PyPI easy-vqa 1.0): one shape on a 64x64 image, 13 answers",
     splits=("train", "test"),
     answers=(),  # filled from the wheel on first use: see task()
-    candidates=lambda question: tuple(easy_vqa.easy_vqa_answers()),  # all 13, as the committed numbers were scored
+    candidates=lambda question: tuple(easy_vqa.easy_vqa_answers()),  # all 13 (task() reads them once)
     question_types=easy_vqa.QUESTION_TYPES,
     questions=easy_vqa.easy_vqa_questions,
     image=easy_vqa.easy_vqa_image,
@@ -115,9 +116,16 @@ def task(name: str | VQATask) -> VQATask:
         return name
     if name not in TASKS:
         raise ValueError(f"unknown VQA task {name!r}; tasks: {sorted(TASKS)}")
-    found = TASKS[name]
-    if not found.answers:
-        from dataclasses import replace
+    return _resolved(name)
 
-        found = replace(found, answers=tuple(easy_vqa.easy_vqa_answers()))
-    return found
+
+@lru_cache(maxsize=None)
+def _resolved(name: str) -> VQATask:
+    """``TASKS[name]`` with an answer set read from its wheel read once: candidates and chance,
+    called for every question, use that set instead of reading the file again."""
+    found = TASKS[name]
+    if found.answers:
+        return found
+    answers = tuple(easy_vqa.easy_vqa_answers())
+    return replace(found, answers=answers, candidates=lambda question: answers,
+                   chance=lambda item: easy_vqa.type_chance(item, list(answers)))
