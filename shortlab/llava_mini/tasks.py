@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from shortlab.llava_mini import easy_vqa, scenes
@@ -119,7 +119,7 @@ def task(name: str | VQATask) -> VQATask:
     return _resolved(name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolved(name: str) -> VQATask:
     """``TASKS[name]`` with an answer set read from its wheel read once: candidates and chance,
     called for every question, use that set instead of reading the file again."""
