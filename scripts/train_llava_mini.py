@@ -18,7 +18,7 @@ the model.
 Cost on 2 shared CPU cores is the LLM backward, not DINOv2: every question about one image is
 packed into one sequence behind a single copy of the image prefix (``shortlab.llava_mini.pack``;
 each question sees only the prefix and itself, so it is trained exactly as if alone), the frozen
-LLM runs in bfloat16 (AMX), and the frozen vision features (float32, selected exactly as LLaVA
+LLM runs in bfloat16 where the CPU has AMX (``--compute-dtype float32`` where it has not), and the frozen vision features (float32, selected exactly as LLaVA
 selects them) are computed once per image and cached under ``$SHORTLAB_CACHE/features``. The
 number of steps is fixed by the arguments, not by a clock, so a run is reproducible (same seed,
 data order, initialisation; bfloat16 CPU kernels may still differ across machines).
@@ -277,6 +277,14 @@ SIGNATURE_ARGS = ("task", "init_projector", "stage", "steps", "batch_images", "f
                   "lora_alpha", "lora_lr", "lora_targets", "image_size", "seed")
 
 
+def precision_summary(precision: list[list], steps: int) -> str:
+    """The card's words for the compute dtype of each stretch of a run ([first step, dtype] pairs)."""
+    bounds = [start for start, _ in precision[1:]] + [steps]
+    stretches = [f"{dtype} for steps {start + 1}-{end}" for (start, dtype), end in zip(precision, bounds)]
+    frozen = stretches[0].split(" for ")[0] if len(stretches) == 1 else ", ".join(stretches)
+    return f"frozen LLM in {frozen}, projector/LoRA and loss in float32"
+
+
 def checkpoint_signature(args) -> dict:
     return {name: str(getattr(args, name)) if isinstance(getattr(args, name), Path) else getattr(args, name)
             for name in SIGNATURE_ARGS}
@@ -348,6 +356,9 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=None, help="default: --lr")
     parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     parser.add_argument("--lora-dtype", default="float16", help="storage dtype of the A/B matrices")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="dtype of the frozen LLM while training: bfloat16 is fastest on CPUs with AMX, "
+                             "float32 where bfloat16 matmuls are emulated; a resumed run may change it")
     parser.add_argument("--image-size", type=int, default=lm.DEFAULT_IMAGE_SIZE)
     parser.add_argument("--eval-images", type=int, default=None,
                         help="test images at --image-size (easy-vqa default: 107 seeded images, 1,014 "
@@ -425,12 +436,13 @@ def main() -> None:
                 if task.name == "easy-vqa" else {})
     feature_seconds = time.perf_counter() - t0
 
-    # ---- training copy: frozen LLM and tower in bfloat16, trainable parts in float32
+    # ---- training copy: frozen LLM and tower in the compute dtype, trainable parts in float32
+    compute_dtype = getattr(torch, args.compute_dtype)
     train_model = model
     for p in train_model.parameters():
         p.requires_grad_(False)
     parts = model_parts(train_model)
-    parts.decoder.to(torch.bfloat16)
+    parts.decoder.to(compute_dtype)
     projector = parts.projector.float()
     params = [{"params": list(projector.parameters()), "lr": args.lr, "name": "projector"}]
     if args.stage == 1 and args.lora_rank:
@@ -456,11 +468,15 @@ def main() -> None:
     val_split = "validation" if "validation" in task.splits else "test"
     val_items = eval_items(task.questions(val_split), args.val_images, seed=4321) if args.val_every else []
     start_step, trained_seconds = 0, 0.0
+    precision = [[0, args.compute_dtype]]  # [first step, compute dtype] of each stretch of the run
     if args.checkpoint_dir is not None:
         state = load_checkpoint(args.checkpoint_dir, checkpoint_signature(args), trainable, optimizer)
         if state is not None:
             start_step, losses, trained_seconds = state["step"], state["losses"], state["train_seconds"]
             validations = state.get("validations", [])
+            precision = state.get("precision", [[0, "bfloat16"]])
+            if precision[-1][1] != args.compute_dtype:
+                precision.append([start_step, args.compute_dtype])
             log(handle, f"resumed from {args.checkpoint_dir} at step {start_step} "
                         f"({trained_seconds:.0f}s trained so far)")
 
@@ -469,14 +485,14 @@ def main() -> None:
     for step in range(start_step, args.steps):
         batch_ids = chosen[step * args.batch_images: (step + 1) * args.batch_images]
         built = [training_sequence(tokens, by_image[i]) for i in batch_ids]
-        input_ids, position_ids, mask = bucketed_batch([b[0] for b in built], tokens.end_id, torch.bfloat16)
+        input_ids, position_ids, mask = bucketed_batch([b[0] for b in built], tokens.end_id, compute_dtype)
         input_ids, position_ids, mask = (t.to(args.device) for t in (input_ids, position_ids, mask))
         missing = [i for i in batch_ids if i not in features]
         fresh = image_features(model, processor, task, "train", missing) if missing else {}
         feats = torch.stack([features[i] if i in features else fresh[i] for i in batch_ids]).to(args.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args.steps, peak[group["name"]], args.warmup)
-        projected = projector(feats).to(torch.bfloat16)
+        projected = projector(feats).to(compute_dtype)
         hidden = lm.packed_hidden_states(train_model, input_ids, position_ids, mask, projected)
         rows = torch.tensor([r for r, b in enumerate(built) for _ in b[1]], device=args.device)
         cols = torch.tensor([c for b in built for c in b[1]], device=args.device)
@@ -501,7 +517,7 @@ def main() -> None:
         if args.checkpoint_dir is not None and (done % args.checkpoint_every == 0 or done == args.steps):
             save_checkpoint(args.checkpoint_dir, checkpoint_signature(args), trainable, optimizer,
                             {"step": done, "losses": losses, "train_seconds": elapsed,
-                             "validations": validations})
+                             "validations": validations, "precision": precision})
             out_of_time = (args.max_minutes is not None
                            and time.perf_counter() - t_session > 60 * args.max_minutes)
             if out_of_time and done < args.steps:
@@ -544,7 +560,7 @@ def main() -> None:
         "optimizer": "AdamW(betas=(0.9, 0.999), weight_decay=0), grad clip 1.0",
         "lr": peak,
         "schedule": f"linear warmup {args.warmup} steps, cosine to 0",
-        "precision": "frozen LLM in bfloat16, projector/LoRA and loss in float32",
+        "precision": precision_summary(precision, args.steps),
         "loss_first10": round(sum(losses[:10]) / min(10, len(losses)), 4),
         "loss_last10": round(sum(losses[-10:]) / min(10, len(losses)), 4),
         "feature_seconds": round(feature_seconds, 1),

@@ -116,12 +116,25 @@ def _check_block_args(documents: Sequence[str], seq_len: int, n_blocks: int, mod
 
 
 def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text, without special tokens (verbose=False: long texts are expected)."""
+    """Token ids of each text, without special tokens, which blocks add once at their start
+    (verbose=False: long texts are expected)."""
     return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
+def _block_prefix(tokenizer, seq_len: int) -> list[int]:
+    """What starts every block: the tokenizer's own prefix (a Llama, Mistral or Gemma BOS; nothing
+    for SmolLM2 or Qwen), as every text the model sees in use and in the harness starts."""
+    from shortlab.evaluate.likelihood import special_prefix
+
+    prefix = special_prefix(tokenizer)
+    if seq_len <= len(prefix) + 1:
+        raise ValueError(f"seq_len {seq_len} leaves no room for text after the tokenizer's prefix {prefix}")
+    return prefix
+
+
 def _pack(tokenizer, ordered: list[str], seq_len: int, n_blocks: int) -> torch.Tensor:
-    """Concatenate documents with EOS after each and cut the stream into full blocks.
+    """Concatenate documents with EOS after each and cut the stream into full blocks, each behind
+    the tokenizer's prefix (``_block_prefix``).
 
     Returns LongTensor[n_blocks, seq_len]. Documents are tokenized in chunks only until enough
     tokens exist, so a few blocks from the 10k-document wiki source stay fast.
@@ -129,7 +142,9 @@ def _pack(tokenizer, ordered: list[str], seq_len: int, n_blocks: int) -> torch.T
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("pack mode needs tokenizer.eos_token_id to separate documents; it is None")
-    needed = seq_len * n_blocks
+    prefix = _block_prefix(tokenizer, seq_len)
+    text_len = seq_len - len(prefix)
+    needed = text_len * n_blocks
     stream: list[int] = []
     chunk = 64
     for start in range(0, len(ordered), chunk):
@@ -137,17 +152,18 @@ def _pack(tokenizer, ordered: list[str], seq_len: int, n_blocks: int) -> torch.T
             stream.extend(ids)
             stream.append(eos)
         if len(stream) >= needed:
-            return torch.tensor(stream[:needed], dtype=torch.long).view(n_blocks, seq_len)
+            text = torch.tensor(stream[:needed], dtype=torch.long).view(n_blocks, text_len)
+            return torch.cat([torch.tensor([prefix] * n_blocks, dtype=torch.long).view(n_blocks, -1), text], 1)
     raise ValueError(
         f"not enough text for {n_blocks} blocks of {seq_len} tokens: the {len(ordered)} "
-        f"documents give {len(stream)} tokens, i.e. {len(stream) // seq_len} full blocks"
+        f"documents give {len(stream)} tokens, i.e. {len(stream) // text_len} full blocks"
     )
 
 
 def _pad(
     tokenizer, ordered: list[str], seq_len: int, n_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One document per row, truncated at ``seq_len`` and right-padded.
+    """One document per row behind the tokenizer's prefix, truncated at ``seq_len`` and right-padded.
 
     Returns (input_ids, attention_mask), both LongTensor[n_blocks, seq_len]; the mask is 0 on
     padding. Pads with ``pad_token_id``, or ``eos_token_id`` when the tokenizer has no pad.
@@ -160,12 +176,13 @@ def _pad(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("pad mode needs tokenizer.pad_token_id or eos_token_id; both are None")
+    prefix = _block_prefix(tokenizer, seq_len)
     input_ids = torch.full((n_blocks, seq_len), pad, dtype=torch.long)
     attention_mask = torch.zeros((n_blocks, seq_len), dtype=torch.long)
     for row, ids in enumerate(_encode(tokenizer, ordered[:n_blocks])):
-        ids = ids[:seq_len]
         if not ids:
             raise ValueError(f"document {ordered[row]!r:.60} tokenizes to nothing")
+        ids = (prefix + ids)[:seq_len]
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     return input_ids, attention_mask
@@ -182,6 +199,9 @@ def token_blocks(
     """Cut documents into ``n_blocks`` rows of ``seq_len`` tokens.
 
     Documents are taken in a seeded shuffled order (the caller's list is not touched).
+    Every block starts as any text the tokenizer encodes starts: with its BOS where it adds one
+    (Llama, Mistral, Gemma), with text where it adds none (SmolLM2, Qwen). The BOS is context
+    only: perplexity never predicts the first token of a block.
     ``mode="pack"``: documents joined with EOS and cut into full blocks, mask all ones.
     ``mode="pad"``: one document per row, truncated, right-padded, mask 0 on padding.
 

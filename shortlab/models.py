@@ -28,7 +28,7 @@ from shortlab.wheels import WheelFile
 __all__ = [
     "AUTO_DTYPE", "CACHE_ENV_VAR", "DEFAULT_MODEL", "EMBEDDED_MODELS", "IMAGE_TOKEN",
     "LLAVA_MINI_MODELS", "QWEN_VL_IMAGE", "QWEN_VL_TOKENS", "TINY_ARCHS", "TINY_MODELS",
-    "TINY_MULTIMODAL", "TINY_SIZES", "TINY_SLIDING_WINDOW", "EmbeddedGGUF", "WheelFile",
+    "TINY_BOS_ARCHS", "TINY_MULTIMODAL", "TINY_SIZES", "TINY_SLIDING_WINDOW", "EmbeddedGGUF", "WheelFile",
     "cache_dir", "cached_conversion", "cached_gguf_checkpoint", "embedded_checkpoint",
     "known_models", "load_model", "resolve_dtype", "tiny_qwen_vl_inputs",
 ]
@@ -88,6 +88,9 @@ def _tiny_text_config(arch: str, tokenizer):
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt2")
 TINY_SLIDING_WINDOW = 8
+# Families whose real tokenizers start every text with a BOS: their tiny models do too, so that
+# scoring and calibration are tested with and without one.
+TINY_BOS_ARCHS = ("mistral", "gemma", "gemma2", "gemma3")
 TINY_MULTIMODAL = ("tiny-llava", "tiny-llava-1.5", "tiny-llava-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl")
 TINY_MODELS = tuple(f"tiny-{arch}" for arch in TINY_ARCHS) + TINY_MULTIMODAL
 QWEN_VL_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
@@ -118,7 +121,10 @@ def _build_tiny(name: str, seed: int):
             return _build_tiny_llava_next(_llama_style(tokenizer))
         if name in ("tiny-qwen2-vl", "tiny-qwen2.5-vl"):
             return _build_tiny_qwen_vl(tokenizer, qwen25=name == "tiny-qwen2.5-vl")
-        config = _tiny_text_config(name.removeprefix("tiny-"), tokenizer)
+        arch = name.removeprefix("tiny-")
+        if arch in TINY_BOS_ARCHS:
+            tokenizer = _llama_style(tokenizer)
+        config = _tiny_text_config(arch, tokenizer)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer
 
 

@@ -68,9 +68,10 @@ def _font_characters(path: str) -> frozenset[int]:
     return frozenset(ft2font.FT2Font(path).get_charmap())
 
 
-def git_revision() -> str | None:
-    """The checkout's commit hash, with ``-dirty`` when tracked files outside ``figures/`` have
-    uncommitted changes (a run that overwrites committed figures still comes from a clean commit)."""
+def git_revision(outputs: tuple[str, ...] = ("figures",)) -> str | None:
+    """The checkout's commit hash, with ``-dirty`` when tracked files outside the ``outputs``
+    folders have uncommitted changes (a run that overwrites committed figures still comes from a
+    clean commit; evidence stores pass ``("figures", "results")``)."""
     root = repository_root()
     if root is None:
         return None
@@ -79,7 +80,8 @@ def git_revision() -> str | None:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)figures"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+             *(f":(exclude){folder}" for folder in outputs)],
             cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

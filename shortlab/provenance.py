@@ -9,6 +9,7 @@ a fine-tuning run that loaded it from the wheel's folder), the tiny random test 
 llava-mini, and any other hub id or local folder. ``describe_provenance`` gives the same as one
 sentence. No file is read and nothing is downloaded: the facts are those recorded beside the
 embedded models (the tests check them against the files).
+Where a result was computed (revision, versions, command line, hardware) is ``shortlab.runs``.
 """
 
 from __future__ import annotations
@@ -110,3 +111,4 @@ def describe_provenance(name_or_path: str, dtype: str = "float32") -> str:
     0.1.2 wheel (SmolLM2-135M-Instruct.Q4_1.gguf), stored as Q4_1/Q8_0 GGUF tensors, run as
     de-quantised to float32 by transformers"."""
     return model_provenance(name_or_path, dtype).sentence()
+

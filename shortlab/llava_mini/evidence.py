@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from shortlab.files import write_json_atomically
+from shortlab.runs import run_record
 from shortlab.findings import Finding
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
 from shortlab.llava_mini.easy_vqa import VQAItem, chat_text
@@ -280,19 +281,25 @@ def calibration(model, processor, config: EvidenceConfig, path: str | Path | Non
     path = None if path is None else Path(path)
     where = "memory (no results folder)" if path is None else path  # for the errors of measure=False
     saved = {"visual_lc": {}, "text_lc": [], "visual_cosine": None}
+    runs: list[dict] = []  # where each process that added to it ran (runs.run_record)
     if path is not None and path.is_file():
         stored = json.loads(path.read_text())
         if stored["fingerprint"] == fingerprint:
             saved = stored["calibration"]
+            runs = stored.get("provenance", [])
         else:
             log(f"{path.name}: stored for {stored['fingerprint']}, recomputing")
     pools = calibration_pools(config.pool_size, config.calib_seed, config.task)
     main = pools["mixed"][: config.n_calib]
     computed = False
 
+    this_run = run_record()
+
     def save():
         if path is not None:
-            write_json_atomically(path, {"fingerprint": fingerprint, "calibration": saved})
+            if this_run not in runs:
+                runs.append(this_run)
+            write_json_atomically(path, {"fingerprint": fingerprint, "calibration": saved, "provenance": runs})
 
     def fill(rows: list, items: list[VQAItem], group: str, label: str) -> bool:
         """Append the missing LC rows of ``items``; False when the deadline stopped it."""

@@ -25,6 +25,7 @@ import torch
 
 from shortlab.files import write_json_atomically
 from shortlab.llava_mini.easy_vqa import VQAItem
+from shortlab.runs import describe_runs, run_record
 
 TOKEN_GROUPS = ("visual", "text", "all", "random")
 
@@ -113,7 +114,8 @@ class PredictionStore:
     ``fingerprint``: what the predictions depend on (model weights, dtype, question fingerprint …);
     an existing file with another fingerprint raises instead of mixing results, or, with
     ``stale="recompute"``, is ignored (``self.stale`` is then True) and replaced at the first
-    write.
+    write. Every setting computed here is stored with where it was computed
+    (``runs.run_record``: git revision, versions, command line, hardware).
     """
 
     def __init__(self, path: str | Path | None, fingerprint: dict, *, stale: str = "raise"):
@@ -122,12 +124,14 @@ class PredictionStore:
         self.path = None if path is None else Path(path)
         self.fingerprint = dict(fingerprint)
         self.results: dict[str, list[str]] = {}
+        self.provenance: dict[str, dict] = {}  # setting key -> where it was computed (run_record)
         self.computed = 0  # settings computed (not read back) by this store
         self.stale = False
         if self.path is not None and self.path.is_file():
             saved = json.loads(self.path.read_text())
             if saved["fingerprint"] == self.fingerprint:
                 self.results = saved["results"]
+                self.provenance = saved.get("provenance", {})
             elif stale == "raise":
                 raise ValueError(f"{self.path} holds predictions for {saved['fingerprint']}, not "
                                  f"{self.fingerprint}; use another file or delete it to recompute")
@@ -141,13 +145,19 @@ class PredictionStore:
         """``setting``'s predictions: stored ones, or ``compute()``'s, stored (atomically) first."""
         if setting.key not in self.results:
             self.results[setting.key] = list(compute())
+            self.provenance[setting.key] = run_record()
             self.computed += 1
             self._write()
         return self.results[setting.key]
 
+    def describe_provenance(self) -> str:
+        """Where the stored settings were computed, in one sentence (``runs.describe_runs``)."""
+        return describe_runs((self.provenance.get(key) for key in self.results), what="settings")
+
     def _write(self) -> None:
         if self.path is not None:
-            write_json_atomically(self.path, {"fingerprint": self.fingerprint, "results": self.results})
+            write_json_atomically(self.path, {"fingerprint": self.fingerprint, "results": self.results,
+                                              "provenance": self.provenance})
 
 
 def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,

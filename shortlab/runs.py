@@ -1,0 +1,85 @@
+"""Where a result is made: the code's git revision (flagged when the tree has uncommitted changes
+outside ``figures/`` and ``results/``), the package versions, the command line and the hardware
+(``run_record``). The evidence stores keep one beside every result, and ``describe_runs(records)``
+says in one sentence where a store's results came from. (Where a model's weights come from is
+``shortlab.provenance``.)
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware() -> dict:
+    """The machine a result is computed on: processor, cores, torch threads, memory, GPUs."""
+    import torch
+
+    pages, page_size = (os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")) if hasattr(os, "sysconf") else (0, 0)
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
+    return {"processor": _processor(), "machine": platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "memory_gib": round(pages * page_size / 2**30, 1),
+            "gpus": gpus}
+
+
+def run_record(command: str | None = None) -> dict:
+    """Where a result is being made: ``git_revision`` (``-dirty`` when tracked files outside
+    ``figures/`` and ``results/`` differ from the commit; None outside a checkout), ``clean``,
+    package ``versions``, the ``command`` (default: this process's command line), ``hardware``
+    and the UTC time."""
+    from shortlab.plotting import git_revision, package_versions
+
+    revision = git_revision(outputs=("figures", "results"))
+    return {"git_revision": revision, "clean": revision is not None and not revision.endswith("-dirty"),
+            "versions": package_versions(), "command": command or shlex.join([sys.executable, *sys.argv]),
+            "hardware": hardware(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def describe_runs(records: Iterable[Mapping | None], what: str = "results") -> str:
+    """One sentence on where stored ``records`` (``run_record`` dicts; None for results stored
+    before stores kept them) came from: revisions, clean or not, machines, torch versions."""
+    records = list(records)
+    known = [r for r in records if r]
+    if not records:
+        return f"No {what} stored."
+    parts = []
+    if known:
+        revisions = Counter((r.get("git_revision") or "no checkout")[:12] + ("" if r.get("clean") else " (dirty)")
+                            for r in known)
+        machines = Counter(f"{r['hardware']['processor']} ({r['hardware']['torch_threads']} threads"
+                           + (f", {', '.join(r['hardware']['gpus'])}" if r["hardware"].get("gpus") else "") + ")"
+                           for r in known)
+        torches = sorted({str(r["versions"].get("torch")) for r in known})
+        dirty = sum(not r.get("clean") for r in known)
+        parts.append(
+            f"{len(known)} of {len(records)} {what} record where they were made: "
+            f"{len(revisions)} git revision{'s' if len(revisions) > 1 else ''} "
+            f"({', '.join(f'{rev}: {n}' for rev, n in revisions.most_common())}), "
+            + ("every one from a clean tree" if not dirty else f"{dirty} from a tree with uncommitted changes")
+            + f"; made on {'; '.join(f'{m}: {n}' for m, n in machines.most_common())}; torch {', '.join(torches)}")
+    if not known:
+        return (f"none of the {len(records)} {what} records where it was made: all were stored before stores "
+                f"recorded this (their fingerprints still tie them to these weights and data).")
+    if len(known) < len(records):
+        older = len(records) - len(known)
+        parts.append(f"{older} {'was' if older == 1 else 'were'} stored before stores recorded this "
+                     f"(their fingerprints still tie them to these weights and data)")
+    return "; ".join(parts) + "."
