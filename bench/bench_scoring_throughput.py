@@ -108,16 +108,26 @@ def notebook_measurement(args) -> None:
                for a, b in zip(records[False]["correct"][task][metric], records[True]["correct"][task][metric])))
 
 
-def prefix_sharing() -> None:
+def prefix_sharing(models) -> None:
     """Layer passes that ``collect``'s shared prefix spares over notebook 01's question-scored
-    settings (dense and every stored ranking at the table's k), from the stored rankings: counted,
-    not timed (the same numbers are computed either way, ``tests/test_prefix.py``)."""
+    settings (dense and every stored ranking at the table's k, as ``removal_counts`` sets it for the
+    model's depth), from the stored rankings: counted, not timed (the same numbers are computed
+    either way, ``tests/test_prefix.py``)."""
     import json
 
-    from shortlab.shortgpt_evidence import Measurement, default_results_dir, reuses_prefix, shared_prefix_depth
+    from shortlab.arch import model_parts
+    from shortlab.shortgpt_evidence import (
+        EvidenceConfig, Measurement, default_results_dir, removal_counts, reuses_prefix, shared_prefix_depth,
+    )
 
-    for name, num_layers, k in ((DEFAULT_MODEL, 30, 8), ("qwen2.5-0.5b", 24, 6)):
-        rankings = json.loads((default_results_dir(name) / "rankings.json").read_text())["choices"]
+    config = EvidenceConfig()
+    for name in models:
+        rankings_file = default_results_dir(name) / "rankings.json"
+        if not rankings_file.is_file():
+            continue  # no stored rankings for this model: nothing to count
+        num_layers = model_parts(load_model(name)[0]).num_layers
+        _, k = removal_counts(num_layers, config.max_remove, config.remove_step, config.table_fraction)
+        rankings = json.loads(rankings_file.read_text())["choices"]
         measurements = [Measurement((), None, None, 1, True)] + list(dict.fromkeys(
             Measurement(tuple(sorted(layers[str(k)])), None, None, 1, True) for layers in rankings.values()))
         depth = shared_prefix_depth(measurements, num_layers)
@@ -138,7 +148,7 @@ def main() -> None:
         throughput(name, args)
     if not args.skip_measurement:
         notebook_measurement(args)
-    prefix_sharing()
+    prefix_sharing(args.models)
 
 
 if __name__ == "__main__":

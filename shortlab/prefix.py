@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from shortlab.arch import model_parts
+from shortlab.runs import weights_fingerprint
 
 
 def _digest_tensor(digest, value) -> None:
@@ -45,18 +46,23 @@ def _digest_tensor(digest, value) -> None:
 
 
 def layers_fingerprint(layers, sample: int = 1024) -> str:
-    """A hash of ``layers``' parameters: names, shapes, dtypes and ``sample`` evenly spaced entries
-    of each (enough to tell checkpoints, quantisations and layer orders apart, at little cost)."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for index, layer in enumerate(layers):
-            for name, parameter in layer.named_parameters():
-                flat = parameter.detach().reshape(-1)
-                count = min(sample, flat.numel())
-                picks = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
-                digest.update(f"{index}.{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-                digest.update(flat[picks.to(flat.device)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    """A hash of ``layers``' parameters (``runs.weights_fingerprint`` with each name prefixed by its
+    layer's index): enough to tell checkpoints, quantisations and layer orders apart, at little cost."""
+    return weights_fingerprint(((f"{index}.{name}", parameter) for index, layer in enumerate(layers)
+                                for name, parameter in layer.named_parameters()), sample)
+
+
+def best_depth(reaches: Sequence[int]) -> int:
+    """The number of first layers to share over measurements that can each share up to
+    ``reaches[i]`` of them (0: none): the depth ``d`` at which ``d × (measurements reaching d − 1)``,
+    the layer passes spared (the first measurement computes them), is largest; 0 when no two
+    measurements share a layer."""
+    best, best_saving = 0, 0
+    for depth in range(1, max(reaches, default=0) + 1):
+        saving = depth * (sum(reach >= depth for reach in reaches) - 1)
+        if saving > best_saving:
+            best, best_saving = depth, saving
+    return best
 
 
 class _Layer(nn.Module):
@@ -68,6 +74,14 @@ class _Layer(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.cache._step(self.layer, self.index, hidden_states, args, kwargs)
+
+    def __getattr__(self, name):
+        # anything else is the wrapped layer's (its attention module, its index for the KV cache),
+        # so code that inspects the layers while the cache is attached finds what it expects
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
 
 
 class PrefixCache:

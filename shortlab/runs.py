@@ -1,12 +1,13 @@
 """Where a result is made: the code's git revision (flagged when the tree has uncommitted changes
 outside ``figures/`` and ``results/``), the package versions, the command line and the hardware
 (``run_record``). The evidence stores keep one beside every result, and ``describe_runs(records)``
-says in one sentence where a store's results came from. (Where a model's weights come from is
-``shortlab.provenance``.)
+says in one sentence where a store's results came from; ``weights_fingerprint`` names the weights
+they were computed with. (Where a model's weights come from is ``shortlab.provenance``.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shlex
@@ -16,6 +17,24 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
+
+def weights_fingerprint(named_parameters, sample: int = 4096) -> str:
+    """A sha256 hex digest of ``named_parameters`` ((name, tensor) pairs, in order): each one's
+    name, shape, dtype and ``sample`` evenly spaced entries. Another checkpoint, a LoRA merged in,
+    another quantisation or another order of layers changes it, at the cost of reading a few
+    thousand numbers per tensor rather than the whole model."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, parameter in named_parameters:
+            flat = parameter.detach().reshape(-1)
+            count = min(sample, flat.numel())
+            # integer spacing: float positions round past the end for tensors of more than 2^24 entries
+            index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
+            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
+            digest.update(flat[index.to(flat.device)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _processor() -> str:

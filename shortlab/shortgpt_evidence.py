@@ -47,7 +47,7 @@ from shortlab.evaluate.examples import MCExample
 from shortlab.evaluate.likelihood import block_nll, loglikelihoods
 from shortlab.evaluate.scoring import encode_examples, item_correct
 from shortlab.files import write_json_atomically
-from shortlab.prefix import PrefixCache
+from shortlab.prefix import PrefixCache, best_depth
 from shortlab.runs import describe_runs, run_record
 from shortlab.pruning import random_layers, remove_layers
 from shortlab.quantize import quantize_weights
@@ -330,16 +330,12 @@ def shared_prefix_depth(measurements: Sequence[Measurement], num_layers: int) ->
     ``measurements``: ``d × (measurements that reuse d layers − 1)`` at its largest (the first
     computes them), 0 when no two measurements share a layer. A measurement must keep at least
     one layer after the shared ones."""
-    def kept(m: Measurement) -> int:
-        return num_layers - len(m.removed)
+    def reach(m: Measurement) -> int:
+        if m.bits is not None:
+            return 0
+        return min(min(m.removed, default=num_layers), num_layers - len(m.removed) - 1)
 
-    best, best_saving = 0, 0
-    for depth in range(1, num_layers):
-        sharing = [m for m in measurements if reuses_prefix(m, depth) and kept(m) > depth]
-        saving = depth * (len(sharing) - 1)
-        if saving > best_saving:
-            best, best_saving = depth, saving
-    return best
+    return best_depth([reach(m) for m in measurements])
 
 
 def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: EvidenceStore,

@@ -238,6 +238,21 @@ def test_prepare_and_run_resume_from_the_stores(tiny, tmp_path):
     assert other_dtype.store.stale and other_dtype.missing() == distinct
 
 
+def test_run_plan_shares_the_first_layers_and_predicts_the_same(tiny):
+    model, processor = tiny
+    ev = evidence.prepare_evidence(model, processor, "tiny-llava", "float32", TINY, None, log=lambda m: None)
+    messages = []
+    shared, alone = (PredictionStore(None, ev.store.fingerprint) for _ in range(2))
+    assert evidence.run_plan(model, processor, ev.items, ev.plan, shared, features=ev.features,
+                             log=messages.append) == 0
+    assert evidence.run_plan(model, processor, ev.items, ev.plan, alone, features=ev.features,
+                             log=lambda m: None, share_prefix=False) == 0
+    assert shared.results == alone.results
+    assert any("share the dense model's first" in m for m in messages)
+    sharing = int(messages[0].split(" of the ")[0])
+    assert 2 <= sharing < len({row["setting"] for row in ev.plan})  # the blank image never shares
+
+
 def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny, tmp_path):
     model, processor = tiny
     config = evidence.EvidenceConfig(**{**TINY.__dict__, "pool_size": 3, "n_calib": 2, "stability_sizes": (3,)})

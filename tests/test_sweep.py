@@ -5,9 +5,10 @@ import torch
 
 from shortlab import llava_mini as lm
 from shortlab.llava_mini.sweep import (
-    PredictionStore, Setting, evaluate_setting, items_fingerprint, setting_intervention, token_mask,
+    PredictionStore, Setting, evaluate_setting, items_fingerprint, prefix_reach, setting_intervention, token_mask,
 )
 from shortlab.models import load_model
+from shortlab.prefix import PrefixCache
 from shortlab.shortv import freeze_visual_tokens
 
 
@@ -87,3 +88,59 @@ def test_a_failed_setting_stores_nothing(tiny, tmp_path):
     with pytest.raises(RuntimeError):
         store.predictions(Setting(), fail)
     assert store.results == {} and not path.exists()
+
+
+def test_prefix_reach_stops_before_the_first_changed_layer():
+    assert prefix_reach(Setting(), 8) == 7  # the dense model: all but the last layer
+    assert prefix_reach(Setting(blank_image=True), 8) == 0  # other inputs
+    assert prefix_reach(Setting(frozen_layers=(3, 5)), 8) == 3
+    assert prefix_reach(Setting(fastv_k=3, fastv_ratio=0.5), 8) == 2  # layer k - 1 ranks the tokens
+    assert prefix_reach(Setting(frozen_layers=(5,), fastv_k=3, fastv_ratio=0.5), 8) == 2
+    assert prefix_reach(Setting(frozen_layers=(0, 1)), 8) == 0
+    assert prefix_reach(Setting(fastv_k=1, fastv_ratio=0.5), 8) == 0
+
+
+def _scores(model, processor, items, setting, prefix=None):
+    by_image = {}
+    for item in items:
+        by_image.setdefault(item.image_id, []).append(item.question)
+    features = lm.evidence.eval_features(model, processor, items)
+    return lm.score_answers(model, processor, None, list(by_image.values()), batch_size=2,
+                            features=[features[i] for i in by_image],
+                            intervention=setting_intervention(model, setting, prefix))
+
+
+def test_shared_first_layers_change_no_score(tiny):
+    """Every setting that leaves the first two layers as they are gets the same log-likelihoods
+    through one PrefixCache as computed in full, and the later settings compute no first layer."""
+    model, processor, items = tiny
+    settings = [Setting(), Setting(frozen_layers=(2, 3)), Setting(frozen_layers=(2,), frozen_tokens="random", seed=3),
+                Setting(fastv_k=3, fastv_ratio=0.5), Setting(frozen_layers=(3,), fastv_k=3, fastv_ratio=0.75)]
+    prefix = PrefixCache(2)
+    for setting in settings:
+        full = _scores(model, processor, items, setting)
+        shared = _scores(model, processor, items, setting, prefix)
+        for image_full, image_shared in zip(full, shared):
+            for (scores, greedy), (scores_shared, greedy_shared) in zip(image_full, image_shared):
+                assert greedy == greedy_shared
+                assert scores_shared == pytest.approx(scores, abs=1e-6)
+    batches = prefix.misses
+    assert batches == len({item.image_id for item in items}) // 2 + len({item.image_id for item in items}) % 2
+    assert prefix.hits == batches * (len(settings) - 1)
+    assert len(model_parts_layers(model)) == 4 and not any(type(layer).__name__ == "_Layer"
+                                                          for layer in model_parts_layers(model))
+
+
+def model_parts_layers(model):
+    from shortlab.arch import model_parts
+    return list(model_parts(model).layers)
+
+
+def test_a_prefix_deeper_than_the_setting_allows_is_refused(tiny):
+    model, _, _ = tiny
+    with pytest.raises(ValueError, match="only its first 1 layers .* cannot share the first 2"):
+        setting_intervention(model, Setting(frozen_layers=(1, 3)), PrefixCache(2))
+    with pytest.raises(ValueError, match="cannot share the first 3"):
+        setting_intervention(model, Setting(fastv_k=3, fastv_ratio=0.5), PrefixCache(3))
+    with pytest.raises(ValueError, match="only its first 0 layers"):
+        setting_intervention(model, Setting(blank_image=True), PrefixCache(1))

@@ -17,7 +17,6 @@ the mean over the first ``n_calib`` questions of the mixed pool.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 import time
@@ -32,7 +31,8 @@ from shortlab.runs import run_record
 from shortlab.findings import Finding
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
 from shortlab.llava_mini.easy_vqa import VQAItem, chat_text
-from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting
+from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting, prefix_reach
+from shortlab.prefix import PrefixCache, best_depth
 from shortlab.llava_mini.tasks import EASY_VQA_TASK, VQATask, task as find_task
 from shortlab.stats import (
     CANNOT_TELL,
@@ -124,20 +124,11 @@ def fast_config(task: str = "easy-vqa") -> EvidenceConfig:
 # ---------------------------------------------------------------- fingerprints
 
 def model_fingerprint(model, sample: int = 4096) -> str:
-    """A short hash of ``model``'s parameters: every parameter's name, shape, dtype and ``sample``
-    evenly spaced entries. Retraining (or merging a LoRA delta) changes every weight matrix, so it
-    changes this hash, at the cost of reading a few thousand numbers per tensor, not the model."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            count = min(sample, flat.numel())
-            # integer spacing: float positions round past the end for tensors of more than 2^24 entries
-            index = torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)
-            values = flat[index.to(flat.device)].float().cpu().numpy()
-            digest.update(f"{name}:{tuple(parameter.shape)}:{parameter.dtype}".encode())
-            digest.update(values.tobytes())
-    return digest.hexdigest()[:16]
+    """A short hash of ``model``'s parameters (``runs.weights_fingerprint``): retraining, or merging
+    a LoRA delta, changes every weight matrix, so it changes this hash."""
+    from shortlab.runs import weights_fingerprint
+
+    return weights_fingerprint(model.named_parameters(), sample)[:16]
 
 
 def store_path(model_name: str, kind: str, directory: str | Path = EVIDENCE_DIR, task: str = "easy-vqa") -> Path:
@@ -428,18 +419,36 @@ def evidence_plan(config: EvidenceConfig, calib: Calibration, num_layers: int,
 
 def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: PredictionStore, *,
              features=None, batch_size: int = 1, deadline: float | None = None,
-             log: Callable[[str], None] = print, task: str | VQATask = "easy-vqa") -> int:
-    """Evaluate every setting of ``plan`` that ``store`` lacks (each distinct setting once, in plan
-    order) until ``deadline`` (a ``time.monotonic()`` value; None: no limit). Returns how many
-    settings are still missing."""
+             log: Callable[[str], None] = print, task: str | VQATask = "easy-vqa",
+             share_prefix: bool = True) -> int:
+    """Evaluate every setting of ``plan`` that ``store`` lacks (each distinct setting once) until
+    ``deadline`` (a ``time.monotonic()`` value; None: no limit). Returns how many settings are
+    still missing. With ``share_prefix``, the first layers that most of the missing settings leave
+    as the dense model has them (``prefix_reach``, ``prefix.best_depth``) are computed once per
+    batch and reused (a ``PrefixCache``; the same predictions, fewer layer passes, their outputs
+    held in memory until the last setting sharing them): those settings go first, then the rest in
+    plan order."""
+    from shortlab.arch import model_parts
+
     pending = list(dict.fromkeys(row["setting"] for row in plan if row["setting"] not in store))
+    num_layers = model_parts(model).num_layers
+    depth = best_depth([prefix_reach(setting, num_layers) for setting in pending]) if share_prefix else 0
+    prefix = PrefixCache(depth) if depth else None
+    if prefix is not None:
+        pending.sort(key=lambda setting: prefix_reach(setting, num_layers) < depth)  # stable: plan order within
+        sharing = sum(prefix_reach(setting, num_layers) >= depth for setting in pending)
+        log(f"{sharing} of the {len(pending)} settings to evaluate share the dense model's first {depth} layers: "
+            f"computed once per batch")
     for done, setting in enumerate(pending):
         if deadline is not None and time.monotonic() > deadline:
             log(f"time is up: {len(pending) - done} settings left for the next run")
             return len(pending) - done
+        shares = prefix is not None and prefix_reach(setting, num_layers) >= depth
+        if prefix is not None and not shares:
+            prefix = None  # every sharing setting is done: free the stored outputs
         start = time.perf_counter()
         predicted = evaluate_setting(model, processor, items, setting, store, features=features,
-                                     batch_size=batch_size, task=task)
+                                     batch_size=batch_size, task=task, prefix=prefix if shares else None)
         accuracy = np.mean([p == item.answer for p, item in zip(predicted, items)])
         log(f"[{done + 1}/{len(pending)}] {time.perf_counter() - start:.0f} s accuracy {accuracy:.3f} {setting.key}")
     return 0

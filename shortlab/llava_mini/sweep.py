@@ -5,7 +5,8 @@ A ``Setting`` names what changes in the model: the layers in which a token group
 (ShortV; the group is visual, text, all tokens, or as many random tokens as there are visual
 ones), FastV's layer and ratio, or both. ``setting_intervention`` turns it into the
 ``intervention(input_ids, question_ends)`` that ``evaluate_items`` wraps around each packed
-forward. A sweep over many settings (layer choices × frozen counts × random seeds, FastV ratios)
+forward (``prefix_reach`` says how many of the dense model's first layers a setting leaves as
+they are, which a ``PrefixCache`` then computes once per batch for all settings). A sweep over many settings (layer choices × frozen counts × random seeds, FastV ratios)
 is the slow part of the notebook, so ``PredictionStore`` keeps each setting's predicted answers in
 a JSON file, written atomically after every setting: an interrupted sweep resumes where it
 stopped, and a notebook can read a sweep a script ran. The file records what the predictions
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from shortlab.arch import model_parts
 from shortlab.files import write_json_atomically
 from shortlab.llava_mini.easy_vqa import VQAItem
+from shortlab.prefix import PrefixCache
 from shortlab.runs import describe_runs, run_record
 
 TOKEN_GROUPS = ("visual", "text", "all", "random")
@@ -80,11 +83,28 @@ def token_mask(input_ids: torch.Tensor, image_token_id: int, group: str, seed: i
     return mask
 
 
-def setting_intervention(model, setting: Setting):
-    """The ``evaluate_items`` intervention for ``setting`` (None for the dense model)."""
+def prefix_reach(setting: Setting, num_layers: int) -> int:
+    """How many first decoder layers ``setting`` computes exactly as the dense model does, on the
+    same inputs: those before its first frozen layer and before FastV's ranking layer ``k − 1``
+    (which must run to rank the tokens), and at least one layer left to compute; 0 for the blank
+    image, whose inputs are another image's."""
+    if setting.blank_image:
+        return 0
+    changed = [*setting.frozen_layers, *([setting.fastv_k - 1] if setting.fastv_k is not None else [])]
+    return min(min(changed, default=num_layers - 1), num_layers - 1)
+
+
+def setting_intervention(model, setting: Setting, prefix: PrefixCache | None = None):
+    """The ``evaluate_items`` intervention for ``setting`` (None for the dense model without
+    ``prefix``). ``prefix``: a ``PrefixCache`` no deeper than ``prefix_reach(setting)``, through
+    which the first layers run (each batch's stored output is reused, or computed and stored)."""
     from shortlab.shortv import fastv, freeze_visual_tokens
 
-    if not setting.frozen_layers and setting.fastv_k is None:
+    reach = prefix_reach(setting, model_parts(model).num_layers)
+    if prefix is not None and prefix.depth > reach:
+        raise ValueError(f"{setting.key} computes only its first {reach} layers as the dense model does; "
+                         f"it cannot share the first {prefix.depth}")
+    if not setting.frozen_layers and setting.fastv_k is None and prefix is None:
         return None
     image_token_id = model.config.image_token_id
 
@@ -97,6 +117,8 @@ def setting_intervention(model, setting: Setting):
         if setting.frozen_layers:
             frozen = token_mask(input_ids, image_token_id, setting.frozen_tokens, setting.seed)
             stack.enter_context(freeze_visual_tokens(model, list(setting.frozen_layers), token_mask=frozen))
+        if prefix is not None:  # last: the ShortV/FastV engine patches the layers themselves, not wrappers
+            stack.enter_context(prefix.attached(model))
         return stack
 
     return intervention
@@ -162,16 +184,17 @@ class PredictionStore:
 
 def evaluate_setting(model, processor, items: list[VQAItem], setting: Setting,
                      store: PredictionStore | None = None, *, features=None, batch_size: int = 1,
-                     split: str = "test", task="easy-vqa") -> list[str]:
+                     split: str = "test", task="easy-vqa", prefix: PrefixCache | None = None) -> list[str]:
     """The closed-set answer ``model`` predicts for each of ``items`` (in order, questions of
-    ``split`` of ``task``) under ``setting``, through ``store`` when given."""
+    ``split`` of ``task``) under ``setting``, through ``store`` when given; its first layers through
+    ``prefix`` when given (see ``setting_intervention``)."""
     from shortlab.llava_mini.scoring import evaluate_items
     from shortlab.llava_mini.tasks import task as find_task
 
     def compute() -> list[str]:
         source = {"image": find_task(task).blank_image()} if setting.blank_image else {"features": features}
         result = evaluate_items(model, processor, items, split=split, batch_size=batch_size,
-                                intervention=setting_intervention(model, setting), task=task, **source)
+                                intervention=setting_intervention(model, setting, prefix), task=task, **source)
         by_item = {id(item): predicted for item, predicted, _ in result["predictions"]}
         return [by_item[id(item)] for item in items]
 
