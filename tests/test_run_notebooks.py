@@ -213,14 +213,15 @@ def test_notebook_runs_in_fast_mode(path, tmp_path):
 @pytest.mark.parametrize("model", ["tiny-llava-1.5", "tiny-llava-next"])
 def test_shortv_notebook_runs_on_real_llava_templates(model, tmp_path):
     path = next(p for p in rn.numbered_notebooks() if p.name == "02_shortv_visual_freezing.ipynb")
-    _run_in_fast_mode(path, tmp_path, {"MODEL": model})
+    _run_in_fast_mode(path, tmp_path, {"MODEL": model, "SECOND_TASK": None})
 
 
-# The ShortV notebook on the generated scene task (calibrated on its validation split).
+# The ShortV notebook on the generated scene task (calibrated on its validation split), with
+# easy-VQA as the second task its layer choices are compared on.
 @pytest.mark.notebook
 def test_shortv_notebook_runs_on_the_scene_task(tmp_path):
     path = next(p for p in rn.numbered_notebooks() if p.name == "02_shortv_visual_freezing.ipynb")
-    _run_in_fast_mode(path, tmp_path, {"MODEL": "tiny-llava", "TASK": "scenes"})
+    _run_in_fast_mode(path, tmp_path, {"MODEL": "tiny-llava", "TASK": "scenes", "SECOND_TASK": "easy-vqa"})
 
 
 def _run_in_fast_mode(path, tmp_path, overrides):

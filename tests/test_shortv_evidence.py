@@ -307,3 +307,33 @@ def test_layer_choice_correct_scores_each_choice_of_the_sweep():
     del store.results[random_rows[0]["setting"].key]
     with pytest.raises(KeyError, match="no stored answers for .* at N = 1"):
         evidence.layer_choice_correct(ev)
+
+
+def test_choice_comparisons_can_come_out_every_way():
+    """LC far above cosine (supported), LC equal to random (a tie), and LC below (contradicted):
+    each verdict follows its interval; a tie where both sit at 1.0 is named as at the ceiling."""
+    from shortlab.stats import CONTRADICTED, EQUIVALENT, SUPPORTED
+
+    rng = np.random.default_rng(0)
+    clusters = np.repeat(np.arange(200), 5)
+    lc = (rng.random(1000) < 0.8).astype(float)
+    worse = np.where(rng.random(1000) < 0.3, 0.0, lc)  # loses about a quarter of LC's correct answers
+    better = np.maximum(lc, (rng.random(1000) < 0.5).astype(float))
+    curves = {"layer_contribution": {6: lc, 12: lc, 18: np.ones(1000)},
+              "visual_cosine": {6: worse, 12: better, 18: np.ones(1000)},
+              "random": {6: np.stack([lc, lc]), 12: np.stack([better, better]), 18: np.ones((3, 1000))}}
+    rows = evidence.choice_comparisons(curves, clusters, margin=0.01)
+    outcome = {(row["N"], row["comparison"]): row["judgement"] for row in rows}
+    assert outcome[6, "LC − visual cosine"].outcome == SUPPORTED
+    assert outcome[6, "LC − random"].outcome == EQUIVALENT and not outcome[6, "LC − random"].ceiling
+    assert outcome[12, "LC − visual cosine"].outcome == CONTRADICTED
+    assert outcome[12, "LC − random"].outcome == CONTRADICTED
+    assert outcome[18, "LC − random"].outcome == EQUIVALENT and outcome[18, "LC − random"].ceiling
+    import matplotlib.pyplot as plt
+
+    from shortlab.llava_mini.figures import draw_choice_comparisons
+
+    fig, ax = plt.subplots()
+    draw_choice_comparisons(ax, rows, 0.01, title="t")
+    plt.close(fig)
+    assert len(ax.get_xticks()) == 3

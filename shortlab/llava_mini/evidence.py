@@ -42,6 +42,7 @@ from shortlab.stats import (
     FamilyVerdicts,
     Interval,
     at_ceiling,
+    bootstrap_interval,
     crossed_bootstrap_interval,
     describe,
     family_verdicts,
@@ -531,6 +532,25 @@ def prepare_evidence(model, processor, model_name: str, dtype: str, config: Evid
     return Evidence(items, calib, plan, store, eval_features(model, processor, items, task=config.task))
 
 
+def second_task_evidence(model, processor, model_name: str, dtype: str, config: EvidenceConfig, task: str,
+                         directory: str | Path | None = EVIDENCE_DIR, *, measure: bool = True, fast: bool = False,
+                         log: Callable[[str], None] = print) -> Evidence:
+    """The N sweep of ``config`` (its counts, draws and calibration sizes) on another ``task``
+    answered by ``model``: that task's whole default test set (``fast``: ``fast_config``), its own
+    calibration, the stored answers of the dense model and of every layer choice (computed where
+    missing when ``measure``, else a ``RuntimeError`` naming the script that computes them)."""
+    second = fast_config(task) if fast else dataclasses.replace(config, task=task, n_eval=default_config(task).n_eval)
+    ev = prepare_evidence(model, processor, model_name, dtype, second, directory, log=log, measure=measure)
+    needed = [row for row in ev.plan if row["family"] in ("dense", "shortv")]
+    missing = len({row["setting"] for row in needed if row["setting"] not in ev.store})
+    if missing and not measure:
+        raise RuntimeError(f"{missing} settings of {model_name} on {task} are not stored in {directory}; run "
+                           f"scripts/shortv_evidence.py --model {model_name} --task {task} --dtype {dtype}")
+    if missing:
+        run_plan(model, processor, ev.items, needed, ev.store, features=ev.features, log=log, task=task)
+    return ev
+
+
 def layer_choice_correct(ev: Evidence) -> dict[str, dict[int, np.ndarray]]:
     """The N sweep's stored answers scored: {choice: {N: correct [items]}} for the layer choices
     "layer_contribution" and "visual_cosine", and {N: correct [draws, items]} (draws in seed
@@ -549,6 +569,25 @@ def layer_choice_correct(ev: Evidence) -> dict[str, dict[int, np.ndarray]]:
     curves["random"] = {n: np.stack([scores for _, scores in sorted(draws, key=lambda d: d[0])])
                         for n, draws in curves["random"].items()}
     return curves
+
+
+def choice_comparisons(curves: dict[str, dict[int, np.ndarray]], clusters, *, margin: float,
+                       seed: int = 0) -> list[dict]:
+    """At every N of ``curves`` (``layer_choice_correct``), the claims "LC > visual cosine" (paired
+    on the same questions) and "LC > random" (LC minus each random draw, draws and images both
+    resampled), each judged by more than ``margin`` with a tie at the ceiling named: rows
+    {"N", "comparison", "judgement"}. ``clusters``: one image id per question."""
+    lc, cosine, random_draws = (curves[choice] for choice in LAYER_CHOICES)
+    rows = []
+    for n in sorted(set(cosine) & set(random_draws)):
+        accuracy = bootstrap_interval(lc[n], clusters, seed=seed)
+        rows.append({"N": n, "comparison": "LC − visual cosine", "judgement": judge(
+            paired_interval(lc[n], cosine[n], clusters, seed=seed), margin=margin,
+            accuracies=(accuracy, bootstrap_interval(cosine[n], clusters, seed=seed)))})
+        rows.append({"N": n, "comparison": "LC − random", "judgement": judge(
+            crossed_bootstrap_interval(lc[n][None, :] - random_draws[n], clusters, seed=seed), margin=margin,
+            accuracies=(accuracy, crossed_bootstrap_interval(random_draws[n], clusters, seed=seed)))})
+    return rows
 
 
 def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:

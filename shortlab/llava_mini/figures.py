@@ -27,3 +27,24 @@ def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") ->
     if title:
         ax.set_title(title)
     ax.legend(fontsize=8)
+
+
+def draw_choice_comparisons(ax, rows: list[dict], margin: float, title: str = "") -> None:
+    """How much better LC's layers are than visual cosine's and than random draws, against the
+    number of frozen layers N (rows of ``evidence.choice_comparisons``; 95 % intervals), with the
+    band ± ``margin`` where a difference counts as none."""
+    comparisons = list(dict.fromkeys(row["comparison"] for row in rows))
+    counts = sorted({row["N"] for row in rows})
+    for k, (comparison, marker) in enumerate(zip(comparisons, "os^v")):
+        mine = [row["judgement"].interval for row in rows if row["comparison"] == comparison]
+        x = np.arange(len(mine)) + (k - (len(comparisons) - 1) / 2) * 0.2
+        ax.errorbar(x, [i.estimate for i in mine], yerr=[[i.estimate - i.low for i in mine], [i.high - i.estimate for i in mine]],
+                    marker=marker, capsize=3, ls="none", label=comparison)
+    ax.axhspan(-margin, margin, color="0.9", zorder=0, label=f"no difference (± {margin:g})")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(counts)), [str(n) for n in counts])
+    ax.set_xlabel("layers with frozen visual tokens (N)")
+    ax.set_ylabel("accuracy difference (95 % interval)")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
