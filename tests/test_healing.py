@@ -1,0 +1,174 @@
+"""Healing a pruned model: what is trained, what is left alone, resuming in chunks, and the
+healed checkpoint the CLI saves."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from shortlab.arch import model_parts
+from shortlab.cli import STOPPED_EARLY, main
+from shortlab.healing import HealingConfig, causal_lm_loss, heal, linear_targets, training_blocks
+from shortlab.models import load_model
+from shortlab.pruning import remove_layers
+
+SMALL = dict(steps=4, batch_size=2, block_size=24, warmup=1, lr=5e-3)
+
+
+def pruned(arch="llama"):
+    model, tokenizer = load_model(f"tiny-{arch}")
+    return remove_layers(model, [1], inplace=True), tokenizer
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def calibration_nll(model, tokenizer, config):
+    blocks = training_blocks(tokenizer, config)
+    with torch.no_grad():
+        return float(causal_lm_loss(model(input_ids=blocks).logits, blocks))
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(method="qlora"), "unknown healing method"),
+    (dict(steps=0), "steps must be at least 1"),
+    (dict(warmup=100), "warmup must be in"),
+    (dict(lr=0), "lr must be positive"),
+    (dict(block_size=1), "block_size"),
+])
+def test_bad_configs_are_named(config, message):
+    with pytest.raises(ValueError, match=message):
+        HealingConfig(**config)
+
+
+def test_the_budget_is_the_same_calibration_tokens_for_every_variant():
+    _, tokenizer = pruned()
+    config = HealingConfig(**SMALL)
+    blocks = training_blocks(tokenizer, config)
+    assert blocks.shape == (8, 24) and config.tokens == 8 * 24
+    assert torch.equal(blocks, training_blocks(tokenizer, config))
+    assert not torch.equal(blocks, training_blocks(tokenizer, HealingConfig(**{**SMALL, "seed": 1})))
+    assert config.label == "lora-r8-4x2x24-s0"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
+def test_lora_healing_trains_merges_and_leaves_a_plain_model(arch):
+    model, tokenizer = pruned(arch)
+    model.eval()
+    config = HealingConfig(**SMALL)
+    before = snapshot(model)
+    loss_before = calibration_nll(model, tokenizer, config)
+    record = heal(model, tokenizer, config, log=None)
+    assert record["complete"] and record["steps_done"] == 4 and len(record["losses"]) == 4
+    assert record["tokens"] == config.tokens and record["split"] == "calib" and not record["untied_lm_head"]
+    after = snapshot(model)
+    assert after.keys() == before.keys(), "merged back: no adapter parameters left"
+    assert not any("lora" in name for name, _ in model.named_modules())
+    targets = set(linear_targets(model))
+    changed = {name.removesuffix(".weight") for name in before if not torch.equal(before[name], after[name])}
+    assert changed and changed <= targets, "only the decoder layers' linear weights change"
+    assert all(p.requires_grad for p in model.parameters()) and not model.training, "flags and mode restored"
+    assert calibration_nll(model, tokenizer, config) < loss_before
+
+
+def test_last_layers_healing_unties_a_tied_head_and_trains_only_the_end():
+    model, tokenizer = pruned()
+    parts = model_parts(model)
+    parts.lm_head.weight = parts.embed_tokens.weight  # tie it, as SmolLM2 and Qwen ship
+    model.config.tie_word_embeddings = True
+    before = snapshot(model)
+    config = HealingConfig(**{**SMALL, "method": "last_layers", "last_layers": 1, "lr": 1e-3})
+    record = heal(model, tokenizer, config, log=None)
+    assert record["untied_lm_head"] and model.config.tie_word_embeddings is False
+    parts = model_parts(model)
+    assert parts.lm_head.weight.data_ptr() != parts.embed_tokens.weight.data_ptr()
+    assert torch.equal(parts.embed_tokens.weight, before["model.embed_tokens.weight"]), "embeddings untouched"
+    last = parts.num_layers - 1
+    for name, value in snapshot(model).items():
+        trained = name.startswith((f"model.layers.{last}.", "model.norm.", "lm_head."))
+        if name in before:
+            assert torch.equal(value, before[name]) != trained or name == "model.norm.weight", name
+    assert not torch.equal(parts.lm_head.weight, before["model.embed_tokens.weight"])
+
+
+def test_healing_in_chunks_equals_healing_at_once(tmp_path):
+    config = HealingConfig(**SMALL)
+    at_once, tokenizer = pruned()
+    heal(at_once, tokenizer, config, log=None)
+    chunked, _ = pruned()
+    untouched = snapshot(chunked)
+    checkpoint = tmp_path / "healing.pt"
+    first = heal(chunked, tokenizer, config, checkpoint=checkpoint, checkpoint_every=1, max_steps=3, log=None)
+    assert not first["complete"] and first["steps_done"] == 3
+    assert all(torch.equal(v, untouched[k]) for k, v in snapshot(chunked).items()), "unfinished: model as it was"
+    second = heal(chunked, tokenizer, config, checkpoint=checkpoint, log=None)
+    assert second["complete"] and second["losses"][:3] == first["losses"]
+    for name, value in snapshot(chunked).items():
+        torch.testing.assert_close(value, dict(at_once.named_parameters())[name], atol=1e-6, rtol=0)
+    other, _ = pruned()
+    remove_layers(other, [0], inplace=True)
+    with pytest.raises(ValueError, match="other weights or with another configuration"):
+        heal(other, tokenizer, config, checkpoint=checkpoint, log=None)
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        heal(other, tokenizer, config, max_steps=1, log=None)
+
+
+@pytest.mark.parametrize("method", ["lora", "last_layers"])
+def test_a_failed_healing_leaves_the_model_as_it_was(method):
+    model, tokenizer = pruned()
+    parts = model_parts(model)
+    parts.lm_head.weight = parts.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    before = snapshot(model)
+    layer_types = [type(m) for m in model.modules()]
+
+    def fail(message):
+        if "step 1/" in message:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        heal(model, tokenizer, HealingConfig(**{**SMALL, "method": method}), log=fail)
+    assert [type(m) for m in model.modules()] == layer_types, "no adapter left behind"
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    parts = model_parts(model)
+    assert parts.lm_head.weight is parts.embed_tokens.weight and model.config.tie_word_embeddings
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_cli_heals_a_pruned_checkpoint_that_transformers_reloads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    pruned_dir, healed_dir = tmp_path / "pruned", tmp_path / "healed"
+    assert main(["prune", "tiny-llama", "--layers", "1", "--output", str(pruned_dir)]) == 0
+    args = ["heal", str(pruned_dir), "--steps", "3", "--batch-size", "2", "--block-size", "24", "--warmup", "1",
+            "--output", str(healed_dir)]
+    assert main(args) == 0
+    assert "healed by lora" in capsys.readouterr().out
+    config = json.loads((healed_dir / "config.json").read_text())
+    assert config["shortlab_pruning"]["removed_layers"] == [1], "the removal record stays beside the healing"
+    assert config["shortlab_healing"]["method"] == "lora" and config["shortlab_healing"]["steps"] == 3
+    assert "losses" not in config["shortlab_healing"]
+    card = (healed_dir / "README.md").read_text()
+    assert "## Healing" in card and "nothing was fine-tuned" not in card and "calibration split" in card
+    reloaded = AutoModelForCausalLM.from_pretrained(healed_dir)
+    original = AutoModelForCausalLM.from_pretrained(pruned_dir)
+    assert reloaded.config.num_hidden_layers == original.config.num_hidden_layers
+    changed = [n for n, p in reloaded.named_parameters() if not torch.equal(p, dict(original.named_parameters())[n])]
+    assert changed and all("layers" in n for n in changed)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert isinstance(reloaded.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert reloaded(ids).logits.shape == original(ids).logits.shape
+
+
+def test_cli_heal_stops_at_its_time_limit_and_resumes(tmp_path, capsys):
+    out, checkpoint = tmp_path / "healed", tmp_path / "progress.pt"
+    args = ["heal", "tiny-llama", "--steps", "3", "--batch-size", "2", "--block-size", "24", "--warmup", "1",
+            "--checkpoint", str(checkpoint), "--output", str(out)]
+    assert main([*args, "--max-minutes", "0"]) == STOPPED_EARLY
+    assert "run the same command again" in capsys.readouterr().out and checkpoint.is_file() and not out.exists()
+    assert main(args) == 0 and (out / "config.json").is_file()
+    assert "# `tiny-llama`, healed" in (out / "README.md").read_text()
+    assert main(["heal", "tiny-llama", "--max-minutes", "1", "--output", str(tmp_path / "x")]) == 2
+    assert "--max-minutes needs --checkpoint" in capsys.readouterr().err
