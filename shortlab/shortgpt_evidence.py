@@ -2,7 +2,8 @@
 correctness, stored so that the statistics can be recomputed without the model.
 
 A *setting* is a model variant — the dense model, or one with some layers removed, each
-optionally with group-wise round-to-nearest weights — plus what is measured on it: the NLL of
+optionally with group-wise round-to-nearest weights or healed afterwards by a short recovery
+training (``shortlab.healing``) — plus what is measured on it: the NLL of
 the first ``n_blocks`` held-out blocks, and optionally every benchmark question. ``plan_settings``
 turns the layer choices of the rankings into the notebook's settings (every ranking at every
 removal count; ``random_draws`` seeded random sets per count; the 2 × 2 design dense/pruned ×
@@ -21,6 +22,7 @@ Record schema (one file, ``<measurement name>.json``)::
      "nll": [float; n_blocks], "tokens": [float; n_blocks],     # nats summed per block, tokens predicted
      "correct": {task: {"acc": [0|1; n_items], "acc_norm": [0|1; n_items]}},   # {} without tasks
      "seconds": float, "device": str, "dtype": str,
+     "healing": {...},                                          # healed variants: heal()'s record
      "provenance": {"git_revision", "clean", "versions", "command", "hardware", "created"}}
     # provenance: where the record was made (runs.run_record); absent in records stored
     # before the stores kept it (``store_provenance`` counts them)
@@ -29,6 +31,7 @@ Record schema (one file, ``<measurement name>.json``)::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -46,6 +49,7 @@ from shortlab.arch import model_parts
 from shortlab.evaluate.examples import MCExample
 from shortlab.evaluate.likelihood import block_nll, loglikelihoods
 from shortlab.evaluate.scoring import encode_examples, item_correct
+from shortlab.healing import HealingConfig, heal
 from shortlab.files import write_json_atomically
 from shortlab.prefix import PrefixCache, best_depth
 from shortlab.runs import describe_runs, run_record
@@ -83,21 +87,37 @@ def removal_counts(num_layers: int, max_remove: int, step: int, table_fraction: 
 @dataclass(frozen=True)
 class Measurement:
     """What is measured on which model variant: the model without the ``removed`` layers (sorted),
-    with ``bits``-bit group-wise weights (None: the model's own), NLL of the first ``n_blocks``
-    held-out blocks, and every benchmark question when ``tasks``."""
+    with ``bits``-bit group-wise weights (None: the model's own) or healed as ``healing`` says
+    after the removal (None: not trained), NLL of the first ``n_blocks`` held-out blocks, and every
+    benchmark question when ``tasks``."""
 
     removed: tuple[int, ...]
     bits: int | None
     group_size: int | None
     n_blocks: int
     tasks: bool
+    healing: HealingConfig | None = None
+
+    def __post_init__(self):
+        if self.healing is not None and self.bits is not None:
+            raise ValueError("a measurement is healed or quantised, not both")
 
     @property
     def name(self) -> str:
-        """A readable, unique file stem: removed layers, weights, what is measured."""
+        """A readable, unique file stem: removed layers, weights, healing, what is measured."""
         layers = "dense" if not self.removed else "removed-" + "-".join(map(str, self.removed))
         weights = "w-model" if self.bits is None else f"w{self.bits}g{self.group_size or 'channel'}"
-        return f"{layers}__{weights}__blocks{self.n_blocks}{'__tasks' if self.tasks else ''}"
+        healed = f"__healed-{self.healing.label}" if self.healing is not None else ""
+        return f"{layers}__{weights}{healed}__blocks{self.n_blocks}{'__tasks' if self.tasks else ''}"
+
+
+def measurement_dict(measurement: Measurement) -> dict:
+    """``measurement`` as JSON-ready fields (what its records store and are fingerprinted by);
+    ``healing`` only where it is set, so that records made before healing existed stay current."""
+    fields = asdict(measurement)
+    if fields["healing"] is None:
+        del fields["healing"]
+    return fields
 
 
 @dataclass(frozen=True)
@@ -120,8 +140,10 @@ class Setting:
 class EvidencePlan:
     """What the notebook measures: the rankings at ``ks`` (``table_k`` is the paper-style table),
     ``random_draws`` random sets per k on the first ``random_blocks`` blocks, benchmarks on
-    ``task_rankings`` at ``table_k`` (and the dense model), and the 2 × 2 quantisation design at
-    ``table_k`` with ``bits``-bit weights in groups of ``group_size``."""
+    ``task_rankings`` at ``table_k`` (and the dense model), the 2 × 2 quantisation design at
+    ``table_k`` with ``bits``-bit weights in groups of ``group_size``, and each of ``healing`` (one
+    recipe and budget per seed) applied to ``healing_rankings``' removals at ``table_k`` and, as
+    the control for what training on the calibration text does by itself, to the dense model."""
 
     ks: tuple[int, ...]
     table_k: int
@@ -133,6 +155,8 @@ class EvidencePlan:
     bits: int = 4
     group_size: int | None = 32
     seed: int = 0
+    healing: tuple[HealingConfig, ...] = ()
+    healing_rankings: tuple[str, ...] = ()
 
 
 def plan_settings(choices: Mapping[str, Mapping[int, Sequence[int]]], plan: EvidencePlan,
@@ -150,8 +174,8 @@ def plan_settings(choices: Mapping[str, Mapping[int, Sequence[int]]], plan: Evid
         raise ValueError(f"random_blocks must be in 1..{plan.eval_blocks}, got {random_blocks}")
     baseline_ks = plan.ks if plan.baseline_ks is None else plan.baseline_ks
 
-    def measurement(removed, bits=None, n_blocks=plan.eval_blocks, tasks=False):
-        return Measurement(tuple(sorted(removed)), bits, plan.group_size if bits else None, n_blocks, tasks)
+    def measurement(removed, bits=None, n_blocks=plan.eval_blocks, tasks=False, healing=None):
+        return Measurement(tuple(sorted(removed)), bits, plan.group_size if bits else None, n_blocks, tasks, healing)
 
     dense_tasks = bool(plan.task_rankings)
     settings = [Setting("dense", 0, measurement((), tasks=dense_tasks))]
@@ -173,11 +197,20 @@ def plan_settings(choices: Mapping[str, Mapping[int, Sequence[int]]], plan: Evid
     settings.append(Setting("dense", 0, measurement((), plan.bits, tasks=dense_tasks)))
     settings.append(Setting("block_influence", plan.table_k,
                             measurement(bi_table, plan.bits, tasks="block_influence" in plan.task_rankings)))
+    for healing in plan.healing:
+        settings.append(Setting("dense", 0, measurement((), tasks=dense_tasks, healing=healing)))
+        for ranking in plan.healing_rankings:
+            if ranking not in choices:
+                raise ValueError(f"healing_rankings names {ranking!r}, which is not among the rankings")
+            settings.append(Setting(ranking, plan.table_k, measurement(
+                choices[ranking][plan.table_k], tasks=ranking in plan.task_rankings, healing=healing)))
     # a layer set measured with questions on some row needs no second, perplexity-only measurement
-    with_tasks = {(m.removed, m.bits, m.n_blocks) for m in (s.measurement for s in settings) if m.tasks}
+    def variant(m: Measurement):
+        return m.removed, m.bits, m.n_blocks, m.healing
+
+    with_tasks = {variant(m) for m in (s.measurement for s in settings) if m.tasks}
     return [dataclasses.replace(s, measurement=dataclasses.replace(s.measurement, tasks=True))
-            if (s.measurement.removed, s.measurement.bits, s.measurement.n_blocks) in with_tasks else s
-            for s in settings]
+            if variant(s.measurement) in with_tasks else s for s in settings]
 
 
 def _digest(value) -> str:
@@ -223,10 +256,15 @@ class EvidenceStore:
         self.written = 0
 
     def fingerprint(self, measurement: Measurement) -> str:
-        return _digest([self.model_fp, self.data_fp, asdict(measurement)])
+        return _digest([self.model_fp, self.data_fp, measurement_dict(measurement)])
 
     def path(self, measurement: Measurement) -> Path | None:
         return None if self.directory is None else self.directory / f"{measurement.name}.json"
+
+    def healing_checkpoint(self, measurement: Measurement) -> Path | None:
+        """Where an unfinished healing of ``measurement``'s variant keeps its progress (None in
+        memory): beside its record, deleted once the record is written."""
+        return None if self.directory is None else self.directory / f"{measurement.name}.healing.pt"
 
     def get(self, measurement: Measurement) -> dict | None:
         if measurement in self._memory:
@@ -245,7 +283,7 @@ class EvidenceStore:
         # kept in memory exactly as it reads back from disk (tuples become lists)
         record = json.loads(json.dumps({"provenance": run_record(), **record,
                                         "fingerprint": self.fingerprint(measurement),
-                                        "measurement": asdict(measurement)}))
+                                        "measurement": measurement_dict(measurement)}))
         path = self.path(measurement)
         if path is not None:
             write_json_atomically(path, record)
@@ -273,7 +311,8 @@ def model_variant(model: nn.Module, removed: Iterable[int], bits: int | None,
 def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Mapping[str, torch.Tensor],
             task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8,
             known_nll: Mapping | None = None, shared_context: bool = True,
-            prefix: PrefixCache | None = None) -> dict:
+            prefix: PrefixCache | None = None, healing_checkpoint: str | Path | None = None,
+            deadline: float | None = None) -> dict | None:
     """Measure one setting: per-block NLL of ``held_out`` rows [:n_blocks] (``input_ids``,
     ``attention_mask``: LongTensor[N, T]) and, with ``measurement.tasks``, per-question
     correctness on every task in ``task_examples``. Returns a record (see the module docstring)
@@ -284,12 +323,24 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
     (``loglikelihoods``); False scores every choice as its own sequence, for comparison.
     ``prefix``: a ``PrefixCache`` of the dense model's first layers, used when the measurement
     leaves them as they are (``reuses_prefix``): what they compute is taken from it, or stored
-    in it for the next measurement."""
+    in it for the next measurement. A healed variant is trained first (``healing.heal``, on a
+    copy), its progress kept in ``healing_checkpoint`` when given; past ``deadline`` (a
+    ``time.monotonic()`` value) the healing stops there and None is returned (measure again to
+    continue)."""
     n_available = held_out["input_ids"].shape[0]
     if measurement.n_blocks > n_available:
         raise ValueError(f"the measurement needs {measurement.n_blocks} held-out blocks; only {n_available} given")
+    if measurement.healing is not None and known_nll is not None:
+        raise ValueError("a healed variant is trained here: no stored NLL of it can be known")
     start = time.perf_counter()
     variant = model_variant(model, measurement.removed, measurement.bits, measurement.group_size)
+    healing = None
+    if measurement.healing is not None:
+        variant = variant if variant is not model else copy.deepcopy(model)  # never train the caller's model
+        healing = heal(variant, tokenizer, measurement.healing, checkpoint=healing_checkpoint,
+                       deadline=deadline if healing_checkpoint is not None else None, log=None)
+        if not healing["complete"]:
+            return None
     rows = slice(0, measurement.n_blocks)
     sharing = (prefix.attached(variant) if prefix is not None and reuses_prefix(measurement, prefix.depth)
                else contextlib.nullcontext())
@@ -297,8 +348,9 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
         nll, tokens, correct = _measure_variant(variant, tokenizer, measurement, held_out, task_examples, rows,
                                                 batch_size, known_nll, shared_context)
     parameter = next(model.parameters())
-    return {"nll": nll.tolist(), "tokens": tokens.tolist(), "correct": correct,
-            "seconds": time.perf_counter() - start, "device": str(parameter.device), "dtype": str(parameter.dtype)}
+    record = {"nll": nll.tolist(), "tokens": tokens.tolist(), "correct": correct,
+              "seconds": time.perf_counter() - start, "device": str(parameter.device), "dtype": str(parameter.dtype)}
+    return record if healing is None else {**record, "healing": healing}
 
 
 def _measure_variant(variant, tokenizer, measurement, held_out, task_examples, rows, batch_size, known_nll,
@@ -321,8 +373,9 @@ def _measure_variant(variant, tokenizer, measurement, held_out, task_examples, r
 
 def reuses_prefix(measurement: Measurement, depth: int) -> bool:
     """Whether ``measurement``'s model computes the dense model's first ``depth`` layers: its own
-    weights (not quantised) and no layer removed below ``depth``."""
-    return measurement.bits is None and all(layer >= depth for layer in measurement.removed)
+    weights (not quantised, not healed) and no layer removed below ``depth``."""
+    return (measurement.bits is None and measurement.healing is None
+            and all(layer >= depth for layer in measurement.removed))
 
 
 def shared_prefix_depth(measurements: Sequence[Measurement], num_layers: int) -> int:
@@ -331,7 +384,7 @@ def shared_prefix_depth(measurements: Sequence[Measurement], num_layers: int) ->
     computes them), 0 when no two measurements share a layer. A measurement must keep at least
     one layer after the shared ones."""
     def reach(m: Measurement) -> int:
-        if m.bits is not None:
+        if m.bits is not None or m.healing is not None:
             return 0
         return min(min(m.removed, default=num_layers), num_layers - len(m.removed) - 1)
 
@@ -340,10 +393,13 @@ def shared_prefix_depth(measurements: Sequence[Measurement], num_layers: int) ->
 
 def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: EvidenceStore,
             held_out: Mapping[str, torch.Tensor], task_examples: Mapping[str, Sequence[MCExample]],
-            batch_size: int = 8, log=print, share_prefix: bool = True) -> dict[Measurement, dict]:
+            batch_size: int = 8, log=print, share_prefix: bool = True,
+            deadline: float | None = None) -> dict[Measurement, dict]:
     """The record of every distinct measurement of ``settings``: read from ``store`` where it is
     there and current, otherwise measured and stored at once (so an interrupted run resumes
     from the last finished measurement). ``log`` (None: silent) reports each measurement.
+    After ``deadline`` (a ``time.monotonic()`` value) nothing new is started, and a healing in
+    progress stops with its progress beside the store: the records returned are those finished.
 
     With ``share_prefix``, the measurements still to make that leave the dense model's first
     layers as they are compute those layers once per batch (``PrefixCache`` at
@@ -363,10 +419,23 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
     for index, measurement in enumerate(distinct, 1):
         record = store.get(measurement)
         if record is None:
+            if deadline is not None and time.monotonic() > deadline:
+                if log is not None:
+                    log(f"time is up: {measurement.name} and the measurements after it are left for the next run")
+                break
             # a layer set first measured without questions keeps its block NLLs: only the questions are new
-            known = store.get(dataclasses.replace(measurement, tasks=False)) if measurement.tasks else None
-            record = store.put(measurement, measure(model, tokenizer, measurement, held_out, task_examples,
-                                                    batch_size, known_nll=known, prefix=prefix))
+            known = (store.get(dataclasses.replace(measurement, tasks=False))
+                     if measurement.tasks and measurement.healing is None else None)
+            checkpoint = store.healing_checkpoint(measurement) if measurement.healing is not None else None
+            measured = measure(model, tokenizer, measurement, held_out, task_examples, batch_size, known_nll=known,
+                               prefix=prefix, healing_checkpoint=checkpoint, deadline=deadline)
+            if measured is None:
+                if log is not None:
+                    log(f"time is up while healing {measurement.name}: its progress is in {checkpoint}")
+                break
+            record = store.put(measurement, measured)
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
             if log is not None:
                 ppl = math.exp(sum(record["nll"]) / sum(record["tokens"]))
                 log(f"[{index}/{len(distinct)}] {measurement.name}: perplexity {ppl:.4g} "
@@ -529,6 +598,14 @@ class EvidenceConfig:
     group_size: int | None = 32
     batch_size: int = 8
     seed: int = 0
+    healing: tuple[HealingConfig, ...] = ()  # one recipe per healing seed; () heals nothing
+    healing_rankings: tuple[str, ...] = ("block_influence", "reverse_order", "angular_distance", "relative_magnitude")
+
+
+def healing_configs(seeds: Sequence[int], **recipe) -> tuple[HealingConfig, ...]:
+    """One ``HealingConfig`` per seed with the same ``recipe`` (method, steps, …): the
+    ``EvidenceConfig.healing`` of a study with several healing seeds."""
+    return tuple(HealingConfig(**recipe, seed=seed) for seed in seeds)
 
 
 @dataclass
@@ -607,7 +684,10 @@ def prepare(model: nn.Module, tokenizer, config: EvidenceConfig, rankings_file: 
                         baseline_ks=(table_k,) if config.baselines_at_table_only else None,
                         task_rankings=(config.rankings if config.task_rankings is None else config.task_rankings)
                         if config.tasks else (),
-                        bits=config.bits, group_size=config.group_size, seed=config.seed)
+                        bits=config.bits, group_size=config.group_size, seed=config.seed,
+                        healing=config.healing,
+                        healing_rankings=tuple(r for r in config.healing_rankings if r in config.rankings)
+                        if config.healing else ())
     return Prepared(calibration, held_out, task_examples, choices, plan,
                     plan_settings(choices, plan, num_layers))
 

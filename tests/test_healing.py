@@ -1,6 +1,7 @@
 """Healing a pruned model: what is trained, what is left alone, resuming in chunks, and the
 healed checkpoint the CLI saves."""
 
+import dataclasses
 import json
 
 import pytest
@@ -172,3 +173,49 @@ def test_cli_heal_stops_at_its_time_limit_and_resumes(tmp_path, capsys):
     assert "# `tiny-llama`, healed" in (out / "README.md").read_text()
     assert main(["heal", "tiny-llama", "--max-minutes", "1", "--output", str(tmp_path / "x")]) == 2
     assert "--max-minutes needs --checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- healed variants in notebook 01's evidence
+
+
+def test_plan_heals_the_rankings_and_the_dense_control_with_each_seed():
+    from shortlab.shortgpt_evidence import EvidencePlan, healing_configs, measurement_dict, plan_settings
+
+    choices = {"block_influence": {2: [5, 6]}, "reverse_order": {2: [6, 7]}, "angular_distance": {2: [3, 4]}}
+    healing = healing_configs([0, 1], **SMALL)
+    plan = EvidencePlan(ks=(2,), table_k=2, eval_blocks=4, random_draws=1, task_rankings=tuple(choices),
+                        healing=healing, healing_rankings=("block_influence", "reverse_order"))
+    healed = [s for s in plan_settings(choices, plan, num_layers=8) if s.measurement.healing is not None]
+    assert sorted((s.ranking, s.measurement.healing.seed) for s in healed) == sorted(
+        (r, seed) for r in ("dense", "block_influence", "reverse_order") for seed in (0, 1))
+    assert all(s.measurement.tasks for s in healed)
+    names = [s.measurement.name for s in healed]
+    assert len(set(names)) == len(names) and "__healed-lora-r8-4x2x24-s1__" in names[-1]
+    plain = [s.measurement for s in plan_settings(choices, plan, 8) if s.measurement.healing is None]
+    # records made before healing existed keep their fingerprints: no healing field unless set
+    assert all(set(measurement_dict(m)) == {"removed", "bits", "group_size", "n_blocks", "tasks"} for m in plain)
+    with pytest.raises(ValueError, match="healed or quantised"):
+        dataclasses.replace(plain[0], bits=4, healing=healing[0])
+
+
+def test_collect_heals_a_copy_resumes_after_the_deadline_and_records_the_healing(tmp_path):
+    from shortlab.evaluate import MCExample
+    from shortlab.shortgpt_evidence import EvidenceStore, Measurement, Setting, collect, model_fingerprint
+
+    model, tokenizer = load_model("tiny-llama")
+    before = snapshot(model)
+    held_out = {"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))}
+    held_out["attention_mask"] = torch.ones_like(held_out["input_ids"])
+    examples = {"toy": [MCExample.shared("Question: one plus one\nAnswer:", ["two", "seven"], 0)]}
+    pruned_m = Measurement((1,), None, None, 2, True)
+    healed_m = Measurement((1,), None, None, 2, True, HealingConfig(**SMALL))
+    settings = [Setting("block_influence", 1, pruned_m), Setting("block_influence", 1, healed_m)]
+    store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), "data")
+    assert collect(model, tokenizer, settings, store, held_out, examples, log=None, deadline=0.0) == {}
+    records = collect(model, tokenizer, settings, store, held_out, examples, log=None)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items()), "the caller's model is untouched"
+    healed = records[healed_m]
+    assert healed["healing"]["complete"] and healed["healing"]["tokens"] == HealingConfig(**SMALL).tokens
+    assert healed["nll"] != records[pruned_m]["nll"] and "healing" not in records[pruned_m]
+    assert not store.healing_checkpoint(healed_m).exists(), "the progress file goes once the record is written"
+    assert json.loads(store.path(healed_m).read_text())["measurement"]["healing"]["seed"] == 0
