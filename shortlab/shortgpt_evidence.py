@@ -63,9 +63,12 @@ from shortlab.stats import (
     Interval,
     above_strongest_rule,
     bootstrap_interval,
+    crossed_bootstrap_interval,
+    family_outcome,
     paired_perplexity_ratio,
     perplexity_interval,
     ratio_interval,
+    verdict,
     wilson_interval,
 )
 
@@ -554,6 +557,36 @@ def accuracy_beside_rules(correct: Sequence[float] | np.ndarray, examples: Seque
     judged = above_strongest_rule(correct, rules, margin=margin, seed=seed)
     return {"accuracy": wilson_interval(int(correct.sum()), correct.size),
             "rules": {name: float(values.mean()) for name, values in rules.items()}, **judged}
+
+
+def ranking_after_healing(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray], *, margin: float,
+                          seed: int = 0) -> dict:
+    """Does the criterion whose removal scored best before healing still score best after it?
+
+    ``before``: {criterion: per-item scores [n]} (higher is better: per-question correctness, or a
+    block's mean log-likelihood per token), ``after``: {criterion: [healing seeds, n]} on the same
+    items. Returns {"best_before", "best_after" (by mean), "against": {other criterion: the
+    crossed-bootstrap interval (seeds and items) of best-before's healed score minus the other's},
+    "verdicts": {other: "better by more than ``margin``"}, "outcome"}: supported when it beats
+    every other healed criterion by more than the margin, contradicted when the claimed margin is
+    ruled out against any, the same within the margin where healing ties them."""
+    if set(before) != set(after) or len(before) < 2:
+        raise ValueError(f"the same two or more criteria before and after healing, got {sorted(before)} and "
+                         f"{sorted(after)}")
+    best_before = max(before, key=lambda name: float(np.mean(before[name])))
+    best_after = max(after, key=lambda name: float(np.mean(after[name])))
+    against, verdicts = {}, {}
+    for name in after:
+        if name == best_before:
+            continue
+        ours, theirs = np.atleast_2d(after[best_before]), np.atleast_2d(after[name])
+        if ours.shape[1] != theirs.shape[1]:
+            raise ValueError(f"{best_before} and {name} were healed and scored on different items")
+        seeds = min(ours.shape[0], theirs.shape[0])  # independent healings, paired by seed index
+        against[name] = crossed_bootstrap_interval(ours[:seeds] - theirs[:seeds], seed=seed)
+        verdicts[name] = verdict(against[name], 0.0, margin=margin)
+    return {"best_before": best_before, "best_after": best_after, "against": against, "verdicts": verdicts,
+            "outcome": family_outcome(verdicts.values(), tie_holds=False)}
 
 
 CONCLUSION_OPENINGS = {SUPPORTED: "Supported", CONTRADICTED: "Contradicted", EQUIVALENT: "The same within the margin",

@@ -291,6 +291,26 @@ def verdict(interval: Interval, threshold: float = 0.0, *, claim: str = "above",
     return CANNOT_TELL
 
 
+def family_outcome(verdicts, *, tie_holds: bool) -> str:
+    """One verdict for a claim that needs every one of ``verdicts`` (links of a chain, settings of
+    a family): contradicted when any is; when ``tie_holds`` (a claim of keeping, such as "loses at
+    most the tolerance") supported when all are supported or ties, the same within the margin
+    when all are ties; otherwise (a claim of beating) a tie at any link denies it as a tie;
+    supported only when every one is; otherwise cannot tell."""
+    verdicts = list(verdicts)
+    if not verdicts:
+        return CANNOT_TELL
+    if CONTRADICTED in verdicts:
+        return CONTRADICTED
+    if tie_holds:
+        if all(v == EQUIVALENT for v in verdicts):
+            return EQUIVALENT
+        return SUPPORTED if all(v in (SUPPORTED, EQUIVALENT) for v in verdicts) else CANNOT_TELL
+    if EQUIVALENT in verdicts:
+        return EQUIVALENT
+    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else CANNOT_TELL
+
+
 def describe(outcome: str, margin: float | None = None, unit: str = "") -> str:
     """An outcome in words; an equivalence names its margin ("the same within ±0.02")."""
     if outcome not in OUTCOMES:
@@ -446,6 +466,55 @@ def retained_fraction_interval(pruned: Sequence[float] | np.ndarray, dense: Sequ
     if not valid.all():
         method += f" ({int((~valid).sum())} of {n_resamples} resamples had the dense model at chance)"
     estimate = (a.mean() - c.mean()) / (b.mean() - c.mean())
+    return Interval(float(estimate), float(low), float(high), level, method)
+
+
+def recovered_share_interval(dense: Sequence[float] | np.ndarray, pruned: Sequence[float] | np.ndarray,
+                             healed: Sequence[Sequence[float]] | np.ndarray,
+                             floor: Sequence[float] | np.ndarray | None = None,
+                             counts: Sequence[float] | np.ndarray | None = None, *, level: float = 0.95,
+                             n_resamples: int = 4000, seed: int = 0) -> Interval:
+    """Share of what pruning lost that healing gives back, (H − P) / (D − P), from per-item scores
+    where higher is better: ``dense`` [n] (D), ``pruned`` [n] (P) and ``healed`` [seeds, n] (H,
+    one row per independent healing). Each mean is per item, or per unit of ``counts`` [n] (e.g.
+    negative summed NLLs per block with their token counts: per-token log-likelihoods). With a
+    per-item ``floor`` [n] (the best rule that needs no model), scores count only above it:
+    P and H are raised to at least the floor's mean, so only the loss above the rule is to recover.
+    A crossed bootstrap resamples the items and, independently, the healing seeds; resamples where
+    the pruned model lost nothing (D ≤ P) give no share and are dropped (``method`` says how many)."""
+    _check_resampling(level, n_resamples)
+    d, p = _as_values(dense, "dense"), _as_values(pruned, "pruned")
+    h = np.asarray(healed, dtype=np.float64)
+    if h.ndim == 1:
+        h = h[None, :]
+    if d.shape != p.shape or h.shape[1:] != d.shape or not np.isfinite(h).all():
+        raise ValueError(f"dense {d.shape}, pruned {p.shape} and healed [seeds, items] {h.shape} must be aligned "
+                         "item by item (finite values)")
+    w = np.ones_like(d) if counts is None else _as_values(counts, "counts")
+    f = None if floor is None else np.broadcast_to(np.asarray(floor, dtype=np.float64), d.shape)
+
+    def share(items: np.ndarray, seeds: np.ndarray) -> float:
+        weight = w[items].sum()
+        dense_mean, pruned_mean = d[items].sum() / weight, p[items].sum() / weight
+        healed_mean = h[np.ix_(seeds, items)].sum() / (weight * len(seeds))
+        if f is not None:
+            rule = f[items].sum() / weight
+            pruned_mean, healed_mean = max(pruned_mean, rule), max(healed_mean, rule)
+        lost = dense_mean - pruned_mean
+        return (healed_mean - pruned_mean) / lost if lost > 0 else math.nan
+
+    estimate = share(np.arange(d.size), np.arange(h.shape[0]))
+    if math.isnan(estimate):
+        raise ValueError("the pruned model is not below the dense one (above the floor): nothing to recover")
+    rng = np.random.default_rng(seed)
+    shares = np.array([share(rng.integers(0, d.size, size=d.size), rng.integers(0, h.shape[0], size=h.shape[0]))
+                       for _ in range(n_resamples)])
+    valid = ~np.isnan(shares)
+    tail = (1 - level) / 2
+    low, high = np.quantile(shares[valid], [tail, 1 - tail])
+    method = f"crossed bootstrap over {h.shape[0]} healing seeds x {d.size} items"
+    if not valid.all():
+        method += f" ({int((~valid).sum())} of {n_resamples} resamples had nothing lost)"
     return Interval(float(estimate), float(low), float(high), level, method)
 
 

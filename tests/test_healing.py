@@ -219,3 +219,54 @@ def test_collect_heals_a_copy_resumes_after_the_deadline_and_records_the_healing
     assert healed["nll"] != records[pruned_m]["nll"] and "healing" not in records[pruned_m]
     assert not store.healing_checkpoint(healed_m).exists(), "the progress file goes once the record is written"
     assert json.loads(store.path(healed_m).read_text())["measurement"]["healing"]["seed"] == 0
+
+
+# ---------------------------------------------------------------- the healing verdicts
+
+
+def test_recovered_share_counts_only_what_was_lost_above_the_floor():
+    import numpy as np
+
+    from shortlab.stats import recovered_share_interval
+
+    rng = np.random.default_rng(0)
+    dense = (rng.random(2000) < 0.8).astype(float)
+    pruned = np.where(rng.random(2000) < 0.5, 0.0, dense)  # loses half of the correct answers: 0.4
+    healed = np.stack([np.where(rng.random(2000) < 0.25, 0.0, dense) for _ in range(2)])  # 0.6: half back
+    share = recovered_share_interval(dense, pruned, healed)
+    assert share.low < 0.5 < share.high and share.half_width < 0.1
+    # with a rule at 0.5 only the loss above it counts: pruned 0.4 -> 0.5, so 0.1 of 0.3 is recovered
+    floored = recovered_share_interval(dense, pruned, healed, floor=np.full(2000, 0.5))
+    assert floored.estimate == pytest.approx((healed.mean() - 0.5) / (dense.mean() - 0.5))
+    assert recovered_share_interval(dense, pruned, np.stack([dense, dense])).estimate == 1.0
+    with pytest.raises(ValueError, match="nothing to recover"):
+        recovered_share_interval(pruned, dense, healed)
+    # per-token means from per-block sums: weighted by the counts
+    counts = np.array([1.0, 3.0])
+    weighted = recovered_share_interval([-1.0, -3.0], [-3.0, -9.0], [[-2.0, -6.0]], counts=counts, n_resamples=100)
+    assert weighted.estimate == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("gaps, outcome", [
+    ({"reverse_order": 0.1, "angular_distance": 0.15}, "supported"),  # BI stays ahead by 0.1+
+    ({"reverse_order": -0.1, "angular_distance": 0.15}, "contradicted"),  # reverse order overtakes it
+    ({"reverse_order": 0.0, "angular_distance": 0.0}, "the same within the margin"),  # healing ties them
+])
+def test_the_best_criterion_before_healing_is_judged_after_it(gaps, outcome):
+    import numpy as np
+
+    from shortlab.shortgpt_evidence import ranking_after_healing
+
+    rng = np.random.default_rng(1)
+    base = (rng.random(3000) < 0.6).astype(float)
+
+    def shifted(delta):  # per-question correctness with an accuracy about base's + delta
+        flip = rng.random(3000) < abs(delta)
+        return np.where(flip, 1.0 if delta > 0 else 0.0, base)
+
+    before = {"block_influence": shifted(0.2), "reverse_order": base, "angular_distance": shifted(-0.1)}
+    after = {"block_influence": np.stack([base, base]),
+             **{name: np.stack([shifted(-gap), shifted(-gap)]) for name, gap in gaps.items()}}
+    judged = ranking_after_healing(before, after, margin=0.02)
+    assert judged["best_before"] == "block_influence" and judged["outcome"] == outcome
+    assert set(judged["against"]) == {"reverse_order", "angular_distance"}

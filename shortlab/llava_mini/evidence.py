@@ -45,6 +45,7 @@ from shortlab.stats import (
     bootstrap_interval,
     crossed_bootstrap_interval,
     describe,
+    family_outcome,
     family_verdicts,
     paired_interval,
     sample_size_to_tell,
@@ -636,26 +637,6 @@ def max_frozen_within(dense: np.ndarray, frozen: dict[int, np.ndarray], clusters
     kept = [row["N"] for row in rows if row["verdict"] in (SUPPORTED, EQUIVALENT)]
     contradicted = [row["N"] for row in rows if row["verdict"] == CONTRADICTED]
     return rows, max(kept, default=None), min(contradicted, default=None)
-
-
-def family_outcome(verdicts, *, tie_holds: bool) -> str:
-    """One verdict for a claim that needs every one of ``verdicts`` (links of a chain, settings of
-    a family): contradicted when any is; when ``tie_holds`` (a claim of keeping, such as "loses at
-    most the tolerance") supported when all are supported or ties, the same within the margin
-    when all are ties; otherwise (a claim of beating) a tie at any link denies it as a tie;
-    supported only when every one is; otherwise cannot tell."""
-    verdicts = list(verdicts)
-    if not verdicts:
-        return CANNOT_TELL
-    if CONTRADICTED in verdicts:
-        return CONTRADICTED
-    if tie_holds:
-        if all(v == EQUIVALENT for v in verdicts):
-            return EQUIVALENT
-        return SUPPORTED if all(v in (SUPPORTED, EQUIVALENT) for v in verdicts) else CANNOT_TELL
-    if EQUIVALENT in verdicts:
-        return EQUIVALENT
-    return SUPPORTED if all(v == SUPPORTED for v in verdicts) else CANNOT_TELL
 
 
 def ordered_verdict(verdicts: list[str]) -> str:
