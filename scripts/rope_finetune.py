@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from shortlab import __version__
-from shortlab.checkpoints import EMBEDDED_MODELS, _sha256_of
+from shortlab.checkpoints import EMBEDDED_MODELS, sha256_of
 from shortlab.files import write_json_atomically
 from shortlab.models import load_model
 from shortlab.plotting import git_revision, package_versions
@@ -83,7 +83,7 @@ def model_label(model: str) -> str:
     model's name (the GPU machine receives smollm2-135m as a bare file)."""
     path = Path(model)
     if model.endswith(".gguf") and path.is_file():
-        sha = _sha256_of([path])
+        sha = sha256_of([path])
         for name, source in EMBEDDED_MODELS.items():
             if source.sha256 == sha:
                 return name

@@ -45,7 +45,7 @@ from torch import nn
 
 from shortlab import llava_mini as lm
 from shortlab.arch import model_parts
-from shortlab.checkpoints import _sha256_of, cache_dir
+from shortlab.checkpoints import cache_dir, sha256_of
 from shortlab.files import write_atomically
 from shortlab.llava_mini.tasks import VQATask, task as find_task
 from shortlab.vision import locate_dinov2_onnx
@@ -74,7 +74,7 @@ def log(handle, message: str) -> None:
 
 
 def feature_cache_path(task: VQATask, split: str, image_size: int) -> Path:
-    sha = _sha256_of([locate_dinov2_onnx()])[:16]
+    sha = sha256_of([locate_dinov2_onnx()])[:16]
     name = (f"llava-mini-dinov2-{sha}-layer{lm.VISION_FEATURE_LAYER}-"
             f"{lm.VISION_FEATURE_SELECT_STRATEGY}-{split}-{image_size}px.pt")
     return cache_dir() / "features" / (name if task.name == "easy-vqa" else f"{task.name}-{name}")

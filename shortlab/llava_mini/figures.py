@@ -6,6 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def _interval_bars(ax, x, intervals, **style) -> None:
+    """Points at each interval's estimate with its 95 % range as error bars."""
+    ax.errorbar(x, [i.estimate for i in intervals],
+                yerr=[[i.estimate - i.low for i in intervals], [i.high - i.estimate for i in intervals]],
+                capsize=3, **style)
+
+
 def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") -> None:
     """Accuracy lost per question type against the number of frozen layers N (rows of
     ``evidence.family_losses``: one line per type, 95 % intervals as error bars), with the band
@@ -16,9 +23,7 @@ def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") ->
     for k, kind in enumerate(types):
         mine = [row for row in rows if row["type"] == kind]
         x = np.array([counts.index(row["N"]) for row in mine]) + (k - (len(types) - 1) / 2) * width * 0.5
-        loss = [row["loss"] for row in mine]
-        ax.errorbar(x, [i.estimate for i in loss], yerr=[[i.estimate - i.low for i in loss], [i.high - i.estimate for i in loss]],
-                    marker="o", capsize=3, label=f"{kind} ({mine[0]['questions']} questions)")
+        _interval_bars(ax, x, [row["loss"] for row in mine], marker="o", label=f"{kind} ({mine[0]['questions']} questions)")
     ax.axhspan(-tolerance, tolerance, color="0.9", zorder=0, label=f"no loss (± {tolerance:g})")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(counts)), [str(n) for n in counts])
@@ -38,8 +43,7 @@ def draw_choice_comparisons(ax, rows: list[dict], margin: float, title: str = ""
     for k, (comparison, marker) in enumerate(zip(comparisons, "os^v")):
         mine = [row["judgement"].interval for row in rows if row["comparison"] == comparison]
         x = np.arange(len(mine)) + (k - (len(comparisons) - 1) / 2) * 0.2
-        ax.errorbar(x, [i.estimate for i in mine], yerr=[[i.estimate - i.low for i in mine], [i.high - i.estimate for i in mine]],
-                    marker=marker, capsize=3, ls="none", label=comparison)
+        _interval_bars(ax, x, mine, marker=marker, ls="none", label=comparison)
     ax.axhspan(-margin, margin, color="0.9", zorder=0, label=f"no difference (± {margin:g})")
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(counts)), [str(n) for n in counts])
