@@ -61,6 +61,8 @@ def main() -> None:
                         help="healing seeds (default none: no healing study)")
     parser.add_argument("--heal-rankings", nargs="+", default=list(defaults.healing_rankings))
     parser.add_argument("--heal-method", default=recipe.method, choices=("lora", "last_layers"))
+    parser.add_argument("--heal-compute-dtype", default=recipe.compute_dtype, choices=("float32", "bfloat16"),
+                        help="bfloat16: healing under autocast (fast on CPUs with AMX); part of the recipe")
     for field in ("steps", "batch_size", "block_size", "warmup", "lora_rank", "last_layers"):
         parser.add_argument(f"--heal-{field.replace('_', '-')}", type=int, default=getattr(recipe, field))
     for field in ("lr", "lora_alpha"):
@@ -78,7 +80,8 @@ def main() -> None:
                                "task_rankings": None if args.task_rankings is None else tuple(args.task_rankings),
                                "task_limit": args.task_limit or None, "group_size": args.group_size or None,
                                "dense_blocks": args.dense_blocks or None,
-                               "healing": healing_configs(args.heal_seeds, method=args.heal_method, **{
+                               "healing": healing_configs(args.heal_seeds, method=args.heal_method,
+                                                          compute_dtype=args.heal_compute_dtype, **{
                                    field: getattr(args, f"heal_{field}") for field in (
                                        "steps", "batch_size", "block_size", "warmup", "lora_rank", "last_layers",
                                        "lr", "lora_alpha")}),

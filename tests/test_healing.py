@@ -38,6 +38,7 @@ def calibration_nll(model, tokenizer, config):
     (dict(warmup=100), "warmup must be in"),
     (dict(lr=0), "lr must be positive"),
     (dict(block_size=1), "block_size"),
+    (dict(compute_dtype="float16"), "compute_dtype"),
 ])
 def test_bad_configs_are_named(config, message):
     with pytest.raises(ValueError, match=message):
@@ -52,6 +53,7 @@ def test_the_budget_is_the_same_calibration_tokens_for_every_variant():
     assert torch.equal(blocks, training_blocks(tokenizer, config))
     assert not torch.equal(blocks, training_blocks(tokenizer, HealingConfig(**{**SMALL, "seed": 1})))
     assert config.label == "lora-r8-4x2x24-s0"
+    assert HealingConfig(**SMALL, compute_dtype="bfloat16").label == "lora-r8-4x2x24-bf16-s0"
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3"])
@@ -270,3 +272,12 @@ def test_the_best_criterion_before_healing_is_judged_after_it(gaps, outcome):
     judged = ranking_after_healing(before, after, margin=0.02)
     assert judged["best_before"] == "block_influence" and judged["outcome"] == outcome
     assert set(judged["against"]) == {"reverse_order", "angular_distance"}
+
+
+def test_bfloat16_autocast_healing_keeps_the_weights_dtype():
+    model, tokenizer = pruned()
+    before = snapshot(model)
+    record = heal(model, tokenizer, HealingConfig(**SMALL, compute_dtype="bfloat16"), log=None)
+    assert record["complete"] and record["compute_dtype"] == "bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in snapshot(model).items())
