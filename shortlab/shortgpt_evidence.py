@@ -68,6 +68,7 @@ from shortlab.stats import (
     paired_perplexity_ratio,
     perplexity_interval,
     ratio_interval,
+    recovered_share_interval,
     verdict,
     wilson_interval,
 )
@@ -587,6 +588,68 @@ def ranking_after_healing(before: Mapping[str, np.ndarray], after: Mapping[str, 
         verdicts[name] = verdict(against[name], 0.0, margin=margin)
     return {"best_before": best_before, "best_after": best_after, "against": against, "verdicts": verdicts,
             "outcome": family_outcome(verdicts.values(), tie_holds=False)}
+
+
+def healed_records(settings: Sequence[Setting], evidence: Mapping[Measurement, Mapping]) -> dict[str, list[Mapping]]:
+    """{ranking: the records of its healed settings, in seed order} ("dense": the healed control),
+    for the settings whose records ``evidence`` holds."""
+    rows: dict[str, list[tuple[int, Mapping]]] = {}
+    for setting in settings:
+        healing = setting.measurement.healing
+        if healing is not None and setting.measurement in evidence:
+            rows.setdefault(setting.ranking, []).append((healing.seed, evidence[setting.measurement]))
+    return {ranking: [record for _, record in sorted(found, key=lambda pair: pair[0])] for ranking, found in rows.items()}
+
+
+def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Sequence[Mapping]], dense: Mapping,
+                       tasks: Sequence[str], metric: str = "acc", rule: np.ndarray | None = None, *,
+                       acc_margin: float, nll_margin: float, seed: int = 0) -> dict:
+    """What healing changed, per criterion, from records: ``before`` {criterion: the pruned
+    record}, ``after`` {criterion: its healed records, one per seed}, the ``dense`` record, and
+    per-question scores of the strongest rule that needs no model (``rule``, pooled over ``tasks``).
+
+    Returns {"rows": one dict per criterion (perplexity ÷ dense before and after healing, pooled
+    accuracy before and after, the share of the loss recovered in accuracy above the rule and in
+    held-out log-likelihood per token), "accuracy" and "perplexity": ``ranking_after_healing`` of
+    the criteria on pooled accuracy (margin ``acc_margin``) and on each block's mean
+    log-likelihood per token (margin ``nll_margin`` nats)}. The healed dense model, when in
+    ``after`` as "dense", is the control: its row says what training on the calibration text
+    does by itself."""
+    dense_nll, tokens = nll_arrays(dense)
+    dense_acc = pooled_correct(dense, tasks, metric) if tasks else None
+    rows, acc_before, acc_after, ll_before, ll_after = [], {}, {}, {}, {}
+    for criterion, healed in after.items():
+        healed_nll = np.stack([nll_arrays(record, tokens.size)[0] for record in healed])
+        row = {"criterion": criterion, "seeds": len(healed),
+               "perplexity ÷ dense, healed": paired_perplexity_ratio(healed_nll.mean(0), dense_nll, tokens, seed=seed)}
+        if criterion in before:
+            pruned_nll = nll_arrays(before[criterion], tokens.size)[0]
+            row["perplexity ÷ dense, pruned"] = paired_perplexity_ratio(pruned_nll, dense_nll, tokens, seed=seed)
+            row["log-likelihood recovered"] = _recovered_or_none(-dense_nll, -pruned_nll, -healed_nll, None, tokens, seed)
+            ll_before[criterion], ll_after[criterion] = -pruned_nll / tokens, -healed_nll / tokens
+        if tasks:
+            healed_acc = np.stack([pooled_correct(record, tasks, metric) for record in healed])
+            row[f"pooled {metric}, healed"] = crossed_bootstrap_interval(healed_acc, seed=seed)
+            if criterion in before:
+                pruned_acc = pooled_correct(before[criterion], tasks, metric)
+                row[f"pooled {metric}, pruned"] = wilson_interval(int(pruned_acc.sum()), pruned_acc.size)
+                row[f"{metric} recovered above the rule"] = _recovered_or_none(dense_acc, pruned_acc, healed_acc, rule,
+                                                                               None, seed)
+                acc_before[criterion], acc_after[criterion] = pruned_acc, healed_acc
+        rows.append(row)
+    judged = {}
+    for name, (pre, post, margin) in {"accuracy": (acc_before, acc_after, acc_margin),
+                                      "perplexity": (ll_before, ll_after, nll_margin)}.items():
+        if len(pre) >= 2:
+            judged[name] = ranking_after_healing(pre, post, margin=margin, seed=seed)
+    return {"rows": rows, **judged}
+
+
+def _recovered_or_none(dense, pruned, healed, floor, counts, seed) -> Interval | None:
+    try:
+        return recovered_share_interval(dense, pruned, healed, floor, counts, seed=seed)
+    except ValueError:  # nothing was lost: no share to recover
+        return None
 
 
 CONCLUSION_OPENINGS = {SUPPORTED: "Supported", CONTRADICTED: "Contradicted", EQUIVALENT: "The same within the margin",

@@ -281,3 +281,34 @@ def test_bfloat16_autocast_healing_keeps_the_weights_dtype():
     assert record["complete"] and record["compute_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_healing_comparison_from_records():
+    import numpy as np
+
+    from shortlab.shortgpt_evidence import healing_comparison
+    from shortlab.stats import SUPPORTED
+
+    rng = np.random.default_rng(2)
+    tokens = [100.0] * 40
+
+    def record(nll_per_token, accuracy):
+        nll = (nll_per_token + rng.normal(0, 0.05, 40)) * 100
+        return {"nll": nll.tolist(), "tokens": tokens,
+                "correct": {"t": {"acc": (rng.random(600) < accuracy).astype(int).tolist()}}}
+
+    dense = record(2.0, 0.7)
+    before = {"block_influence": record(2.3, 0.55), "reverse_order": record(2.6, 0.45)}
+    after = {"block_influence": [record(2.1, 0.65), record(2.1, 0.65)],
+             "reverse_order": [record(2.4, 0.5), record(2.4, 0.5)], "dense": [record(1.95, 0.7)]}
+    result = healing_comparison(before, after, dense, ["t"], rule=np.full(600, 0.4), acc_margin=0.02,
+                                nll_margin=0.02)
+    rows = {row["criterion"]: row for row in result["rows"]}
+    assert set(rows) == {"block_influence", "reverse_order", "dense"}
+    assert "perplexity ÷ dense, pruned" not in rows["dense"], "the control has no pruned record"
+    assert rows["block_influence"]["log-likelihood recovered"].estimate == pytest.approx(2 / 3, abs=0.05)
+    assert 0.2 < rows["block_influence"]["acc recovered above the rule"].estimate < 1.0
+    assert rows["reverse_order"]["perplexity ÷ dense, healed"].estimate > rows["block_influence"][
+        "perplexity ÷ dense, healed"].estimate
+    assert result["accuracy"]["best_before"] == "block_influence" and result["accuracy"]["outcome"] == SUPPORTED
+    assert result["perplexity"]["outcome"] == SUPPORTED
