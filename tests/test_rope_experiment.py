@@ -386,3 +386,53 @@ def test_passkey_trial_matches_a_plain_forward(one_thread, tiny_llama):
     assert count.sum() == prompt.filler_mask.sum() and np.all(count[~prompt.filler_mask.numpy()] == 0)
     t = int(prompt.filler_mask.nonzero()[3])
     assert math.isclose(nll_sum[t], -float(logprobs[t - 1, prompt.input_ids[t]]), rel_tol=1e-4)
+
+
+def test_the_needle_moves_deeper_without_changing_its_distance(tiny_llama):
+    from shortlab.rope_experiment.passkey import passkey_prompt
+
+    tokenizer = tiny_llama[1]
+    filler = list(range(1000, 1200))
+    shallow = passkey_prompt(tokenizer, filler, 60, "12345")
+    deep = passkey_prompt(tokenizer, filler, 60, "12345", before_ids=list(range(2000, 2040)))
+    assert shallow.distance == deep.distance == 60
+    assert deep.input_ids.numel() == shallow.input_ids.numel() + 40
+    assert int(deep.filler_mask.sum()) == int(shallow.filler_mask.sum()) + 40
+    assert torch.equal(deep.input_ids[-len(shallow.answer_positions):], shallow.input_ids[-len(shallow.answer_positions):])
+
+
+def test_passkey_grid_draws_its_own_haystack_per_trial_and_keeps_depth_zero_prompts(tiny_llama, monkeypatch):
+    from shortlab.rope_experiment import passkey
+
+    model, tokenizer = tiny_llama
+    seen = []
+
+    def record(model, input_ids, answer_positions, batch_size=8):
+        seen.extend(input_ids.tolist())
+        return np.ones(input_ids.shape[0], dtype=bool)
+
+    monkeypatch.setattr(passkey, "passkey_found", record)
+    filler = list(np.random.default_rng(0).integers(1000, 5000, size=600))
+    rows = passkey.passkey_accuracy(model, tokenizer, filler, [40, 80], trials=3, depths=(0, 100), max_length=400)
+    assert [(row["depth"], row["distance"]) for row in rows] == [(0, 40), (0, 80), (100, 40), (100, 80)]
+    grid_prompts, seen[:] = list(seen), []
+    passkey.passkey_accuracy(model, tokenizer, filler, [40, 80], trials=3)
+    assert seen == grid_prompts[:6], "depth 0 keeps the prompts of the grid without depths"
+    deep = grid_prompts[6:9]
+    assert all(len(p) == len(q) + 100 for p, q in zip(deep, grid_prompts[:3]))
+    assert len({tuple(p) for p in deep}) == 3, "every trial draws its own haystack"
+    with pytest.raises(ValueError, match="depths"):
+        passkey.passkey_accuracy(model, tokenizer, filler, [40], depths=(0, 0))
+    with pytest.raises(ValueError, match="filler tokens"):
+        passkey.passkey_accuracy(model, tokenizer, filler, [400], depths=(300,))
+
+
+def test_rulers_essays_are_the_haystack():
+    from shortlab.rope_experiment.passkey import RULER_ESSAYS, essay_text
+
+    try:
+        text = essay_text()
+    except FileNotFoundError:
+        pytest.skip(f"{RULER_ESSAYS.distribution} is not installed")
+    assert len(text) > 2_000_000 and text.startswith("April 2012")  # the essays, about 3 M characters
+    assert text.count("\n") > 10_000

@@ -438,7 +438,7 @@ CONTROL_LABEL = "own"  # the run that keeps the model's own base
 
 
 def _passkey_rows_from_trials(rows: Sequence[dict], where: str, problems: list[str]) -> list[dict]:
-    """Passkey rows {distance, n, correct, rate, low, high, found} rebuilt from each row's
+    """Passkey rows {depth, distance, n, correct, rate, low, high, found} rebuilt from each row's
     per-trial ``found`` (0/1); a stored count or interval that disagrees is noted in ``problems``."""
     rebuilt = []
     for row in rows:
@@ -447,7 +447,8 @@ def _passkey_rows_from_trials(rows: Sequence[dict], where: str, problems: list[s
             raise ValueError(f"{where}: distance {row['distance']} needs 'found' as a non-empty "
                              f"list of 0/1, got {row['found']!r}")
         interval = wilson_interval(int(found.sum()), found.size)
-        fresh = dict(distance=int(row["distance"]), n=int(found.size), correct=int(found.sum()),
+        fresh = dict(depth=int(row.get("depth", 0)), distance=int(row["distance"]), n=int(found.size),
+                     correct=int(found.sum()),
                      rate=interval.estimate, low=interval.low, high=interval.high,
                      found=found.tolist())
         for key in ("n", "correct", "rate", "low", "high"):

