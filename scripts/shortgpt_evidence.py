@@ -24,6 +24,7 @@ Notebook 01 with the same ``MODEL`` and sizes reads them, e.g. for the second li
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -101,8 +102,13 @@ def main() -> None:
     print(f"{args.model}: k = {list(prepared.plan.ks)} (table {prepared.plan.table_k}); {len(prepared.settings)} "
           f"settings, {distinct} distinct measurements -> {directory} (prepared in {time.perf_counter() - start:.0f} s)",
           flush=True)
-    collect(model, tokenizer, prepared.settings, store, prepared.held_out, prepared.task_examples,
-            config.batch_size, log=lambda line: print(line, flush=True), deadline=deadline)
+    records = collect(model, tokenizer, prepared.settings, store, prepared.held_out, prepared.task_examples,
+                      config.batch_size, log=lambda line: print(line, flush=True), deadline=deadline)
+    left = distinct - len(records)
+    if left:
+        print(f"stopped after {time.perf_counter() - start:.0f} s with {left} measurements left "
+              f"({store.written} measured now): run the same command again to continue", flush=True)
+        sys.exit(3)
     dense_precision(model, tokenizer, config, store, log=lambda line: print(f"dense precision {line}", flush=True))
     print(f"done in {time.perf_counter() - start:.0f} s: {store.written} measured, {store.read} read back "
           "(and the dense precision record)")

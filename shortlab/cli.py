@@ -276,7 +276,8 @@ def healing_card_lines(healing: Mapping[str, Any]) -> list[str]:
         (f"Healed by `python -m shortlab heal` (shortlab {healing['shortlab_version']}): {what}. "
          f"{healing['steps']} steps of {healing['batch_size']} blocks of {healing['block_size']} tokens "
          f"({healing['tokens']:,} tokens) from the calibration split of the `{healing['source']}` text source, "
-         f"seed {healing['seed']}; AdamW at {healing['lr']:g} ({healing['warmup']} warm-up steps, cosine decay); "
+         f"seed {healing['seed']}; AdamW at {healing['lr']:g} ({healing['warmup']} warm-up steps, cosine decay), "
+         f"{healing['compute_dtype']} passes; "
          f"{healing['trainable_parameters']:,} trainable parameters; {healing['seconds']:.0f} s."),
         "",
         f"Training loss: {healing['first_loss']:.4f} at the first step, {healing['final_loss']:.4f} over the "
@@ -373,7 +374,9 @@ def save_pruned(model: nn.Module, tokenizer, output: Path, record: Mapping[str, 
     else:
         card = healed_model_card(healing, source, str(output), auto_class)
     if healing is not None:
-        model.config.shortlab_healing = {key: value for key, value in healing.items() if key != "losses"}
+        earlier = getattr(model.config, "shortlab_healing", None)  # a healed model healed again keeps the history
+        model.config.shortlab_healing = {**{key: value for key, value in healing.items() if key != "losses"},
+                                         **({"previous": earlier} if earlier else {})}
 
     def write(folder: Path) -> None:
         with _progress(3, "saving", "step") as bar:
@@ -491,7 +494,7 @@ def run_heal(args) -> int:
     config = HealingConfig(method=args.method, steps=args.steps, batch_size=args.batch_size,
                            block_size=args.block_size, lr=args.lr, warmup=args.warmup, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, last_layers=args.last_layers, source=args.calibration,
-                           seed=args.seed)
+                           seed=args.seed, compute_dtype=args.compute_dtype)
     if args.max_minutes is not None and args.checkpoint is None:
         raise UsageError("--max-minutes needs --checkpoint (where the progress is kept until the next run)")
     output = Path(args.output)
@@ -766,6 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     heal.add_argument("--calibration", choices=SOURCES, default=defaults.source,
                       help="text source; its calibration split only (default: wiki)")
     heal.add_argument("--seed", type=int, default=defaults.seed, help="data order and adapter initialisation")
+    heal.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=defaults.compute_dtype,
+                      help="bfloat16: forward and backward passes under autocast (fast on GPUs and CPUs with AMX)")
     heal.add_argument("--checkpoint", default=None, help="file keeping the progress, to resume from")
     heal.add_argument("--max-minutes", type=float, default=None,
                       help="stop after this long with the progress in --checkpoint (exit status 3)")

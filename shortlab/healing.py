@@ -15,6 +15,10 @@ budget: the same steps, blocks per step and tokens, in the same order.
   (otherwise training it would change the embeddings too): the model then has its own head
   matrix and ``tie_word_embeddings = False``.
 
+Training runs with the model in eval mode: no dropout (the adapter has none either), so a
+healing is determined by its seed and resumes exactly. The trained weights must be float32
+(load the model in float32; ``compute_dtype="bfloat16"`` still runs the passes in bfloat16).
+
 ``heal`` changes ``model``'s weights in place; that is what it is for. Everything else is left as
 it was: the ``requires_grad`` flags, train/eval mode, and, when it raises or stops at its
 ``deadline``, the weights themselves (the adapter is removed unmerged; trained layers are restored
@@ -85,10 +89,17 @@ class HealingConfig:
 
     @property
     def label(self) -> str:
-        """A short name for stores and figures, e.g. ``lora-r8-100x4x256-s0``."""
+        """A short, unique name for stores and figures, e.g. ``lora-r8-100x4x256-s0-1a2b3c``: the
+        recipe's main numbers, the seed, and a hash of every field (two recipes that differ in
+        any of them get different names)."""
+        import hashlib
+        import json
+
         recipe = f"r{self.lora_rank}" if self.method == "lora" else f"last{self.last_layers}"
         precision = "-bf16" if self.compute_dtype == "bfloat16" else ""
-        return f"{self.method}-{recipe}-{self.steps}x{self.batch_size}x{self.block_size}{precision}-s{self.seed}"
+        digest = hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:6]
+        return (f"{self.method}-{recipe}-{self.steps}x{self.batch_size}x{self.block_size}{precision}"
+                f"-s{self.seed}-{digest}")
 
 
 def training_blocks(tokenizer, config: HealingConfig) -> torch.Tensor:
@@ -127,17 +138,40 @@ def _owners(model: nn.Module, name: str) -> Iterator[nn.Module]:
         yield module
 
 
-def untie_lm_head(model: nn.Module) -> bool:
+def _configs(model: nn.Module) -> list:
+    parts = model_parts(model)
+    return list({id(c): c for c in (model.config, parts.text_config)}.values())
+
+
+def untie_lm_head(model: nn.Module) -> list | None:
     """Give the LM head its own copy of the weight it shares with the input embeddings, and
-    record ``tie_word_embeddings = False`` in the config(s); False when it was not tied."""
+    record ``tie_word_embeddings = False`` in the config(s). Returns what each config said
+    before ([(config, value or the missing marker)], for ``retie_lm_head``), None when the head
+    was not tied."""
     parts = model_parts(model)
     head = parts.lm_head
     if head.weight.data_ptr() != parts.embed_tokens.weight.data_ptr():
-        return False
+        return None
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    for config in {id(c): c for c in (model.config, parts.text_config)}.values():
+    before = [(config, config.__dict__.get("tie_word_embeddings", _MISSING)) for config in _configs(model)]
+    for config, _ in before:
         config.tie_word_embeddings = False
-    return True
+    return before
+
+
+def retie_lm_head(model: nn.Module, before: list) -> None:
+    """Undo ``untie_lm_head``: the head shares the embeddings' weight again and each config says
+    what it said before."""
+    parts = model_parts(model)
+    parts.lm_head.weight = parts.embed_tokens.weight
+    for config, value in before:
+        if value is _MISSING:
+            config.__dict__.pop("tie_word_embeddings", None)
+        else:
+            config.tie_word_embeddings = value
+
+
+_MISSING = object()
 
 
 def _schedule(config: HealingConfig) -> Callable[[int], float]:
@@ -152,16 +186,25 @@ def _schedule(config: HealingConfig) -> Callable[[int], float]:
 
 @contextlib.contextmanager
 def _kept_flags(model: nn.Module) -> Iterator[None]:
-    """Restore every parameter's ``requires_grad`` and the train/eval mode on exit."""
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    training = model.training
+    """Restore every parameter's ``requires_grad``, the train/eval mode of every module, and the
+    config fields peft changes (``pretraining_tp``) on exit."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+    modes = {name: module.training for name, module in model.named_modules()}
+    configs = [(config, config.__dict__.get("pretraining_tp", _MISSING)) for config in _configs(model)]
     try:
         yield
     finally:
-        for name, parameter in model.named_parameters():
+        for name, parameter in model.named_parameters(remove_duplicate=False):
             if name in flags:
                 parameter.requires_grad_(flags[name])
-        model.train(training)
+        for name, module in model.named_modules():
+            if name in modes:
+                module.train(modes[name])
+        for config, value in configs:
+            if value is _MISSING:
+                config.__dict__.pop("pretraining_tp", None)
+            else:
+                config.pretraining_tp = value
 
 
 class _Trainable:
@@ -169,7 +212,7 @@ class _Trainable:
 
     def __init__(self, model: nn.Module, config: HealingConfig):
         self.model, self.config = model, config
-        self.untied = False
+        self.tied_before = None
         if config.method == "lora":
             try:
                 from peft import LoraConfig, get_peft_model
@@ -192,8 +235,13 @@ class _Trainable:
             if config.last_layers >= parts.num_layers:
                 raise ValueError(f"last_layers {config.last_layers}: the model has {parts.num_layers} decoder "
                                  f"layers; train fewer than all of them")
-            self.untied = untie_lm_head(model)
             modules = [*parts.layers[parts.num_layers - config.last_layers:], parts.final_norm, parts.lm_head]
+            low = sorted({str(p.dtype) for m in modules for p in m.parameters() if p.dtype != torch.float32})
+            if low:
+                raise ValueError(f"last_layers trains the weights themselves, which are {', '.join(low)} here: "
+                                 "updates that small round away; load the model in float32 (compute_dtype="
+                                 "'bfloat16' still runs the passes in bfloat16)")
+            self.tied_before = untie_lm_head(model)
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
             self.parameters = list(dict.fromkeys(p for m in modules for p in m.parameters()))
@@ -212,10 +260,20 @@ class _Trainable:
             for parameter, value in zip(self.parameters, state):
                 parameter.copy_(value)
 
+    @property
+    def untied(self) -> bool:
+        return self.tied_before is not None
+
     def finish(self) -> None:
-        """Make the training permanent: merge the adapter into the weights."""
+        """Make the training permanent: merge the adapter into the weights (all of it or, should a
+        merge fail, none: the merged layers are unmerged before the error goes on)."""
         if self.config.method == "lora":
-            self.wrapped.merge_and_unload()
+            try:
+                self.wrapped.merge_adapter()
+            except BaseException:
+                self.wrapped.unmerge_adapter()
+                raise
+            self.wrapped.unload()  # the base layers keep the merged weights
 
     def abandon(self) -> None:
         """Leave the model as it was before healing."""
@@ -226,10 +284,7 @@ class _Trainable:
             for parameter, value in zip(self.parameters, self._original):
                 parameter.copy_(value)
         if self.untied:  # tie the head back to the embeddings it was copied from
-            parts = model_parts(self.model)
-            parts.lm_head.weight = parts.embed_tokens.weight
-            for config in {id(c): c for c in (self.model.config, parts.text_config)}.values():
-                config.tie_word_embeddings = True
+            retie_lm_head(self.model, self.tied_before)
 
 
 def heal(model: nn.Module, tokenizer, config: HealingConfig, *, checkpoint: str | Path | None = None,
@@ -253,7 +308,7 @@ def heal(model: nn.Module, tokenizer, config: HealingConfig, *, checkpoint: str 
     signature = {"config": dataclasses.asdict(config), "weights": weights_fingerprint(model.named_parameters())}
     saved = None
     if checkpoint is not None and Path(checkpoint).is_file():
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if saved["signature"] != signature:
             raise ValueError(f"{checkpoint} holds a healing of other weights or with another configuration "
                              f"({saved['signature']['config']}); delete it or pass another path")
@@ -272,7 +327,7 @@ def heal(model: nn.Module, tokenizer, config: HealingConfig, *, checkpoint: str 
                 step, losses, seconds = saved["step"], saved["losses"], saved["seconds"]
                 if log:
                     log(f"healing resumes at step {step} of {config.steps} from {checkpoint}")
-            trainable.wrapped.train()
+            trainable.wrapped.eval()  # no dropout: a healing is its seed's, and resumes exactly
             start = time.perf_counter()
 
             def save(at_step: int) -> None:

@@ -67,6 +67,7 @@ from shortlab.stats import (
     family_outcome,
     paired_perplexity_ratio,
     perplexity_interval,
+    NothingToRecover,
     ratio_interval,
     recovered_share_interval,
     verdict,
@@ -402,8 +403,9 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
     """The record of every distinct measurement of ``settings``: read from ``store`` where it is
     there and current, otherwise measured and stored at once (so an interrupted run resumes
     from the last finished measurement). ``log`` (None: silent) reports each measurement.
-    After ``deadline`` (a ``time.monotonic()`` value) nothing new is started, and a healing in
-    progress stops with its progress beside the store: the records returned are those finished.
+    After ``deadline`` (a ``time.monotonic()`` value) nothing new is measured (stored records are
+    still read), and a healing in progress stops with its progress beside the store: the records
+    returned are those finished; the settings of the others are missing from it.
 
     With ``share_prefix``, the measurements still to make that leave the dense model's first
     layers as they are compute those layers once per batch (``PrefixCache`` at
@@ -419,14 +421,13 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
     # the measurements that share the prefix first, so that it is filled and freed early
     if prefix is not None:
         distinct = sorted(distinct, key=lambda m: not reuses_prefix(m, depth))
-    records = {}
+    records, left = {}, 0
     for index, measurement in enumerate(distinct, 1):
         record = store.get(measurement)
+        if record is None and (left or (deadline is not None and time.monotonic() > deadline)):
+            left += 1  # time is up: only stored records are read from here on
+            continue
         if record is None:
-            if deadline is not None and time.monotonic() > deadline:
-                if log is not None:
-                    log(f"time is up: {measurement.name} and the measurements after it are left for the next run")
-                break
             # a layer set first measured without questions keeps its block NLLs: only the questions are new
             known = (store.get(dataclasses.replace(measurement, tasks=False))
                      if measurement.tasks and measurement.healing is None else None)
@@ -436,7 +437,8 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
             if measured is None:
                 if log is not None:
                     log(f"time is up while healing {measurement.name}: its progress is in {checkpoint}")
-                break
+                left += 1
+                continue
             record = store.put(measurement, measured)
             if checkpoint is not None:
                 checkpoint.unlink(missing_ok=True)
@@ -445,6 +447,8 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
                 log(f"[{index}/{len(distinct)}] {measurement.name}: perplexity {ppl:.4g} "
                     f"({record['seconds']:.0f} s)")
         records[measurement] = record
+    if left and log is not None:
+        log(f"time is up: {left} measurements are left for the next run")
     return records
 
 
@@ -590,22 +594,24 @@ def ranking_after_healing(before: Mapping[str, np.ndarray], after: Mapping[str, 
             "outcome": family_outcome(verdicts.values(), tie_holds=False)}
 
 
-def healed_records(settings: Sequence[Setting], evidence: Mapping[Measurement, Mapping]) -> dict[str, list[Mapping]]:
-    """{ranking: the records of its healed settings, in seed order} ("dense": the healed control),
-    for the settings whose records ``evidence`` holds."""
-    rows: dict[str, list[tuple[int, Mapping]]] = {}
+def healed_records(settings: Sequence[Setting], evidence: Mapping[Measurement, Mapping]) -> dict[str, dict[int, Mapping]]:
+    """{ranking: {healing seed: record}} of the healed settings ("dense": the healed control)
+    whose records ``evidence`` holds."""
+    rows: dict[str, dict[int, Mapping]] = {}
     for setting in settings:
         healing = setting.measurement.healing
         if healing is not None and setting.measurement in evidence:
-            rows.setdefault(setting.ranking, []).append((healing.seed, evidence[setting.measurement]))
-    return {ranking: [record for _, record in sorted(found, key=lambda pair: pair[0])] for ranking, found in rows.items()}
+            rows.setdefault(setting.ranking, {})[healing.seed] = evidence[setting.measurement]
+    return rows
 
 
-def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Sequence[Mapping]], dense: Mapping,
+def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Mapping[int, Mapping]], dense: Mapping,
                        tasks: Sequence[str], metric: str = "acc", rule: np.ndarray | None = None, *,
                        acc_margin: float, nll_margin: float, seed: int = 0) -> dict:
     """What healing changed, per criterion, from records: ``before`` {criterion: the pruned
-    record}, ``after`` {criterion: its healed records, one per seed}, the ``dense`` record, and
+    record}, ``after`` {criterion: {healing seed: its healed record}} (``healed_records``; only
+    the seeds every criterion has are used, so that the criteria pair seed by seed, each seed the
+    same data order), the ``dense`` record, and
     per-question scores of the strongest rule that needs no model (``rule``, pooled over ``tasks``).
 
     Returns {"rows": one dict per criterion (perplexity ÷ dense before and after healing, pooled
@@ -617,10 +623,14 @@ def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Sequen
     does by itself."""
     dense_nll, tokens = nll_arrays(dense)
     dense_acc = pooled_correct(dense, tasks, metric) if tasks else None
+    seeds = sorted(set.intersection(*(set(by_seed) for by_seed in after.values()))) if after else []
+    if after and not seeds:
+        raise ValueError(f"no healing seed is common to every criterion: {({c: sorted(s) for c, s in after.items()})}")
     rows, acc_before, acc_after, ll_before, ll_after = [], {}, {}, {}, {}
-    for criterion, healed in after.items():
+    for criterion, by_seed in after.items():
+        healed = [by_seed[seed] for seed in seeds]
         healed_nll = np.stack([nll_arrays(record, tokens.size)[0] for record in healed])
-        row = {"criterion": criterion, "seeds": len(healed),
+        row = {"criterion": criterion, "seeds": seeds,
                "perplexity ÷ dense, healed": paired_perplexity_ratio(healed_nll.mean(0), dense_nll, tokens, seed=seed)}
         if criterion in before:
             pruned_nll = nll_arrays(before[criterion], tokens.size)[0]
@@ -648,7 +658,7 @@ def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Sequen
 def _recovered_or_none(dense, pruned, healed, floor, counts, seed) -> Interval | None:
     try:
         return recovered_share_interval(dense, pruned, healed, floor, counts, seed=seed)
-    except ValueError:  # nothing was lost: no share to recover
+    except NothingToRecover:  # nothing was lost: no share to recover
         return None
 
 

@@ -469,6 +469,10 @@ def retained_fraction_interval(pruned: Sequence[float] | np.ndarray, dense: Sequ
     return Interval(float(estimate), float(low), float(high), level, method)
 
 
+class NothingToRecover(ValueError):
+    """The pruned model is not below the dense one: no share of a loss can be recovered."""
+
+
 def recovered_share_interval(dense: Sequence[float] | np.ndarray, pruned: Sequence[float] | np.ndarray,
                              healed: Sequence[Sequence[float]] | np.ndarray,
                              floor: Sequence[float] | np.ndarray | None = None,
@@ -480,8 +484,10 @@ def recovered_share_interval(dense: Sequence[float] | np.ndarray, pruned: Sequen
     negative summed NLLs per block with their token counts: per-token log-likelihoods). With a
     per-item ``floor`` [n] (the best rule that needs no model), scores count only above it:
     P and H are raised to at least the floor's mean, so only the loss above the rule is to recover.
-    A crossed bootstrap resamples the items and, independently, the healing seeds; resamples where
-    the pruned model lost nothing (D ≤ P) give no share and are dropped (``method`` says how many)."""
+    A crossed bootstrap resamples the items and, independently, the healing seeds. A resample
+    where the pruned model lost nothing (D ≤ P) has no share: when more than the interval's tail
+    (2.5 %) of them do, the loss itself is uncertain and the interval is unbounded (any verdict
+    on it is "cannot tell"). Raises ``NothingToRecover`` when the full data show no loss."""
     _check_resampling(level, n_resamples)
     d, p = _as_values(dense, "dense"), _as_values(pruned, "pruned")
     h = np.asarray(healed, dtype=np.float64)
@@ -491,6 +497,8 @@ def recovered_share_interval(dense: Sequence[float] | np.ndarray, pruned: Sequen
         raise ValueError(f"dense {d.shape}, pruned {p.shape} and healed [seeds, items] {h.shape} must be aligned "
                          "item by item (finite values)")
     w = np.ones_like(d) if counts is None else _as_values(counts, "counts")
+    if w.shape != d.shape or not np.all(w > 0):
+        raise ValueError(f"counts must be positive, one per item: got shape {w.shape} for {d.size} items")
     f = None if floor is None else np.broadcast_to(np.asarray(floor, dtype=np.float64), d.shape)
 
     def share(items: np.ndarray, seeds: np.ndarray) -> float:
@@ -505,14 +513,17 @@ def recovered_share_interval(dense: Sequence[float] | np.ndarray, pruned: Sequen
 
     estimate = share(np.arange(d.size), np.arange(h.shape[0]))
     if math.isnan(estimate):
-        raise ValueError("the pruned model is not below the dense one (above the floor): nothing to recover")
+        raise NothingToRecover("the pruned model is not below the dense one (above the floor): nothing to recover")
     rng = np.random.default_rng(seed)
     shares = np.array([share(rng.integers(0, d.size, size=d.size), rng.integers(0, h.shape[0], size=h.shape[0]))
                        for _ in range(n_resamples)])
     valid = ~np.isnan(shares)
     tail = (1 - level) / 2
-    low, high = np.quantile(shares[valid], [tail, 1 - tail])
     method = f"crossed bootstrap over {h.shape[0]} healing seeds x {d.size} items"
+    if (~valid).mean() > tail:
+        return Interval(float(estimate), -math.inf, math.inf, level, method + (
+            f"; unbounded: {int((~valid).sum())} of {n_resamples} resamples had nothing lost"))
+    low, high = np.quantile(shares[valid], [tail, 1 - tail])
     if not valid.all():
         method += f" ({int((~valid).sum())} of {n_resamples} resamples had nothing lost)"
     return Interval(float(estimate), float(low), float(high), level, method)
