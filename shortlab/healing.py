@@ -371,10 +371,10 @@ def heal(model: nn.Module, tokenizer, config: HealingConfig, *, checkpoint: str 
 
 
 def _record(config: HealingConfig, trainable: _Trainable, losses: list[float], seconds: float) -> dict:
-    from shortlab.cli import shortlab_version
+    from shortlab import __version__
 
     tail = losses[-10:]
-    return {"shortlab_version": shortlab_version(), **dataclasses.asdict(config), "label": config.label,
+    return {"shortlab_version": __version__, **dataclasses.asdict(config), "label": config.label,
             "split": "calib", "tokens": config.tokens,
             "trainable_parameters": sum(p.numel() for p in trainable.parameters),
             "untied_lm_head": trainable.untied, "steps_done": len(losses),
