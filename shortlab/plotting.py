@@ -110,12 +110,55 @@ def jsonable(value):
     return repr(value)
 
 
+def _visible_texts(texts) -> list:
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _overlapping(texts, renderer) -> list[tuple[str, str]]:
+    """Pairs of ``texts`` whose drawn boxes intersect (each pair once)."""
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    pairs = []
+    for i, (a, box_a) in enumerate(boxes):
+        for b, box_b in boxes[i + 1:]:
+            if box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0:
+                pairs.append((a, b))
+    return pairs
+
+
+def figure_problems(fig) -> list[str]:
+    """What would fail a reader in ``fig``, in words (empty when nothing): an axes with no data,
+    a data axis without a label, tick labels of one axis that overlap, titles of different axes
+    that overlap. Colorbars and axes switched off are not checked; a label or title is text
+    that is set and visible."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    problems, titles = [], []
+    for index, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.axison or getattr(ax, "_colorbar", None) is not None:
+            continue
+        name = ax.get_title() or f"axes {index}"
+        has_data = any([ax.lines, ax.collections, ax.patches, ax.images, ax.tables, ax.texts])
+        if not has_data:
+            problems.append(f"{name!r} is empty")
+        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
+            ticks = _visible_texts(getattr(ax, f"get_{axis}ticklabels")())
+            if ticks and not label.strip():
+                problems.append(f"{name!r} has no {axis} label")
+            for a, b in _overlapping(ticks, renderer):
+                problems.append(f"{name!r}: {axis} tick labels {a!r} and {b!r} overlap")
+        titles.extend(_visible_texts([ax.title, ax._left_title, ax._right_title]))
+    for a, b in _overlapping(titles, renderer):
+        problems.append(f"titles {a!r} and {b!r} overlap")
+    return problems
+
+
 def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
                 parameters: dict | None = None, dpi: int = 120) -> Path:
     """Write ``fig`` to ``<fig_dir>/<name>.png`` and a ``<name>.json`` sidecar.
 
     The sidecar records ``parameters`` (e.g. the notebook's parameter cell), package versions
-    and the git revision, so every committed figure says how to remake it.
+    and the git revision, so every committed figure says how to remake it, and what would fail a
+    reader in it (``figure_problems``; empty when nothing).
     """
     if not name or "/" in name or name.endswith(".png"):
         raise ValueError(f"figure name {name!r} must be a bare name such as '01_bi_per_layer'")
@@ -129,6 +172,7 @@ def save_figure(fig, name: str, fig_dir: str | os.PathLike | None = None,
         "versions": package_versions(),
         "git_revision": git_revision(),
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "problems": figure_problems(fig),
     }
     write_atomically(
         directory / f"{name}.json",

@@ -95,3 +95,29 @@ def test_drawable_text_escapes_only_what_the_font_cannot_draw():
     assert drawable_text(f"a{missing}b") == "a" + missing.encode("unicode_escape").decode() + "b"
     assert drawable_text("\U0001F600") in ("\U0001F600", "\\U0001f600")
     assert all(ord(c) in font for c in drawable_text("巴黎 Paris \U0001F600") if c.isprintable())
+
+
+def test_figure_problems_names_what_fails_a_reader():
+    import matplotlib.pyplot as plt
+
+    from shortlab.plotting import figure_problems
+
+    fig, (good, empty, crowded) = plt.subplots(1, 3, figsize=(9, 3))
+    good.plot([0, 1], [0, 1])
+    good.set(xlabel="x", ylabel="y", title="good")
+    empty.set_title("nothing here")
+    crowded.bar(range(30), range(30))
+    crowded.set_xticks(range(30), [f"a long label {i}" for i in range(30)])
+    crowded.set(ylabel="count", title="crowded")
+    problems = figure_problems(fig)
+    assert not [p for p in problems if p.startswith("'good'")]
+    assert "'nothing here' is empty" in problems
+    assert "'crowded' has no x label" in problems
+    assert any(p.startswith("'crowded': x tick labels") and "overlap" in p for p in problems)
+    plt.close(fig)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(4, 2))
+    for ax in (a, b):
+        ax.plot([0, 1])
+        ax.set(xlabel="x", ylabel="y", title="a title far too long to fit above one narrow axes")
+    assert any(p.startswith("titles") for p in figure_problems(fig))
+    plt.close(fig)
