@@ -133,6 +133,18 @@ def numbered_notebooks(directory: str | Path | None = None) -> list[Path]:
     return sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
 
 
+def notebook_shape(path: str | Path) -> dict[str, int]:
+    """How a notebook reads, in numbers: code cells, code lines (non-blank, the parameters cell
+    included), the largest code cell's lines, markdown cells, and the parameters cell's knobs
+    (``notebook_parameters``)."""
+    notebook = nbformat.read(str(path), as_version=4)
+    code = [[line for line in cell.source.splitlines() if line.strip()] for cell in notebook.cells
+            if cell.cell_type == "code" and INJECTED_TAG not in cell.get("metadata", {}).get("tags", [])]
+    return {"code_cells": len(code), "code_lines": sum(map(len, code)), "largest_cell": max(map(len, code), default=0),
+            "markdown_cells": sum(cell.cell_type == "markdown" for cell in notebook.cells),
+            "knobs": len(notebook_parameters(path))}
+
+
 def source_digest(notebook: str | Path | nbformat.NotebookNode) -> str:
     """sha256 of a notebook's cell types and sources, in order: what a run executes. Outputs,
     execution counts, metadata and papermill's injected-parameters cell do not count, so an

@@ -250,3 +250,16 @@ def test_run_notebook_leaves_its_output_file_alone_until_the_run_ends(tmp_path):
         rn.run_notebook(failing, output, cwd=tmp_path, progress_bar=False)
     assert "ZeroDivisionError" in output.read_text()  # the failed run is shown, as papermill does
     assert sorted(p.name for p in output.parent.iterdir()) == ["out.ipynb"]
+
+
+def test_notebook_shape_counts_code_and_knobs(tmp_path):
+    import nbformat
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_markdown_cell("# title"),
+                      nbformat.v4.new_code_cell("A = 1\nB = 2\n\nC = 'x'", metadata={"tags": ["parameters"]}),
+                      nbformat.v4.new_code_cell("x = A\n\n\nprint(x)\nprint(B)")]
+    path = tmp_path / "00_shape.ipynb"
+    nbformat.write(notebook, str(path))
+    assert rn.notebook_shape(path) == {"code_cells": 2, "code_lines": 6, "largest_cell": 3, "markdown_cells": 1,
+                                       "knobs": 3}
