@@ -25,7 +25,12 @@ def test_embedded_weight_types_are_those_in_the_gguf(name, tmp_path):
     except FileNotFoundError:
         pytest.skip(f"the embedded {name} wheels are not installed")
     assert sha256_of(paths) == embedded.sha256
-    path = paths[0] if len(paths) == 1 else join_files(paths, tmp_path / "joined.gguf")
+    if len(paths) == 1:
+        path = paths[0]
+    else:  # the header and tensor table sit in the first part: the rest may be a sparse hole of the same size
+        path = join_files(paths[:1], tmp_path / "joined.gguf")
+        with open(path, "r+b") as handle:
+            handle.truncate(sum(part.stat().st_size for part in paths))
     reader = GGUFReader(str(path))
     types = collections.Counter(t.tensor_type.name for t in reader.tensors)
     assert {name for name in types if name not in ("F32", "F16")} == set(embedded.weight_types)
