@@ -86,21 +86,50 @@ def _compatible(default, value) -> bool:
 
 
 def check_overrides(path: str | Path, overrides: dict[str, object]) -> dict[str, object]:
-    """Raise unless every override names a declared parameter with a value of a fitting type."""
+    """Raise unless every override names a declared parameter with a value of a fitting type;
+    ``GROUP.key`` names one key of a dict-valued parameter ``GROUP`` (which must have that key).
+    Returns the declared defaults."""
     declared = notebook_parameters(path)
-    unknown = sorted(set(overrides) - set(declared))
-    if unknown:
-        raise NotebookParameterError(
-            f"unknown notebook parameter(s) {unknown} for {Path(path).name}; "
-            f"known: {sorted(declared)}"
-        )
     for name, value in overrides.items():
-        if not _compatible(declared[name], value):
+        group, _, key = name.partition(".")
+        if group not in declared:
             raise NotebookParameterError(
-                f"parameter {name} of {Path(path).name} expects a value like "
-                f"{declared[name]!r}, got {value!r}"
+                f"unknown notebook parameter {name!r} for {Path(path).name}; known: {sorted(declared)}"
             )
+        default = declared[group]
+        if key:
+            if not isinstance(default, dict) or key not in default:
+                known = sorted(default) if isinstance(default, dict) else "none: it is not a dict"
+                raise NotebookParameterError(
+                    f"unknown key {key!r} of parameter {group} of {Path(path).name}; known keys: {known}"
+                )
+            default = default[key]
+        if not _compatible(default, value):
+            raise NotebookParameterError(
+                f"parameter {name} of {Path(path).name} expects a value like {default!r}, got {value!r}"
+            )
+        if isinstance(default, dict) and not key and isinstance(value, dict):
+            extra = sorted(set(value) - set(default))
+            if extra:
+                raise NotebookParameterError(
+                    f"unknown key(s) {extra} of parameter {name} of {Path(path).name}; known keys: {sorted(default)}"
+                )
     return declared
+
+
+def resolve_overrides(path: str | Path, overrides: dict[str, object]) -> dict[str, object]:
+    """``overrides`` as papermill takes them: every ``GROUP.key`` (and a partial dict for
+    ``GROUP``) merged into the notebook's default dict ``GROUP``, after ``check_overrides``."""
+    declared = check_overrides(path, overrides)
+    resolved: dict[str, object] = {}
+    for name, value in overrides.items():
+        group, _, key = name.partition(".")
+        if isinstance(declared[group], dict):
+            merged = resolved.setdefault(group, dict(declared[group]))
+            merged.update({key: value} if key else value)
+        else:
+            resolved[name] = value
+    return resolved
 
 
 def figure_dir(fig_dir: str | os.PathLike | None, parameters: dict, notebook: str) -> Path:
@@ -197,8 +226,7 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
     """
     import papermill
 
-    overrides = dict(parameters or {})
-    check_overrides(path, overrides)
+    overrides = resolve_overrides(path, dict(parameters or {}))
     digest = source_digest(path)
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,23 @@ def test_non_literal_parameters_are_refused(tmp_path):
 
 def test_unknown_override_names_it_and_the_known_ones(tmp_path):
     path = write_notebook(tmp_path / "a.ipynb", "MODEL = 'x'\nFAST = False")
-    with pytest.raises(rn.NotebookParameterError, match=r"\['MODLE'\].*known: \['FAST', 'MODEL'\]"):
+    with pytest.raises(rn.NotebookParameterError, match=r"'MODLE'.*known: \['FAST', 'MODEL'\]"):
         rn.check_overrides(path, {"MODLE": "y"})
+
+
+def test_grouped_parameters_are_overridden_key_by_key(tmp_path):
+    path = write_notebook(tmp_path / "a.ipynb", "MODEL = 'x'\nMORE = {'limit': 5, 'rankings': ['bi'], 'seed': 0}")
+    resolved = rn.resolve_overrides(path, {"MORE.limit": 7, "MODEL": "y", "MORE.seed": 3})
+    assert resolved == {"MORE": {"limit": 7, "rankings": ["bi"], "seed": 3}, "MODEL": "y"}
+    assert rn.resolve_overrides(path, {"MORE": {"limit": 1}})["MORE"] == {"limit": 1, "rankings": ["bi"], "seed": 0}
+    with pytest.raises(rn.NotebookParameterError, match=r"unknown key 'limt' of parameter MORE.*\['limit'"):
+        rn.check_overrides(path, {"MORE.limt": 7})
+    with pytest.raises(rn.NotebookParameterError, match="expects a value like 5"):
+        rn.check_overrides(path, {"MORE.limit": "many"})
+    with pytest.raises(rn.NotebookParameterError, match="not a dict"):
+        rn.check_overrides(path, {"MODEL.size": 1})
+    with pytest.raises(rn.NotebookParameterError, match=r"unknown key\(s\) \['x'\]"):
+        rn.check_overrides(path, {"MORE": {"x": 1}})
 
 
 @pytest.mark.parametrize("name,value,ok", [
