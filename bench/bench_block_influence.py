@@ -23,7 +23,7 @@ import torch
 
 from shortlab.arch import forward_for_hidden_states
 from shortlab.benchmarking import (
-    add_device_arguments, cuda_devices, median_ratio, report, time_side_by_side,
+    add_device_arguments, cuda_devices, median_ratio, report, save_results, time_side_by_side,
 )
 from shortlab.data import calibration_batch
 from shortlab.metrics import block_influence
@@ -136,3 +136,4 @@ if __name__ == "__main__":
         print(peak_growth_mib(args.memory, args.device, args.dtype))
     else:
         main(args.device, args.dtype)
+        save_results(__file__)

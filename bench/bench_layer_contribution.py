@@ -19,7 +19,7 @@ import torch
 
 from shortlab import llava_mini
 from shortlab.benchmarking import (
-    add_device_arguments, cuda_devices, median_ratio, report, time_side_by_side,
+    add_device_arguments, cuda_devices, median_ratio, report, save_results, time_side_by_side,
 )
 from shortlab.contribution import layer_contribution, token_groups
 from shortlab.models import load_model
@@ -71,3 +71,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    save_results(__file__)

@@ -6,7 +6,7 @@ import statistics
 
 from transformers import AutoModelForCausalLM
 
-from shortlab.benchmarking import add_device_arguments, median_ratio, report, time_side_by_side
+from shortlab.benchmarking import add_device_arguments, median_ratio, report, save_results, time_side_by_side
 from shortlab.models import DEFAULT_MODEL, EMBEDDED_MODELS, load_model, resolve_dtype
 
 
@@ -31,3 +31,4 @@ def main(device: str, dtype: str, repeats: int = 3) -> None:
 if __name__ == "__main__":
     args = add_device_arguments(argparse.ArgumentParser(description=__doc__.split("\n")[0])).parse_args()
     main(args.device, args.dtype)
+    save_results(__file__)

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from shortlab.arch import model_parts
-from shortlab.benchmarking import add_device_arguments, report
+from shortlab.benchmarking import add_device_arguments, report, save_results
 from shortlab.data import calibration_batch, iter_batches
 from shortlab.models import DEFAULT_MODEL, load_model
 from shortlab.pruning import remove_layers, rank_layers
@@ -57,3 +57,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    save_results(__file__)

@@ -8,7 +8,7 @@ range; there the fast method also refines and re-checks its bases, which the nai
 
 import statistics
 
-from shortlab.benchmarking import median_ratio, report, time_side_by_side
+from shortlab.benchmarking import median_ratio, report, save_results, time_side_by_side
 from shortlab.rope import PAPER_CONTEXTS, bound_table, min_base, naive_min_base
 
 HEAD_DIM = 128
@@ -42,3 +42,4 @@ def main(repeats: int = 3) -> None:
 
 if __name__ == "__main__":
     main()
+    save_results(__file__)

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from shortlab.benchmarking import add_device_arguments, report
+from shortlab.benchmarking import add_device_arguments, report, save_results
 from shortlab.evaluate import encode_examples, item_correct, load_task, loglikelihoods
 from shortlab.harness import evaluate_with_lm_eval
 from shortlab.models import DEFAULT_MODEL, load_model
@@ -153,3 +153,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    save_results(__file__)

@@ -29,7 +29,7 @@ import torch
 
 from shortlab import llava_mini as lm
 from shortlab.arch import model_parts
-from shortlab.benchmarking import add_device_arguments, cuda_devices, report, time_side_by_side
+from shortlab.benchmarking import add_device_arguments, cuda_devices, report, save_results, time_side_by_side
 from shortlab.flops import flops_ratio
 from shortlab.models import load_model
 from shortlab.shortv import freeze_visual_tokens
@@ -145,3 +145,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    save_results(__file__)

@@ -1,7 +1,9 @@
 """Side-by-side timing for bench/: candidates alternate within one run, medians are compared.
 
 The machine is shared and noisy, so absolute seconds mean little; ratios of medians measured
-in interleaved repetitions are what bench/ scripts print, as ``name: value`` lines.
+in interleaved repetitions are what bench/ scripts print, as ``name: value`` lines (``report``),
+and what ``save_results`` keeps in ``bench/results/<script>.json`` with where they were measured
+(``runs.run_record``); ``results_table`` renders those files for the README.
 
 CUDA runs kernels asynchronously: a call returns once its work is queued. Every timed call is
 therefore bracketed by synchronising the CUDA devices it uses, so that its seconds hold its own
@@ -15,6 +17,7 @@ import itertools
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,11 +82,61 @@ def median_ratio(seconds: dict[str, list[float]], numerator: str, denominator: s
     return statistics.median(seconds[numerator]) / statistics.median(seconds[denominator])
 
 
+_REPORTED: dict[str, float] = {}  # this process's reported values, for save_results
+
+
 def report(name: str, value: float, stream=None) -> str:
-    """Print one ``name: value`` line (the format every bench/ script emits) and return it."""
+    """Print one ``name: value`` line (the format every bench/ script emits), remember it for
+    ``save_results`` and return it."""
     line = f"{name}: {value:.4g}"
+    _REPORTED[name] = float(value)
     print(line, file=stream, flush=True)
     return line
+
+
+def _summary(script: Path) -> str:
+    """The first line of a script's module docstring, without its final full stop."""
+    import ast
+
+    try:
+        docstring = ast.get_docstring(ast.parse(script.read_text())) or ""
+    except (OSError, SyntaxError):
+        return ""
+    return docstring.split("\n", 1)[0].strip().rstrip(".")
+
+
+def save_results(script: str, directory=None) -> Path:
+    """Write every value this process reported to ``<directory>/<script stem>.json`` (default
+    ``bench/results/`` of the checkout), atomically, with the script's first docstring line and
+    where the values were measured (``runs.run_record``: revision, versions, command, hardware)."""
+    from shortlab.files import write_json_atomically
+    from shortlab.plotting import repository_root
+    from shortlab.runs import run_record
+
+    path = Path(script)
+    folder = Path(directory) if directory is not None else (repository_root() or Path.cwd()) / "bench" / "results"
+    target = folder / f"{path.stem}.json"
+    write_json_atomically(target, {"script": path.name, "summary": _summary(path), "values": dict(_REPORTED),
+                                   "provenance": run_record()}, indent=2)
+    return target
+
+
+def results_table(directory) -> str:
+    """A Markdown table of every ``*.json`` that ``save_results`` wrote under ``directory``:
+    script, what it measures, its values, and where and when they were measured."""
+    import json
+
+    rows = ["| script | measures | values | measured |", "|---|---|---|---|"]
+    for path in sorted(Path(directory).glob("*.json")):
+        saved = json.loads(path.read_text())
+        where = saved.get("provenance") or {}
+        hardware = where.get("hardware") or {}
+        measured = (f"{(where.get('created') or '')[:10]}, {hardware.get('processor', '?')}, "
+                    f"{hardware.get('torch_threads', '?')} threads, revision {where.get('git_revision')}")
+        values = "; ".join(f"`{name}` {value:.4g}" for name, value in saved["values"].items())
+        rows.append(f"| `{saved['script']}` | {saved['summary']} | {values} | {measured} |")
+    return "\n".join(rows) + "\n"
+
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

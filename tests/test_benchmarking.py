@@ -46,3 +46,23 @@ def test_bad_arguments():
 def test_report_line_format(capsys):
     assert report("speedup", 1.23456) == "speedup: 1.235"
     assert capsys.readouterr().out == "speedup: 1.235\n"
+
+
+def test_reported_values_are_saved_with_their_provenance_and_tabled(tmp_path):
+    import json
+
+    from shortlab import benchmarking
+
+    script = tmp_path / "bench_toy.py"
+    script.write_text('"""Toy speed-up of A over B.\n\nMore words."""\n')
+    benchmarking._REPORTED.clear()
+    benchmarking.report("speedup", 1.2345678)
+    benchmarking.report("seconds_a", 0.5)
+    path = benchmarking.save_results(str(script), tmp_path / "results")
+    saved = json.loads(path.read_text())
+    assert path.name == "bench_toy.json" and saved["summary"] == "Toy speed-up of A over B"
+    assert saved["values"] == {"speedup": 1.2345678, "seconds_a": 0.5}
+    assert {"git_revision", "versions", "command", "hardware"} <= set(saved["provenance"])
+    table = benchmarking.results_table(tmp_path / "results")
+    assert "| `bench_toy.py` | Toy speed-up of A over B | `speedup` 1.235; `seconds_a` 0.5 |" in table
+    benchmarking._REPORTED.clear()
