@@ -3,7 +3,7 @@
     .venv/bin/python scripts/evaluate_model.py --model smollm2-135m --limit 200
 
 Writes results/<model>_benchmarks.json (scores, settings, versions) and prints the table that
-README.md quotes.
+docs/benchmarks.md quotes.
 """
 
 import argparse
