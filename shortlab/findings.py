@@ -162,7 +162,7 @@ VERDICT_TABLE_ROWS = {
     "… in accuracy (± 2 points)": "removal and 4-bit weights compose in accuracy",
 }
 VERDICT_TABLE_RUNS = {"SmolLM2-135M": "notebooks/01_block_influence_pruning.ipynb",
-                      "Qwen2.5-0.5B": "notebooks/runs/qwen2.5-0.5b/01_block_influence_pruning.ipynb"}
+                      "Qwen2.5-Coder-0.5B": "notebooks/runs/qwen2.5-0.5b/01_block_influence_pruning.ipynb"}
 _CONCLUSION = re.compile(r"- (Supported|Contradicted|The same within the margin|Cannot tell at this sample size): (.*)")
 
 
