@@ -51,3 +51,29 @@ def draw_bi_atlas(ax_profiles, ax_bands, profiles: Mapping[str, np.ndarray], fra
     ax_bands.set_xlim(-0.03, 1.03)
     ax_bands.set_xlabel("relative depth (layer / (L − 1))")
     ax_bands.set_title(f"filled: the lowest-BI {fraction:.0%} of the layers (the paper's: the layers it removed)")
+
+
+def draw_healing(ax_perplexity, ax_accuracy, rows: Sequence[Mapping], metric: str = "acc") -> None:
+    """What healing changed, per criterion (rows of ``shortgpt_evidence.healing_comparison``):
+    left, perplexity ÷ the dense model's before and after healing (log scale, 95 % intervals);
+    right, pooled accuracy before and after. The healed dense model (the control) has only its
+    "after" point; a dotted line marks the dense model."""
+    names = [row["criterion"] for row in rows]
+    x = np.arange(len(names))
+    for ax, key, label in ((ax_perplexity, "perplexity ÷ dense", "perplexity ÷ dense model's"),
+                           (ax_accuracy, f"pooled {metric}", f"pooled {metric}")):
+        for offset, stage, marker in ((-0.12, "pruned", "o"), (0.12, "healed", "s")):
+            points = [(i, row.get(f"{key}, {stage}")) for i, row in enumerate(rows)]
+            points = [(i, interval) for i, interval in points if interval is not None]
+            if not points:
+                continue
+            where, intervals = zip(*points)
+            ax.errorbar(np.array(where) + offset, [i.estimate for i in intervals],
+                        yerr=[[max(i.estimate - i.low, 0) for i in intervals], [max(i.high - i.estimate, 0) for i in intervals]],
+                        fmt=marker, capsize=3, label=f"{stage}" if stage == "pruned" else "after healing")
+        ax.set_xticks(x, names, rotation=20, ha="right")
+        ax.set_xlabel("layers removed by")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    ax_perplexity.set_yscale("log")
+    ax_perplexity.axhline(1.0, color="black", ls=":", lw=1)

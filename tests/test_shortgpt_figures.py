@@ -26,3 +26,21 @@ def test_atlas_draws_one_row_per_model_and_published_removal():
     filled = right.collections[1].get_offsets()  # model a's lowest-BI quarter: its last 2 (round 2.5) layers
     assert sorted(np.round(filled[:, 0], 3)) == [round(8 / 9, 3), 1.0]
     plt.close(fig)
+
+
+def test_healing_figure_draws_before_and_after_per_criterion():
+    from shortlab.shortgpt_figures import draw_healing
+    from shortlab.stats import Interval
+
+    def i(x):
+        return Interval(x, x * 0.9, x * 1.1, 0.95, "test")
+
+    rows = [{"criterion": "block_influence", "perplexity ÷ dense, pruned": i(2.0), "perplexity ÷ dense, healed": i(1.3),
+             "pooled acc, pruned": i(0.5), "pooled acc, healed": i(0.6)},
+            {"criterion": "dense", "perplexity ÷ dense, healed": i(0.95), "pooled acc, healed": i(0.7)}]
+    fig, (left, right) = plt.subplots(1, 2)
+    draw_healing(left, right, rows)
+    assert [t.get_text() for t in left.get_xticklabels()] == ["block_influence", "dense"]
+    assert left.get_yscale() == "log" and right.get_ylabel() == "pooled acc"
+    assert len(left.containers) == 2 and len(right.containers) == 2  # before and after
+    plt.close(fig)
