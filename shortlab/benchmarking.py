@@ -95,14 +95,14 @@ def report(name: str, value: float, stream=None) -> str:
 
 
 def _summary(script: Path) -> str:
-    """The first line of a script's module docstring, without its final full stop."""
+    """The first paragraph of a script's module docstring, on one line."""
     import ast
 
     try:
         docstring = ast.get_docstring(ast.parse(script.read_text())) or ""
     except (OSError, SyntaxError):
         return ""
-    return docstring.split("\n", 1)[0].strip().rstrip(".")
+    return " ".join(docstring.split("\n\n", 1)[0].split())
 
 
 def save_results(script: str, directory=None) -> Path:
@@ -131,8 +131,10 @@ def results_table(directory) -> str:
         saved = json.loads(path.read_text())
         where = saved.get("provenance") or {}
         hardware = where.get("hardware") or {}
+        gpus = ", ".join(hardware.get("gpus") or [])
         measured = (f"{(where.get('created') or '')[:10]}, {hardware.get('processor', '?')}, "
-                    f"{hardware.get('torch_threads', '?')} threads, revision {where.get('git_revision')}")
+                    f"{hardware.get('torch_threads', '?')} threads{', ' + gpus if gpus else ''}, "
+                    f"revision {where.get('git_revision')}; `{where.get('command', '')}`")
         values = "; ".join(f"`{name}` {value:.4g}" for name, value in saved["values"].items())
         rows.append(f"| `{saved['script']}` | {saved['summary']} | {values} | {measured} |")
     return "\n".join(rows) + "\n"

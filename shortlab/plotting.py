@@ -114,37 +114,71 @@ def _visible_texts(texts) -> list:
     return [t for t in texts if t.get_visible() and t.get_text().strip()]
 
 
+def _boxes_overlap(a, b, renderer) -> bool:
+    box_a, box_b = a.get_window_extent(renderer), b.get_window_extent(renderer)
+    return box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0
+
+
 def _overlapping(texts, renderer) -> list[tuple[str, str]]:
     """Pairs of ``texts`` whose drawn boxes intersect (each pair once)."""
-    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
-    pairs = []
-    for i, (a, box_a) in enumerate(boxes):
-        for b, box_b in boxes[i + 1:]:
-            if box_a.overlaps(box_b) and box_a.width > 0 and box_b.width > 0:
-                pairs.append((a, b))
-    return pairs
+    return [(a.get_text(), b.get_text()) for i, a in enumerate(texts) for b in texts[i + 1:]
+            if _boxes_overlap(a, b, renderer)]
+
+
+def _crowded_ticks(ax, axis: str, renderer) -> list[tuple[str, str]]:
+    """Neighbouring tick labels of ``ax``'s ``axis`` ("x" or "y") that overlap where they are
+    drawn: inside the view, and for rotated labels (parallel lines of text) when the gap between
+    their lines is less than a line's height."""
+    import math
+
+    view = sorted(getattr(ax, f"get_{axis}lim")())
+    ticks = [(float(position), label) for position, label in
+             zip(getattr(ax, f"get_{axis}ticks")(), getattr(ax, f"get_{axis}ticklabels")())
+             if view[0] <= position <= view[1] and label.get_visible() and label.get_text().strip()]
+    ticks.sort(key=lambda pair: pair[0])
+    crowded = []
+    for (p, a), (q, b) in zip(ticks, ticks[1:]):
+        angle = math.radians(a.get_rotation()) % math.pi
+        if math.isclose(math.sin(angle), 0.0, abs_tol=1e-6) or math.isclose(math.cos(angle), 0.0, abs_tol=1e-6):
+            hit = _boxes_overlap(a, b, renderer)
+        else:  # parallel rotated lines: their distance across the text against the text's height
+            points = ax.transData.transform([(p, 0), (q, 0)] if axis == "x" else [(0, p), (0, q)])
+            gap = abs(points[1][0] - points[0][0]) if axis == "x" else abs(points[1][1] - points[0][1])
+            across = gap * abs(math.sin(angle) if axis == "x" else math.cos(angle))
+            hit = across < 0.9 * a.get_fontsize() * ax.figure.dpi / 72
+        if hit:
+            crowded.append((a.get_text(), b.get_text()))
+    return crowded
 
 
 def figure_problems(fig) -> list[str]:
     """What would fail a reader in ``fig``, in words (empty when nothing): an axes with no data,
-    a data axis without a label, tick labels of one axis that overlap, titles of different axes
-    that overlap. Colorbars and axes switched off are not checked; a label or title is text
-    that is set and visible."""
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
+    a data axis without a label (its own or the figure's ``supxlabel``/``supylabel``), tick labels
+    of one axis that overlap where they are drawn, titles of different axes that overlap.
+    Colorbars, polar axes, axes switched off and hidden axes (a twin's) are not checked. Never
+    raises: a figure that cannot be drawn is reported as such."""
+    try:
+        fig.draw_without_rendering()
+        renderer = fig._get_renderer()
+    except Exception as error:  # a figure that cannot be laid out: say so instead of failing the save
+        return [f"the figure could not be drawn to be checked: {type(error).__name__}: {error}"]
+    figure_label = {"x": bool(getattr(fig, "_supxlabel", None) and fig._supxlabel.get_text()),
+                    "y": bool(getattr(fig, "_supylabel", None) and fig._supylabel.get_text())}
     problems, titles = [], []
     for index, ax in enumerate(fig.axes):
-        if not ax.get_visible() or not ax.axison or getattr(ax, "_colorbar", None) is not None:
+        if (not ax.get_visible() or not ax.axison or getattr(ax, "_colorbar", None) is not None
+                or ax.name != "rectilinear"):
             continue
         name = ax.get_title() or f"axes {index}"
-        has_data = any([ax.lines, ax.collections, ax.patches, ax.images, ax.tables, ax.texts])
-        if not has_data:
+        if not any([ax.lines, ax.collections, ax.patches, ax.images, ax.tables, ax.texts]):
             problems.append(f"{name!r} is empty")
-        for axis, label in (("x", ax.get_xlabel()), ("y", ax.get_ylabel())):
-            ticks = _visible_texts(getattr(ax, f"get_{axis}ticklabels")())
-            if ticks and not label.strip():
+        for axis in ("x", "y"):
+            if not getattr(ax, f"{axis}axis").get_visible():
+                continue
+            label = getattr(ax, f"get_{axis}label")()
+            if _visible_texts(getattr(ax, f"get_{axis}ticklabels")()) and not label.strip() and not figure_label[axis]:
                 problems.append(f"{name!r} has no {axis} label")
-            for a, b in _overlapping(ticks, renderer):
+            for a, b in _crowded_ticks(ax, axis, renderer):
                 problems.append(f"{name!r}: {axis} tick labels {a!r} and {b!r} overlap")
         titles.extend(_visible_texts([ax.title, ax._left_title, ax._right_title]))
     for a, b in _overlapping(titles, renderer):

@@ -13,6 +13,12 @@ embeddings), its positions and its attention mask, so a hit can only return what
 would have computed. The first layers' weights are fingerprinted at every attach, and a model
 whose first layers differ (another checkpoint, quantised weights, a removed layer below
 ``depth``) is refused.
+
+On a hit the first ``depth`` layers do not run at all: their hooks do not fire and, but for the
+last of them, they hand their input on unchanged. So the model's final output is exact, but
+per-layer records of those layers (``output_hidden_states``, attention weights, hooks on them)
+are not: attach the cache only for forward passes that read the final output. The key hashes
+the inputs on the CPU, which on a GPU costs a synchronisation per forward pass.
 """
 
 from __future__ import annotations

@@ -108,12 +108,19 @@ def check_overrides(path: str | Path, overrides: dict[str, object]) -> dict[str,
             raise NotebookParameterError(
                 f"parameter {name} of {Path(path).name} expects a value like {default!r}, got {value!r}"
             )
-        if isinstance(default, dict) and not key and isinstance(value, dict):
+        if isinstance(default, dict) and not key:
+            if not isinstance(value, dict):
+                raise NotebookParameterError(f"parameter {name} of {Path(path).name} takes a dict of its keys, "
+                                             f"got {value!r}")
             extra = sorted(set(value) - set(default))
             if extra:
                 raise NotebookParameterError(
                     f"unknown key(s) {extra} of parameter {name} of {Path(path).name}; known keys: {sorted(default)}"
                 )
+            wrong = [k for k, v in value.items() if not _compatible(default[k], v)]
+            if wrong:
+                raise NotebookParameterError(f"parameter {name} of {Path(path).name}: keys {wrong} expect values "
+                                             f"like {[default[k] for k in wrong]}")
     return declared
 
 

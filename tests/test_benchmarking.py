@@ -60,9 +60,9 @@ def test_reported_values_are_saved_with_their_provenance_and_tabled(tmp_path):
     benchmarking.report("seconds_a", 0.5)
     path = benchmarking.save_results(str(script), tmp_path / "results")
     saved = json.loads(path.read_text())
-    assert path.name == "bench_toy.json" and saved["summary"] == "Toy speed-up of A over B"
+    assert path.name == "bench_toy.json" and saved["summary"] == "Toy speed-up of A over B."
     assert saved["values"] == {"speedup": 1.2345678, "seconds_a": 0.5}
     assert {"git_revision", "versions", "command", "hardware"} <= set(saved["provenance"])
     table = benchmarking.results_table(tmp_path / "results")
-    assert "| `bench_toy.py` | Toy speed-up of A over B | `speedup` 1.235; `seconds_a` 0.5 |" in table
+    assert "| `bench_toy.py` | Toy speed-up of A over B. | `speedup` 1.235; `seconds_a` 0.5 |" in table
     benchmarking._REPORTED.clear()

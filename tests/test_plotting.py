@@ -121,3 +121,38 @@ def test_figure_problems_names_what_fails_a_reader():
         ax.set(xlabel="x", ylabel="y", title="a title far too long to fit above one narrow axes")
     assert any(p.startswith("titles") for p in figure_problems(fig))
     plt.close(fig)
+
+
+def test_figure_problems_raise_no_false_alarms_on_twins_rotations_polar_and_bare_figures():
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from shortlab.plotting import figure_problems
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(range(10))
+    ax.set(xlabel="x", ylabel="y", xlim=(0.5, 8.5))  # the ticks at 0 and 10 lie outside the view
+    twin = ax.twinx()
+    twin.plot(range(10), color="red")
+    twin.set_ylabel("other y")
+    assert figure_problems(fig) == []
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(5), range(5))
+    ax.set_xticks(range(5), [f"criterion {i}" for i in range(5)], rotation=20, ha="right")
+    ax.set(xlabel="removed by", ylabel="value")
+    assert figure_problems(fig) == []
+    ax.set_xticks(range(5), [f"a much longer criterion name {i}" for i in range(5)], rotation=0)
+    assert any("overlap" in p for p in figure_problems(fig))
+    plt.close(fig)
+    fig = plt.figure()
+    polar = fig.add_subplot(projection="polar")
+    polar.plot([0, 1], [0, 1])
+    assert figure_problems(fig) == []
+    plt.close(fig)
+    bare = Figure()
+    axes = bare.add_subplot()
+    axes.plot([0, 1])
+    bare.supxlabel("time")
+    axes.set_ylabel("y")
+    assert figure_problems(bare) == []

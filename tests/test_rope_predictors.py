@@ -39,3 +39,5 @@ def test_leave_one_base_out_error_is_zero_for_a_scaled_predictor_and_ranks_predi
     assert leave_one_base_out(noisy, {**predicted, 1000.0: None}) is None  # never fires: unusable
     with pytest.raises(ValueError, match="at least 3 bases"):
         leave_one_base_out({1.0: [2.0], 2.0: [3.0]}, {1.0: 1, 2.0: 1})
+    with pytest.raises(ValueError, match="at least two independently pretrained"):
+        leave_one_base_out({base: [2.0 * d] for base, d in predicted.items()}, predicted)

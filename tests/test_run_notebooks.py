@@ -59,6 +59,10 @@ def test_grouped_parameters_are_overridden_key_by_key(tmp_path):
         rn.check_overrides(path, {"MODEL.size": 1})
     with pytest.raises(rn.NotebookParameterError, match=r"unknown key\(s\) \['x'\]"):
         rn.check_overrides(path, {"MORE": {"x": 1}})
+    with pytest.raises(rn.NotebookParameterError, match=r"keys \['limit'\] expect values like \[5\]"):
+        rn.check_overrides(path, {"MORE": {"limit": "many"}})
+    with pytest.raises(rn.NotebookParameterError, match="takes a dict of its keys"):
+        rn.check_overrides(path, {"MORE": None})
 
 
 @pytest.mark.parametrize("name,value,ok", [

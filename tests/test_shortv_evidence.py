@@ -251,6 +251,15 @@ def test_run_plan_shares_the_first_layers_and_predicts_the_same(tiny):
     assert any("share the dense model's first" in m for m in messages)
     sharing = int(messages[0].split(" of the ")[0])
     assert 2 <= sharing < len({row["setting"] for row in ev.plan})  # the blank image never shares
+    assert any("reused" in m and "freed" in m for m in messages)
+    # whole curves first: every random draw after the other points, the stability choices last
+    family = {}
+    for row in ev.plan:
+        random_draw = row["family"] == "shortv" and row["choice"] == "random"
+        family.setdefault(row["setting"].key, "random" if random_draw else row["family"])
+    order = [family[m.split(" ", 5)[-1]] for m in messages if m.startswith("[")]
+    tiers = [2 if f == "stability" else 1 if f == "random" else 0 for f in order]
+    assert tiers == sorted(tiers)
 
 
 def test_calibration_resumes_main_part_first_and_plans_only_complete_pools(tiny, tmp_path):

@@ -419,40 +419,53 @@ def evidence_plan(config: EvidenceConfig, calib: Calibration, num_layers: int,
     return plan
 
 
+# the plan's tiers, evaluated in this order so that an interrupted sweep has whole curves first
+_TIERS = {"random": 1, "stability": 2}
+
+
 def run_plan(model, processor, items: list[VQAItem], plan: list[dict], store: PredictionStore, *,
              features=None, batch_size: int = 1, deadline: float | None = None,
              log: Callable[[str], None] = print, task: str | VQATask = "easy-vqa",
              share_prefix: bool = True) -> int:
     """Evaluate every setting of ``plan`` that ``store`` lacks (each distinct setting once) until
     ``deadline`` (a ``time.monotonic()`` value; None: no limit). Returns how many settings are
-    still missing. With ``share_prefix``, the first layers that most of the missing settings leave
-    as the dense model has them (``prefix_reach``, ``prefix.best_depth``) are computed once per
-    batch and reused (a ``PrefixCache``; the same predictions, fewer layer passes, their outputs
-    held in memory until the last setting sharing them): those settings go first, then the rest in
-    plan order."""
+    still missing. Settings go in the plan's tiers (every curve's points, then the random draws,
+    then the stability choices), so that an interrupted sweep has whole curves first. With
+    ``share_prefix``, the first layers that most of the missing settings leave as the dense model
+    has them (``prefix_reach``, ``prefix.best_depth``) are computed once per batch and reused (a
+    ``PrefixCache``; the same predictions, fewer layer passes); within a tier the settings sharing
+    them go first, and their stored outputs are freed after the last of them."""
     from shortlab.arch import model_parts
 
+    tier = {}
+    for row in plan:
+        tier.setdefault(row["setting"], _TIERS.get(row["family"] if row["family"] != "shortv" else row["choice"], 0))
     pending = list(dict.fromkeys(row["setting"] for row in plan if row["setting"] not in store))
     num_layers = model_parts(model).num_layers
     depth = best_depth([prefix_reach(setting, num_layers) for setting in pending]) if share_prefix else 0
     prefix = PrefixCache(depth) if depth else None
+
+    def shares(setting: Setting) -> bool:
+        return prefix is not None and prefix_reach(setting, num_layers) >= depth
+
+    pending.sort(key=lambda setting: (tier[setting], not shares(setting)))  # stable: plan order within
+    last_sharing = max((i for i, setting in enumerate(pending) if shares(setting)), default=-1)
     if prefix is not None:
-        pending.sort(key=lambda setting: prefix_reach(setting, num_layers) < depth)  # stable: plan order within
-        sharing = sum(prefix_reach(setting, num_layers) >= depth for setting in pending)
-        log(f"{sharing} of the {len(pending)} settings to evaluate share the dense model's first {depth} layers: "
-            f"computed once per batch")
+        log(f"{sum(map(shares, pending))} of the {len(pending)} settings to evaluate share the dense model's first "
+            f"{depth} layers: computed once per batch")
     for done, setting in enumerate(pending):
         if deadline is not None and time.monotonic() > deadline:
             log(f"time is up: {len(pending) - done} settings left for the next run")
             return len(pending) - done
-        shares = prefix is not None and prefix_reach(setting, num_layers) >= depth
-        if prefix is not None and not shares:
-            prefix = None  # every sharing setting is done: free the stored outputs
         start = time.perf_counter()
         predicted = evaluate_setting(model, processor, items, setting, store, features=features,
-                                     batch_size=batch_size, task=task, prefix=prefix if shares else None)
+                                     batch_size=batch_size, task=task, prefix=prefix if shares(setting) else None)
         accuracy = np.mean([p == item.answer for p, item in zip(predicted, items)])
         log(f"[{done + 1}/{len(pending)}] {time.perf_counter() - start:.0f} s accuracy {accuracy:.3f} {setting.key}")
+        if prefix is not None and done == last_sharing:
+            log(f"shared first layers: {prefix.misses} batches computed, {prefix.hits} reused, "
+                f"{prefix.stored_bytes / 2**20:.0f} MiB held; freed")
+            prefix = None  # the last setting sharing them is done
     return 0
 
 

@@ -15,7 +15,6 @@ draws its own window.
 from __future__ import annotations
 
 from collections.abc import Sequence
-import functools
 import json
 from dataclasses import dataclass
 
@@ -55,14 +54,16 @@ def essay_text() -> str:
     return json.loads(RULER_ESSAYS.locate().read_text())["text"]
 
 
-@functools.lru_cache(maxsize=4)
-def _essay_ids(tokenizer) -> tuple[int, ...]:
-    return tuple(tokenizer(essay_text(), add_special_tokens=False, verbose=False)["input_ids"])
+_ESSAY_IDS: dict[tuple, tuple[int, ...]] = {}
 
 
 def essay_token_ids(tokenizer) -> list[int]:
-    """``essay_text`` as one stream of ``tokenizer``'s token ids (computed once per tokenizer)."""
-    return list(_essay_ids(tokenizer))
+    """``essay_text`` as one stream of ``tokenizer``'s token ids, computed once per tokenizer
+    (by its name, vocabulary size and class) in this process."""
+    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), type(tokenizer).__name__)
+    if key not in _ESSAY_IDS:
+        _ESSAY_IDS[key] = tuple(tokenizer(essay_text(), add_special_tokens=False, verbose=False)["input_ids"])
+    return list(_ESSAY_IDS[key])
 
 
 def passkey_prompt(tokenizer, filler_ids: Sequence[int], distance: int, passkey: str,
@@ -186,9 +187,10 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
     offset of ``filler_ids`` (real text token ids): ``depth`` tokens of it before the needle, the
     rest between the needle and the question. Scored by ``passkey_found``.
 
-    Trials depend only on (seed, distance, depth, trial index) and the tokenizer, so two models
-    scored with the same arguments see the same prompts: their results pair trial by trial
-    (at depth 0 the prompts are those of earlier versions, which had no depth).
+    The prompts are a function of the arguments (seed, distance, depth, trials, the filler) and
+    the tokenizer, so two models scored with the same arguments see the same prompts: their
+    results pair trial by trial (at depth 0 the prompts are those of earlier versions, which had
+    no depth).
     ``max_length`` (the context the model is judged at): a distance above it, or a prompt longer
     than it, raises ``ValueError``. Returns one dict per depth and distance (depths outer, each in
     the given order): {depth, distance, n, correct, rate, low, high} (the Wilson 95 % interval of
@@ -212,6 +214,11 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
     if max(distances) + max(depths) > len(filler):
         raise ValueError(f"distance {max(distances)} at depth {max(depths)} needs up to "
                          f"{max(distances) + max(depths)} filler tokens, the text gives {len(filler)}")
+    if max_length is not None:
+        longest = passkey_length(tokenizer, max(distances), digits, max(depths))
+        if longest > max_length:
+            raise ValueError(f"the passkey prompt at distance {max(distances)} and depth {max(depths)} has "
+                             f"{longest} tokens, more than the context ({max_length})")
     rows = []
     for depth, distance in [(depth, distance) for depth in depths for distance in distances]:
         rng = np.random.default_rng([seed, distance] if depth == 0 else [seed, distance, depth])

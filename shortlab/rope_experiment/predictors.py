@@ -6,14 +6,17 @@ and a model may only lose its way once the dip is deep. The candidates compared 
 distance per RoPE base (and per weighting of the frequencies):
 
 * ``first_zero``: the first m with B(m) < 0 (the paper's L_θ + 1);
-* ``first_below(c)``: the first m with B(m) ≤ −c · B(0), for a grid of depths c;
+* ``first_below(c)``: the first m with B(m) < −c · B(0), for a grid of depths c;
 * either of them computed from B_w, the frequencies weighted by a model's own query–key
   variances (``rope.bias.pair_weights``).
 
 ``leave_one_base_out`` judges a predictor against measured half-accuracy distances: the one
 free scale (measured ≈ s · predicted, fitted in log space on the other bases) is fitted without
 the base it then predicts, and the error is |log(measured / (s · predicted))|, averaged over the
-held-out bases; its interval resamples the independently pretrained models (seeds) of every base.
+held-out bases; its interval resamples the independently pretrained models (seeds) of every base,
+so it needs at least two per base. It holds the seed-to-seed noise only, not which bases happened
+to be measured; and a depth c picked from a grid on the same bases is optimistic: compare the
+grid's predictors as hypotheses, each with its own interval, not only the best of them.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ def _measured(measured: Mapping[float, Sequence[float]]) -> dict:
     if len(bases) < 3:
         raise ValueError(f"leave-one-base-out needs at least 3 bases, got {len(bases)}")
     values = {base: np.asarray(measured[base], dtype=np.float64) for base in bases}
-    if any(v.size == 0 or not np.all(v > 0) for v in values.values()):
-        raise ValueError("every base needs at least one positive measured distance")
+    if any(v.size < 2 or not np.all(v > 0) for v in values.values()):
+        raise ValueError("every base needs positive measured distances from at least two independently pretrained "
+                         "models: the interval resamples them")
     return values
 
 
