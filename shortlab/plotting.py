@@ -158,10 +158,14 @@ def figure_problems(fig) -> list[str]:
     Colorbars, polar axes, axes switched off and hidden axes (a twin's) are not checked. Never
     raises: a figure that cannot be drawn is reported as such."""
     try:
-        fig.draw_without_rendering()
-        renderer = fig._get_renderer()
-    except Exception as error:  # a figure that cannot be laid out: say so instead of failing the save
-        return [f"the figure could not be drawn to be checked: {type(error).__name__}: {error}"]
+        return _figure_problems(fig)
+    except Exception as error:  # a figure the checks cannot read: say so instead of failing the save
+        return [f"the figure could not be checked: {type(error).__name__}: {error}"]
+
+
+def _figure_problems(fig) -> list[str]:
+    fig.draw_without_rendering()
+    renderer = fig._get_renderer()
     figure_label = {"x": bool(getattr(fig, "_supxlabel", None) and fig._supxlabel.get_text()),
                     "y": bool(getattr(fig, "_supylabel", None) and fig._supylabel.get_text())}
     problems, titles = [], []
