@@ -346,3 +346,29 @@ def test_choice_comparisons_can_come_out_every_way():
     draw_choice_comparisons(ax, rows, 0.01, title="t")
     plt.close(fig)
     assert len(ax.get_xticks()) == 3
+    # the ordering "LC > cosine > random" needs both links: at N = 6 cosine loses to random
+    assert outcome[6, "visual cosine − random"].outcome == CONTRADICTED
+    assert outcome[12, "visual cosine − random"].outcome == EQUIVALENT
+    chains = evidence.chain_verdicts(rows)
+    assert chains == {6: CONTRADICTED, 12: CONTRADICTED, 18: EQUIVALENT}
+    supported_chain = evidence.chain_verdicts(evidence.choice_comparisons(
+        {"layer_contribution": {6: better}, "visual_cosine": {6: lc}, "random": {6: np.stack([worse, worse])}},
+        clusters, margin=0.01))
+    assert supported_chain == {6: SUPPORTED}
+
+
+def test_layer_choice_curve_rows_and_draw_spread():
+    """One row per choice and N; the random rows' interval covers draws and images, and their
+    spread is the draws' own accuracies."""
+    clusters = np.repeat(np.arange(50), 4)
+    lc = np.tile([1.0, 1.0, 1.0, 0.0], 50)  # 0.75
+    draws = np.stack([np.tile([1.0, 0.0, 0.0, 0.0], 50), np.tile([1.0, 1.0, 0.0, 0.0], 50)])  # 0.25, 0.5
+    rows = evidence.layer_choice_curve({"layer_contribution": {6: lc, 3: lc}, "visual_cosine": {6: lc},
+                                        "random": {6: draws}}, clusters)
+    assert [(row["choice"], row["N"]) for row in rows] == [
+        ("layer_contribution", 3), ("layer_contribution", 6), ("visual_cosine", 6), ("random", 6)]
+    assert rows[0]["estimate"] == pytest.approx(0.75) and rows[0]["low"] <= 0.75 <= rows[0]["high"]
+    random_row = rows[-1]
+    assert random_row["estimate"] == pytest.approx(0.375)
+    assert (random_row["draw_min"], random_row["draw_max"]) == (pytest.approx(0.25), pytest.approx(0.5))
+    assert random_row["low"] < 0.375 < random_row["high"]

@@ -588,20 +588,56 @@ def layer_choice_correct(ev: Evidence) -> dict[str, dict[int, np.ndarray]]:
 def choice_comparisons(curves: dict[str, dict[int, np.ndarray]], clusters, *, margin: float,
                        seed: int = 0) -> list[dict]:
     """At every N of ``curves`` (``layer_choice_correct``), the claims "LC > visual cosine" (paired
-    on the same questions) and "LC > random" (LC minus each random draw, draws and images both
-    resampled), each judged by more than ``margin`` with a tie at the ceiling named: rows
-    {"N", "comparison", "judgement"}. ``clusters``: one image id per question."""
+    on the same questions), "LC > random" and "visual cosine > random" (minus each random draw,
+    draws and images both resampled), each judged by more than ``margin`` with a tie at the
+    ceiling named: rows {"N", "comparison", "judgement"}. ``clusters``: one image id per question."""
     lc, cosine, random_draws = (curves[choice] for choice in LAYER_CHOICES)
     rows = []
     for n in sorted(set(cosine) & set(random_draws)):
-        accuracy = bootstrap_interval(lc[n], clusters, seed=seed)
+        lc_accuracy = bootstrap_interval(lc[n], clusters, seed=seed)
+        cosine_accuracy = bootstrap_interval(cosine[n], clusters, seed=seed)
+        random_accuracy = crossed_bootstrap_interval(random_draws[n], clusters, seed=seed)
         rows.append({"N": n, "comparison": "LC − visual cosine", "judgement": judge(
             paired_interval(lc[n], cosine[n], clusters, seed=seed), margin=margin,
-            accuracies=(accuracy, bootstrap_interval(cosine[n], clusters, seed=seed)))})
+            accuracies=(lc_accuracy, cosine_accuracy))})
         rows.append({"N": n, "comparison": "LC − random", "judgement": judge(
             crossed_bootstrap_interval(lc[n][None, :] - random_draws[n], clusters, seed=seed), margin=margin,
-            accuracies=(accuracy, crossed_bootstrap_interval(random_draws[n], clusters, seed=seed)))})
+            accuracies=(lc_accuracy, random_accuracy))})
+        rows.append({"N": n, "comparison": "visual cosine − random", "judgement": judge(
+            crossed_bootstrap_interval(cosine[n][None, :] - random_draws[n], clusters, seed=seed), margin=margin,
+            accuracies=(cosine_accuracy, random_accuracy))})
     return rows
+
+
+def layer_choice_curve(curves: dict[str, dict[int, np.ndarray]], clusters, seed: int = 0) -> list[dict]:
+    """Accuracy with its 95 % interval (clustered by image) for every layer choice and N of
+    ``curves`` (``layer_choice_correct``): rows {"choice", "N", "estimate", "low", "high"}; the
+    random choice's interval resamples draws and images, and its rows add the spread of the
+    draws' own accuracies ("draw_min", "draw_max", "draw_sd")."""
+    rows = []
+    for choice in LAYER_CHOICES:
+        for n, values in sorted(curves[choice].items()):
+            values = np.asarray(values)
+            if choice == "random":
+                found = crossed_bootstrap_interval(values, clusters, seed=seed)
+                per_draw = values.mean(1)
+                spread = {"draw_min": per_draw.min(), "draw_max": per_draw.max(),
+                          "draw_sd": per_draw.std(ddof=1) if len(per_draw) > 1 else float("nan")}
+            else:
+                found, spread = bootstrap_interval(values, clusters, seed=seed), {}
+            rows.append({"choice": choice, "N": n, "estimate": found.estimate, "low": found.low, "high": found.high,
+                         **spread})
+    return rows
+
+
+def chain_verdicts(comparisons: list[dict]) -> dict[int, str]:
+    """The verdict on the ordering "LC > visual cosine > random" at each N, from the rows of
+    ``choice_comparisons`` (both links judged; ``ordered_verdict``)."""
+    links: dict[int, dict[str, str]] = {}
+    for row in comparisons:
+        links.setdefault(row["N"], {})[row["comparison"]] = row["judgement"].outcome
+    return {n: ordered_verdict([found["LC − visual cosine"], found["visual cosine − random"]])
+            for n, found in sorted(links.items())}
 
 
 def correct(items: list[VQAItem], predicted: list[str]) -> np.ndarray:
@@ -702,7 +738,16 @@ def to_tell(judgement: Judgement, n: int, threshold: float = 0.0, *, claim: str 
     needed = sample_size_to_tell(judgement.interval, n, threshold, margin=judgement.margin, claim=claim)
     if needed is None:
         return "the estimate sits on the practical edge: no sample size decides it"
-    return f"about {needed} {unit} would decide it (this run has {n})"
+    return f"about {significant(needed)} {unit} would decide it (this run has {n})"
+
+
+def significant(count: int, digits: int = 2) -> str:
+    """``count`` rounded to ``digits`` significant digits with thousands separators (42744 ->
+    "43,000"): a sample-size estimate is rough, and more digits would claim a precision it lacks."""
+    if count <= 0:
+        return str(count)
+    rounded = int(round(count, digits - 1 - int(np.floor(np.log10(count)))))
+    return f"{rounded:,}"
 
 
 def finding(claim: str, judgement: Judgement, n: int, *, practical: str | None = None, paper: str = "",

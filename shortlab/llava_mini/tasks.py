@@ -44,6 +44,8 @@ class VQATask:
     # visual tokens should hurt the detailed ones first (empty when the task has no such order)
     detailed_types: tuple[str, ...] = ()
     coarse_type: str | None = None
+    # a question that makes sense of any image, asked of photographs far from the task's images
+    photo_question: str = "What is in the image?"
 
     def check_split(self, split: str) -> str:
         if split not in self.splits:
@@ -83,6 +85,7 @@ EASY_VQA_TASK = VQATask(
     blank_image=easy_vqa.blank_image,
     weights_dir=WEIGHTS_DIR,
     calibration_split="train",
+    photo_question="what shape is in the image?",
 )
 
 SCENES_TASK = VQATask(
@@ -105,6 +108,7 @@ SCENES_TASK = VQATask(
     # object's colour and shape anywhere in the image
     detailed_types=("counting", "relation"),
     coarse_type="existence",
+    photo_question="How many objects are there?",
 )
 
 TASKS = {"easy-vqa": EASY_VQA_TASK, "scenes": SCENES_TASK}
