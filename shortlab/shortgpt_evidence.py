@@ -140,6 +140,10 @@ class Setting:
     def quantised(self) -> bool:
         return self.measurement.bits is not None
 
+    @property
+    def healed(self) -> bool:
+        return self.measurement.healing is not None
+
 
 @dataclass(frozen=True)
 class EvidencePlan:
