@@ -5,11 +5,13 @@
     .venv/bin/python scripts/rope_from_scratch.py --export-text /tmp/wiki_text.json # for a machine
                                                                  # without the text's wheel
 
-One small Llama pretrained with a base whose bound lies far above the context (text + retrieval
-scattered over the whole sequence), then fine-tuned per (base, seed) with bases whose bounds
-fall inside the context (and the pretraining base as the control), all on the same data.
-Results go to ``--output`` (JSON, written atomically after every run; a rerun skips finished
-runs, so it can run in chunks) with the pretrained weights next to it (``*.pretrain.pt``).
+Small Llamas, one per ``--pretrain-seeds``, pretrained with a base whose bound lies far above the
+context (text + retrieval scattered over the whole sequence), then each fine-tuned per (base,
+seed) with bases whose bounds fall inside the context (and the pretraining base as the control),
+the bases of one model on the same data; probed on a depth × distance grid. Results go to
+``--output`` (JSON, written atomically after every stage; a rerun skips finished stages, so it
+runs in chunks, ``--max-minutes`` at a time) with the pretrained weights next to it
+(``*.pretrain<seed>.pt``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     defaults = ExperimentConfig()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds),
+                        help="fine-tunes of each pretrained model per base")
+    parser.add_argument("--pretrain-seeds", type=int, nargs="+", default=list(defaults.pretrain_seeds),
+                        help="independently pretrained models (the unit the intervals resample)")
+    parser.add_argument("--probe-depths", type=float, nargs="*", default=list(defaults.probe_depths),
+                        help="depths of the record in the probe sequences, 0 (first) to 1 (last start that fits); "
+                             "none: anywhere it fits")
     parser.add_argument("--bases", type=float, nargs="+", default=None,
                         help="fine-tuning bases (default: bounds at --bound-fractions of the context)")
     parser.add_argument("--bound-fractions", type=float, nargs="+",
@@ -47,11 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "retrieves at short distances")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--probe-trials", type=int, default=defaults.probe_trials,
-                        help="held-out probes per distance")
+                        help="held-out probes per distance (and depth)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new stage after this long; run again to continue")
     parser.add_argument("--jobs", type=int, default=1,
                         help="processes for data generation and parallel fine-tunes")
     parser.add_argument("--output", type=Path,
-                        default=Path("results/rope_from_scratch/results.json"))
+                        default=Path("results/rope_from_scratch/depth_distance_grid.json"))
     parser.add_argument("--text-file", type=Path, default=None,
                         help="text written by --export-text (default: shortlab.data's wiki text)")
     parser.add_argument("--export-text", type=Path, default=None, metavar="PATH",
@@ -67,6 +77,7 @@ def config_from(args: argparse.Namespace) -> ExperimentConfig:
     config = ExperimentConfig(
         context=args.context, pretrain_base=args.pretrain_base, bases=tuple(args.bases or ()),
         bound_fractions=tuple(args.bound_fractions), seeds=tuple(args.seeds),
+        pretrain_seeds=tuple(args.pretrain_seeds), probe_depths=tuple(args.probe_depths),
         induction_steps=args.induction_steps, pretrain_steps=args.pretrain_steps, pretrain_rounds=args.pretrain_rounds, steps=args.steps, batch_size=args.batch_size,
         probe_trials=args.probe_trials)
     return replace(config, **SMOKE_SIZES) if args.smoke else config
@@ -87,9 +98,10 @@ def main(argv=None) -> int:
 
     log(f"device {args.device}, jobs {args.jobs}; text {json.dumps(info)}")
     log("bases (bound): " + ", ".join(f"{b:.6g} ({config.bound(b)})" for b in config.finetune_bases())
-        + f"; context {config.context}; {len(config.seeds)} seeds")
+        + f"; context {config.context}; {len(config.pretrain_seeds)} pretrained models x {len(config.seeds)} seeds")
+    deadline = None if args.max_minutes is None else time.monotonic() + 60 * args.max_minutes
     results = run_experiment(config, args.output, train_ids, eval_ids, text_info=info,
-                             device=args.device, jobs=args.jobs, log=log)
+                             device=args.device, jobs=args.jobs, deadline=deadline, log=log)
     for row in results["summary"]["bases"]:
         verdict = row.get("verdict", "no distance beyond the bound")
         log(f"base {row['base']:.6g} (bound {row['bound']}): " + " ".join(

@@ -76,6 +76,28 @@ def test_anywhere_probes_have_exact_distances_and_spread_queries(tokenizer, text
             distance_batch(text_ids, tokenizer, task, 128, [impossible], 1, 0)
 
 
+def test_depth_grid_places_the_record_independently_of_the_distance(tokenizer, text_ids):
+    """At each (distance, depth) the record starts that fraction of the way through the starts
+    that fit: depth 0 at the sequence start, depth 1 as late as the distance allows."""
+    task = RetrievalTask(n_records=6, n_queries=1, layout="anywhere")
+    width, length = task.record_length, 128
+    distances, depths = [10, 60], [0.0, 0.5, 1.0]
+    batch = distance_batch(text_ids, tokenizer, task, length, distances, per_distance=3, seed=0, depths=depths)
+    assert batch["distances"][:, 0].tolist() == [d for d in distances for _ in depths for _ in range(3)]
+    anchor = task.key_length + len(task.separator)
+    answers = batch["answer_positions"][:, 0, 0].reshape(len(distances), len(depths), 3)
+    for i, distance in enumerate(distances):
+        last_start = length - width - distance + 1
+        for j, depth in enumerate(depths):
+            record_anchor = answers[i, j] - 1 - distance  # the query's anchor is just before its answer
+            assert (record_anchor == round(depth * last_start) + anchor).all()
+    assert answers[0, 0].max() < answers[0, 2].min()  # the same distance, the record early and late
+    with pytest.raises(ValueError, match="a depth needs a distance"):
+        retrieval_example(text_ids, tokenizer, task, length, np.random.default_rng(0), depth=0.5)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        retrieval_example(text_ids, tokenizer, task, length, np.random.default_rng(0), distance=20, depth=1.5)
+
+
 def test_repeated_sequences_repeat_their_first_half_and_mark_the_predictable_copies():
     first, second = (next(repeated_sequence_batches(96, 9, 3, seed=4)) for _ in range(2))
     ids, mask = first["input_ids"], first["answer_mask"]
@@ -301,12 +323,16 @@ def test_summary_verdicts_follow_the_outcomes():
 
 
 def test_bases_for_fractions_put_the_bound_at_least_there():
-    config = ExperimentConfig(context=128, head_dim=32)
+    config = ExperimentConfig()
     bases = config.finetune_bases()
-    assert bases[-1] == config.pretrain_base and len(bases) == 5
+    assert bases[-1] == config.pretrain_base and len(bases) == len(config.bound_fractions) + 1
     for fraction, base in zip(config.bound_fractions, bases):
-        assert round(fraction * 128) <= config.bound(base) < 128
+        # the default design: every bound at least its target and at most a fifth of the context
+        assert round(fraction * config.context) <= config.bound(base) <= config.context / 5
+    assert config.bound(config.pretrain_base) > config.context
     assert base_for_bound(16, 32) == bases[0]
+    distances = config.distances()  # geometric: as many short distances as long ones
+    assert len(distances) >= 15 and sum(d <= config.context / 8 for d in distances) >= len(distances) / 3
     with pytest.raises(ValueError, match="must put the bound above the context"):
         ExperimentConfig(context=128, head_dim=32, pretrain_base=500.0)
     with pytest.raises(ValueError, match="probe distances must lie in"):
@@ -323,10 +349,17 @@ def test_script_smoke_run_resumes_and_refuses_another_config(tmp_path, monkeypat
     args = ["--smoke", "--device", "cpu", "--output", str(output), "--text-file", str(text_file)]
     assert rope_from_scratch.main(args) == 0
     results = json.loads(output.read_text())
-    assert checkpoint_path(output).is_file()
-    assert results["pretrained"]["induction"]["steps"] == results["config"]["induction_steps"] > 0
     config = rope_from_scratch.config_from(rope_from_scratch.parse_args(args))
-    assert len(results["runs"]) == len(config.seeds) * len(config.finetune_bases())
+    assert len(config.pretrain_seeds) == 2 and all(checkpoint_path(output, seed).is_file() for seed in config.pretrain_seeds)
+    for seed in config.pretrain_seeds:
+        assert results["pretrained"][str(seed)]["induction"]["steps"] == results["config"]["induction_steps"] > 0
+    assert len(results["runs"]) == len(config.models()) * len(config.finetune_bases())
+    assert results["sessions"][0]["command"] and "git_revision" in results["sessions"][0]
+    # every probe distance holds its depths x trials, and the summary reads them back per depth
+    assert all(len(row) == len(config.probe_depths) * config.probe_trials for run in results["runs"].values()
+               for row in run["correct"])
+    assert all(len(row["by_depth"]) == len(config.probe_depths) and "depth_verdict" in row
+               for row in results["summary"]["bases"])
     assert {row["base"] for row in results["summary"]["bases"]} == set(config.finetune_bases())
     first = {key: run["seconds"] for key, run in results["runs"].items()}
     # a rerun finds every run done: nothing is retrained
@@ -337,3 +370,26 @@ def test_script_smoke_run_resumes_and_refuses_another_config(tmp_path, monkeypat
     with pytest.raises(ValueError, match="another configuration .*pretrain_base"):
         rope_from_scratch.main(args + ["--pretrain-base", "1e7"])  # --smoke fixes the sizes, not the base
     assert not list(output.parent.glob(".*"))  # no temporary files left behind
+
+
+def test_a_schema_one_store_reads_the_same_after_the_upgrade():
+    """The committed store of the first design (one pretrained model, no depth grid, distances
+    spread linearly) upgrades to the current schema meaning the same: every run under its
+    (base, pretraining seed, seed), the same probe distances, and a summary of every base."""
+    from shortlab.plotting import repository_root
+    from shortlab.rope_experiment.from_scratch import SCHEMA, base_runs, run_key, upgrade
+
+    stored = json.loads((repository_root() / "results" / "rope_from_scratch" / "results.json").read_text())
+    assert stored.get("schema", 1) == 1
+    upgraded = upgrade(stored)
+    assert upgraded["schema"] == SCHEMA and upgrade(upgraded) is upgraded
+    config = ExperimentConfig.from_dict(upgraded["config"])
+    pretrain_seed = stored["config"]["pretrain_seed"]
+    assert config.pretrain_seeds == (pretrain_seed,) and not config.probe_depths
+    assert config.distances() == upgraded["distances"] == stored["distances"]
+    assert len(upgraded["runs"]) == len(stored["runs"])
+    for run in stored["runs"].values():
+        assert upgraded["runs"][run_key(run["base"], pretrain_seed, run["seed"])] == {**run, "pretrain_seed": pretrain_seed}
+    assert all(base_runs(upgraded, entry["base"]) for entry in upgraded["bases"])
+    assert upgraded["pretrained"] == {str(pretrain_seed): stored["pretrained"]}
+    assert [row["base"] for row in summarize(upgraded)["bases"]] == [entry["base"] for entry in stored["bases"]]

@@ -24,6 +24,8 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
     findings, departures = [], []
     margin = practical["accuracy_margin"]
     if scratch is not None:
+        models = (scratch.get("pretrained") or {}).get("models", 1)
+        who = "Small Llamas pretrained once" if models == 1 else f"Small Llamas pretrained {models} times independently"
         for claim, family in from_scratch_families(scratch).items():
             counts = family.counts(adjusted=True)
             outcome = max(counts, key=lambda o: (counts[o], o != CANNOT_TELL))
@@ -31,7 +33,7 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
             share = ("all" if counts[outcome] == len(family.holm)
                      else f"{counts[outcome]} of {len(family.holm)}")
             findings.append(Finding(
-                f"Small Llamas pretrained once, then fine-tuned with bases whose bound lies inside the context: {claim} "
+                f"{who}, then fine-tuned with bases whose bound lies inside the context: {claim} "
                 f"({share} bases after Holm's adjustment; {per_base})", outcome,
                 practical={"fails beyond the bound": f"(accuracy below the halfway level {scratch['halfway_level']:.2f})",
                            "drops more than the control's": f"by more than {margin} in accuracy",

@@ -1,18 +1,22 @@
-"""The from-scratch bound experiment: one pretrained model, fine-tuned with many RoPE bases.
+"""The from-scratch bound experiment: independently pretrained models, each fine-tuned with many
+RoPE bases.
 
 As the paper fine-tunes one model with different bases, ``run_experiment``
 
-1. pretrains one small Llama (``rope_model_config``) whose base puts the bound far above the
+1. pretrains small Llamas (``rope_model_config``), one per pretraining seed (the unit of
+   replication: intervals resample these models), with a base that puts the bound far above the
    training context: first on repeated random sequences (``repeated_sequence_batches``), where
    it forms induction heads within a few hundred steps, then on real text with the key–value
    retrieval task scattered over the whole sequence (``RetrievalTask(layout="anywhere")``), so
    it learns retrieval at every distance (without the warm-up it stalls near 0.4 accuracy,
    answering with the value of some record rather than the queried one);
-2. fine-tunes a copy of that checkpoint for each (base, seed): the bases put the bound at chosen
+2. fine-tunes a copy of each checkpoint for each (base, seed): the bases put the bound at chosen
    fractions of the context (``base_for_bound``) plus the pretraining base as the control; every
-   base sees the same steps and the same batches, the seed choosing their order;
+   base of one pretrained model sees the same steps and the same batches, the seed choosing
+   their order;
 3. evaluates every model on the same held-out probes: retrieval with the record at controlled
-   distances (the query anywhere the distance allows), perplexity of plain held-out text by
+   distances and, independently, at controlled depths in the sequence (a depth × distance grid),
+   perplexity of plain held-out text by
    position, and each head's weighted bounds (``qk_pair_covariances`` — the theorem's weight —
    and the pooled-variance heuristic ``qk_pair_weights``).
 
@@ -78,13 +82,13 @@ from shortlab.stats import (
     wilson_interval,
 )
 
-SCHEMA = 1
+SCHEMA = 2
 # Sizes at which every stage runs in well under a minute on a CPU and nothing is learned: for
 # smoke tests and the notebook's FAST mode (``dataclasses.replace(ExperimentConfig(), **SMOKE_SIZES)``).
 SMOKE_SIZES = dict(context=64, hidden_size=32, num_layers=1, head_dim=16, bound_fractions=(0.25, 0.5),
-                   seeds=(0, 1), induction_steps=4, pretrain_steps=12, pretrain_rounds=1, steps=6, batch_size=4, warmup=2, n_records=4,
-                   n_queries=2, probe_distances=(8, 16, 40), probe_trials=4, perplexity_rows=8,
-                   position_bins=4, weight_rows=4)
+                   seeds=(0,), pretrain_seeds=(0, 1), induction_steps=4, pretrain_steps=12, pretrain_rounds=1, steps=6,
+                   batch_size=4, warmup=2, n_records=4, n_queries=2, probe_distances=(8, 16, 40), probe_depths=(0.0, 1.0),
+                   probe_trials=2, perplexity_rows=8, position_bins=4, weight_rows=4)
 _CHUNK_STEPS = 25  # training steps per generated chunk: its index seeds it, in a pool or not
 
 
@@ -92,18 +96,26 @@ _CHUNK_STEPS = 25  # training steps per generated chunk: its index seeds it, in 
 class ExperimentConfig:
     """Everything that defines the experiment's runs (a results file records it; resuming with
     a different one is refused). ``bases`` empty: one per ``bound_fractions`` (``base_for_bound``);
-    ``probe_distances`` empty: 16 spread over every distance the context allows."""
+    ``probe_distances`` empty: ``n_distances`` spread over every distance the context allows,
+    evenly on a log scale (``distance_spacing="geometric"``: as fine at short distances, where
+    the small bounds lie, as at long ones) or linearly. ``probe_depths`` empty: the record
+    anywhere it fits; else ``probe_trials`` at each (distance, depth). ``pretrain_seeds``: the
+    independently pretrained models; ``seeds``: the fine-tunes of each per base."""
 
-    context: int = 128
+    context: int = 512
     head_dim: int = 32
     hidden_size: int = 64
     num_layers: int = 2
-    # bound 473 at head dim 32, above the context; with 1e6 the model had learned no retrieval
-    # (0.38 at short distances) after the same warm-up and 1,500 steps, where 1e4 learns it fully
-    pretrain_base: float = 1e4
+    # bound 618 at head dim 32, above the context (bounds are not monotone in the base at this
+    # head dimension: 1.2e4 gives 310); with 1e6 a 128-token model had learned no retrieval
+    # (0.38 at short distances) after the same warm-up and 1,500 steps, where 1e4 learned it fully
+    pretrain_base: float = 2e4
     bases: tuple[float, ...] = ()
-    bound_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 0.75)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    # bounds of about 16 to 96 tokens: five times each still fits in the context, so retrieval can
+    # be seen to fail well inside the probed distances
+    bound_fractions: tuple[float, ...] = (1 / 32, 3 / 64, 1 / 16, 3 / 32, 1 / 8, 3 / 16)
+    seeds: tuple[int, ...] = (0,)
+    pretrain_seeds: tuple[int, ...] = (0, 1, 2)
     induction_steps: int = 300  # repeated random sequences before the retrieval task (0: none)
     pretrain_steps: int = 1500
     pretrain_rounds: int = 2  # more rounds of pretrain_steps while short-distance retrieval fails
@@ -116,11 +128,13 @@ class ExperimentConfig:
     n_records: int = 10
     n_queries: int = 8
     probe_distances: tuple[int, ...] = ()
-    probe_trials: int = 100
+    n_distances: int = 20
+    distance_spacing: str = "geometric"
+    probe_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    probe_trials: int = 40
     perplexity_rows: int = 128
     position_bins: int = 8
     weight_rows: int = 16
-    pretrain_seed: int = 0
 
     def __post_init__(self):
         for name in ("context", "pretrain_steps", "pretrain_rounds", "steps", "batch_size", "probe_trials",
@@ -129,8 +143,16 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.induction_steps < 0:
             raise ValueError(f"induction_steps must be >= 0, got {self.induction_steps}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        for name in ("seeds", "pretrain_seeds"):
+            values = getattr(self, name)
+            if not values or len(set(values)) != len(values):
+                raise ValueError(f"{name} must be distinct and at least one, got {values}")
+        if self.distance_spacing not in ("geometric", "linear"):
+            raise ValueError(f"distance_spacing must be 'geometric' or 'linear', got {self.distance_spacing!r}")
+        if self.n_distances < 2:
+            raise ValueError(f"n_distances must be >= 2, got {self.n_distances}")
+        if any(not 0 <= depth <= 1 for depth in self.probe_depths) or len(set(self.probe_depths)) != len(self.probe_depths):
+            raise ValueError(f"probe_depths must be distinct values in [0, 1], got {self.probe_depths}")
         if any(not 0 < f < 1 for f in self.bound_fractions):
             raise ValueError(f"bound_fractions must lie in (0, 1), got {self.bound_fractions}")
         if any(b <= 1 for b in (*self.bases, self.pretrain_base)):
@@ -161,7 +183,8 @@ class ExperimentConfig:
         if self.probe_distances:
             return sorted(self.probe_distances)
         width = self.task().record_length
-        return sorted({int(d) for d in np.linspace(width + 2, self.context - width + 1, 16).round()})
+        spread = np.geomspace if self.distance_spacing == "geometric" else np.linspace
+        return sorted({int(d) for d in spread(width + 2, self.context - width + 1, self.n_distances).round()})
 
     def position_edges(self) -> list[int]:
         return sorted({int(x) for x in np.linspace(1, self.context, self.position_bins + 1)})
@@ -169,6 +192,10 @@ class ExperimentConfig:
     def bound(self, base: float) -> int:
         """L_θ of ``base`` at this head dimension ("at least 100 × context" beyond that)."""
         return rope.max_context(base, self.head_dim, limit=100 * self.context)
+
+    def models(self) -> list[tuple[int, int]]:
+        """(pretraining seed, fine-tuning seed) of every model trained per base."""
+        return [(pretrain, seed) for pretrain in self.pretrain_seeds for seed in self.seeds]
 
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
@@ -193,8 +220,35 @@ def _short_distance_accuracy(config: ExperimentConfig, correct) -> Interval:
     return wilson_interval(int(short.sum()), int(short.size))
 
 
-def run_key(base: float, seed: int) -> str:
-    return f"{base!r}|{seed}"
+def run_key(base: float, pretrain_seed: int, seed: int) -> str:
+    return f"{base!r}|{pretrain_seed}|{seed}"
+
+
+def base_runs(results: dict, base: float) -> list[dict] | None:
+    """The runs of ``base``, one per model (``ExperimentConfig.models`` order), or None while
+    any is missing."""
+    config = ExperimentConfig.from_dict(results["config"])
+    runs = [results["runs"].get(run_key(base, pretrain, seed)) for pretrain, seed in config.models()]
+    return runs if all(runs) else None
+
+
+def upgrade(results: dict) -> dict:
+    """A results file of schema 1 (one pretrained model, the record anywhere it fits, distances
+    spread linearly) in the current schema, meaning the same: its single pretraining seed, no
+    depth grid, linear spacing, runs keyed by (base, pretraining seed, seed)."""
+    if results.get("schema", 1) >= SCHEMA:
+        return results
+    config = dict(results["config"])
+    pretrain_seed = config.pop("pretrain_seed", 0)
+    config.update(pretrain_seeds=[pretrain_seed], probe_depths=[], distance_spacing="linear",
+                  n_distances=16)
+    runs = {}
+    for run in results["runs"].values():
+        run = {**run, "pretrain_seed": pretrain_seed}
+        runs[run_key(run["base"], pretrain_seed, run["seed"])] = run
+    pretrained = results.get("pretrained")
+    return {**results, "schema": SCHEMA, "config": config, "runs": runs, "depths": [],
+            "pretrained": {} if pretrained is None else {str(pretrain_seed): pretrained}}
 
 
 # ----------------------------------------------------------------------------- text
@@ -294,21 +348,23 @@ def _batches(ids: np.ndarray, mask: np.ndarray):
 @dataclass
 class Probes:
     """The held-out material every model is scored on: ``distance_batch`` sequences
-    ([len(distances) × trials] rows, distance-major) and plain text rows [rows, context], as
+    ([len(distances) × items] rows, distance-major; the items of a distance are its trials, or
+    with ``depths`` its depths × trials, depth-major) and plain text rows [rows, context], as
     numpy arrays (they travel to worker processes)."""
 
     retrieval: dict[str, np.ndarray]
     text_rows: np.ndarray
     distances: list[int]
     trials: int
+    depths: list[float]
 
 
 def make_probes(config: ExperimentConfig, eval_ids: np.ndarray, seed: int = 12345) -> Probes:
     retrieval = distance_batch(eval_ids, CharTokenizer(), config.task(1), config.context,
-                               config.distances(), config.probe_trials, seed)
+                               config.distances(), config.probe_trials, seed, depths=config.probe_depths or None)
     return Probes({name: value.numpy() for name, value in retrieval.items()},
                   text_batch(eval_ids, config.context, config.perplexity_rows, seed + 1).numpy(),
-                  config.distances(), config.probe_trials)
+                  config.distances(), config.probe_trials, list(config.probe_depths))
 
 
 # ----------------------------------------------------------------------------- models
@@ -324,7 +380,8 @@ def _history_summary(history: dict[str, list[float]], points: int = 100) -> dict
 
 @torch.inference_mode()
 def evaluate(model, base: float, config: ExperimentConfig, probes: Probes) -> dict:
-    """Retrieval correctness per probe (``correct`` [distance][trial], 0/1), summed NLL per text
+    """Retrieval correctness per probe (``correct`` [distance][item], 0/1; items as ``Probes``
+    orders them), summed NLL per text
     row and position bin (``bin_nll`` [row][bin], with ``bin_counts`` [bin] positions each),
     and per head (``[layer][head]``) the bounds of the covariance-weighted score gap
     (``covariance_bounds``, −1 where a head's query–key covariance is negative) and of the
@@ -332,7 +389,7 @@ def evaluate(model, base: float, config: ExperimentConfig, probes: Probes) -> di
     retrieval = {name: torch.from_numpy(value) for name, value in probes.retrieval.items()}
     text_rows = torch.from_numpy(probes.text_rows)
     correct = retrieval_accuracy(model, retrieval, batch_size=256)[:, 0]
-    correct = correct.reshape(len(probes.distances), probes.trials).astype(int)
+    correct = correct.reshape(len(probes.distances), -1).astype(int)
     edges = config.position_edges()
     logprobs = torch.cat([_next_token_stats(model, text_rows[i: i + 256])[0]
                           for i in range(0, text_rows.shape[0], 256)])  # [rows, T − 1]
@@ -361,14 +418,14 @@ def _model(config: ExperimentConfig, base: float, seed: int):
                        seed)
 
 
-def finetune_run(config: ExperimentConfig, base: float, seed: int, checkpoint: str,
+def finetune_run(config: ExperimentConfig, base: float, pretrain_seed: int, seed: int, checkpoint: str,
                  data: str, probes: Probes, device: str, threads: int = 1) -> dict:
-    """One fine-tune: the pretrained weights (``checkpoint``) under RoPE ``base``, trained
-    ``config.steps`` on the seed's batches (``data``: an .npz of ids and mask) and evaluated.
-    Runs in a worker process or in-process alike."""
+    """One fine-tune: the weights pretrained with ``pretrain_seed`` (``checkpoint``) under RoPE
+    ``base``, trained ``config.steps`` on the seed's batches (``data``: an .npz of ids and mask)
+    and evaluated. Runs in a worker process or in-process alike."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = _model(config, base, config.pretrain_seed)
+    model = _model(config, base, pretrain_seed)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model.to(device)
     with np.load(data) as stored:
@@ -376,7 +433,7 @@ def finetune_run(config: ExperimentConfig, base: float, seed: int, checkpoint: s
     history = train_lm(model, _batches(ids, mask), config.steps, task_weight=config.task_weight,
                        lr=config.lr, warmup=config.warmup, seed=seed)
     train_seconds = time.perf_counter() - start
-    result = {"base": base, "seed": seed, "bound": config.bound(base), "steps": config.steps,
+    result = {"base": base, "pretrain_seed": pretrain_seed, "seed": seed, "bound": config.bound(base), "steps": config.steps,
               "train_seconds": train_seconds, "history": _history_summary(history)}
     result.update(evaluate(model, base, config, probes))
     result["seconds"] = time.perf_counter() - start
@@ -385,16 +442,22 @@ def finetune_run(config: ExperimentConfig, base: float, seed: int, checkpoint: s
 
 # ----------------------------------------------------------------------------- orchestration
 
-def checkpoint_path(output: str | os.PathLike) -> Path:
-    """Where the pretrained weights live, next to the results file."""
+def checkpoint_path(output: str | os.PathLike, pretrain_seed: int = 0) -> Path:
+    """Where the weights pretrained with ``pretrain_seed`` live, next to the results file."""
     output = Path(output)
-    return output.with_name(output.stem + ".pretrain.pt")
+    return output.with_name(f"{output.stem}.pretrain{pretrain_seed}.pt")
+
+
+def finetune_data_seed(pretrain_seed: int, seed: int) -> int:
+    """The data stream of fine-tuning seed ``seed`` of the model pretrained with ``pretrain_seed``:
+    the bases of one model share it (paired), different models do not (independent)."""
+    return 10_000 * (pretrain_seed + 1) + seed
 
 
 def _load_or_start(output: Path, config: ExperimentConfig, text_info: dict) -> dict:
     if output.exists():
         with open(output, encoding="utf-8") as handle:
-            results = json.load(handle)
+            results = upgrade(json.load(handle))
         saved = ExperimentConfig.from_dict(results["config"])
         if saved != config:
             changed = [f.name for f in fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
@@ -404,104 +467,124 @@ def _load_or_start(output: Path, config: ExperimentConfig, text_info: dict) -> d
     return {"schema": SCHEMA, "config": asdict(config), "text": text_info,
             "bases": [{"base": b, "bound": config.bound(b), "control": b == config.pretrain_base}
                       for b in config.finetune_bases()],
-            "distances": config.distances(), "position_edges": config.position_edges(),
-            "pretrained": None, "runs": {}}
+            "distances": config.distances(), "depths": list(config.probe_depths),
+            "position_edges": config.position_edges(), "pretrained": {}, "runs": {}}
+
+
+def _pretrain(config: ExperimentConfig, pretrain_seed: int, train_ids: np.ndarray, probes: Probes, device: str,
+              pool, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Pretrain the model of ``pretrain_seed``: the induction warm-up, then rounds of text with
+    the retrieval task until it retrieves at short distances. Returns (its record, its weights)."""
+    torch.manual_seed(pretrain_seed)
+    model = _model(config, config.pretrain_base, pretrain_seed).to(device)
+    history: dict[str, list[float]] = {"loss": [], "answer_loss": []}
+    seconds, induction = 0.0, {"steps": config.induction_steps}
+    if config.induction_steps:
+        start = time.perf_counter()
+        warmup = train_lm(model, repeated_sequence_batches(CharTokenizer().vocab_size, config.context,
+                                                           config.batch_size, seed=pretrain_seed),
+                          config.induction_steps, task_weight=config.task_weight, lr=config.pretrain_lr,
+                          warmup=config.warmup, seed=pretrain_seed)
+        induction.update(seconds=time.perf_counter() - start, history=_history_summary(warmup))
+        log(f"model {pretrain_seed}: induction warm-up {config.induction_steps} steps in {induction['seconds']:.0f} s, "
+            f"loss on the repeated half {np.mean(warmup['answer_loss'][-10:]):.3f}")
+    for round_ in range(config.pretrain_rounds):
+        start = time.perf_counter()
+        ids, mask = generate_batches(train_ids, config.task(), config.context, config.batch_size,
+                                     config.pretrain_steps, seed=1000 + pretrain_seed + 100 * round_, pool=pool)
+        log(f"model {pretrain_seed}: pretraining data (round {round_ + 1}) in {time.perf_counter() - start:.0f} s")
+        start = time.perf_counter()
+        for name, values in train_lm(model, _batches(ids, mask), config.pretrain_steps, task_weight=config.task_weight,
+                                     lr=config.pretrain_lr, warmup=config.warmup, seed=pretrain_seed + round_).items():
+            history[name] += values
+        seconds += time.perf_counter() - start
+        pretrained = {"base": config.pretrain_base, "pretrain_seed": pretrain_seed, "induction": induction,
+                      "bound": config.bound(config.pretrain_base), "rounds": round_ + 1,
+                      "steps": config.pretrain_steps * (round_ + 1), "train_seconds": seconds,
+                      "history": _history_summary(history)}
+        pretrained.update(evaluate(model, config.pretrain_base, config, probes))
+        short = _short_distance_accuracy(config, pretrained["correct"])
+        log(f"model {pretrain_seed}: pretrained {pretrained['steps']} steps in {seconds:.0f} s "
+            f"({1e3 * seconds / pretrained['steps']:.1f} ms/step); retrieval at distances <= {config.context // 4}: {short}")
+        if short.low > 0.5:  # retrieves at short distances: ready to be fine-tuned
+            break
+    return pretrained, {k: v.cpu() for k, v in model.state_dict().items()}
 
 
 def run_experiment(config: ExperimentConfig, output: str | os.PathLike, train_ids: np.ndarray,
                    eval_ids: np.ndarray, *, text_info: dict | None = None, device: str = "cpu",
-                   jobs: int = 1, log: Callable[[str], None] = print) -> dict:
-    """Pretrain (unless done), fine-tune every (base, seed) not yet in ``output``, evaluate,
-    and write ``output`` after each stage; returns the results with their ``summary``.
+                   jobs: int = 1, deadline: float | None = None, log: Callable[[str], None] = print) -> dict:
+    """Pretrain each model not yet pretrained, fine-tune every (base, model) not yet in
+    ``output``, evaluate, and write ``output`` after each stage; returns the results with their
+    ``summary``. Past ``deadline`` (a ``time.monotonic()`` value) no new stage starts: run again
+    to continue.
 
     ``jobs`` > 1 generates data and runs fine-tunes in that many processes (fine-tunes on the
-    same ``device``). The pretrained weights go to ``checkpoint_path(output)``.
+    same ``device``). The pretrained weights go to ``checkpoint_path(output, pretrain_seed)``.
     """
+    from shortlab.runs import run_record
+
     output = Path(output)
     results = _load_or_start(output, config, text_info or {})
     results["device"] = device
-    checkpoint = checkpoint_path(output)
+    # where each stretch of the experiment ran (revision, versions, command, hardware)
+    results.setdefault("sessions", []).append(run_record())
     probes = make_probes(config, eval_ids)
     wall = time.perf_counter()
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+    def out_of_time() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
     with contextlib.ExitStack() as stack:
         work = stack.enter_context(tempfile.TemporaryDirectory())
         pool = stack.enter_context(worker_pool(jobs, train_ids)) if jobs > 1 else None
-        if results["pretrained"] is None or not checkpoint.exists():
-            torch.manual_seed(config.pretrain_seed)
-            model = _model(config, config.pretrain_base, config.pretrain_seed).to(device)
-            history: dict[str, list[float]] = {"loss": [], "answer_loss": []}
-            seconds, induction = 0.0, {"steps": config.induction_steps}
-            if config.induction_steps:
-                start = time.perf_counter()
-                warmup = train_lm(model, repeated_sequence_batches(CharTokenizer().vocab_size, config.context,
-                                                                   config.batch_size, seed=config.pretrain_seed),
-                                  config.induction_steps, task_weight=config.task_weight, lr=config.pretrain_lr,
-                                  warmup=config.warmup, seed=config.pretrain_seed)
-                induction.update(seconds=time.perf_counter() - start, history=_history_summary(warmup))
-                log(f"induction warm-up: {config.induction_steps} steps in {induction['seconds']:.0f} s, loss on the repeated "
-                    f"half {np.mean(warmup['answer_loss'][-10:]):.3f}")
-            for round_ in range(config.pretrain_rounds):
-                start = time.perf_counter()
-                ids, mask = generate_batches(train_ids, config.task(), config.context,
-                                             config.batch_size, config.pretrain_steps,
-                                             seed=1000 + config.pretrain_seed + 100 * round_,
-                                             pool=pool)
-                log(f"pretraining data (round {round_ + 1}) in {time.perf_counter() - start:.0f} s")
-                start = time.perf_counter()
-                for name, values in train_lm(model, _batches(ids, mask), config.pretrain_steps,
-                                             task_weight=config.task_weight,
-                                             lr=config.pretrain_lr, warmup=config.warmup,
-                                             seed=config.pretrain_seed + round_).items():
-                    history[name] += values
-                seconds += time.perf_counter() - start
-                pretrained = {"base": config.pretrain_base, "induction": induction,
-                              "bound": config.bound(config.pretrain_base), "rounds": round_ + 1,
-                              "steps": config.pretrain_steps * (round_ + 1),
-                              "train_seconds": seconds, "history": _history_summary(history)}
-                pretrained.update(evaluate(model, config.pretrain_base, config, probes))
-                short = _short_distance_accuracy(config, pretrained["correct"])
-                log(f"pretrained {pretrained['steps']} steps in {seconds:.0f} s "
-                    f"({1e3 * seconds / pretrained['steps']:.1f} ms/step); retrieval at distances "
-                    f"<= {config.context // 4}: {short}")
-                if short.low > 0.5:  # retrieves at short distances: ready to be fine-tuned
-                    break
-            state = {k: v.cpu() for k, v in model.state_dict().items()}
+        for pretrain_seed in config.pretrain_seeds:
+            checkpoint = checkpoint_path(output, pretrain_seed)
+            if str(pretrain_seed) in results["pretrained"] and checkpoint.exists():
+                continue
+            if out_of_time():
+                break
+            pretrained, state = _pretrain(config, pretrain_seed, train_ids, probes, device, pool, log)
             tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, tmp)
             os.replace(tmp, checkpoint)
-            results["pretrained"] = pretrained
+            results["pretrained"][str(pretrain_seed)] = pretrained
             write_json_atomically(output, results, indent=1)
-            del model
-        todo = [(b, s) for s in config.seeds for b in config.finetune_bases()
-                if run_key(b, s) not in results["runs"]]
-        data = {}
-        for seed in sorted({s for _, s in todo}):
-            start = time.perf_counter()
-            ids, mask = generate_batches(train_ids, config.task(), config.context,
-                                         config.batch_size, config.steps, seed=seed, pool=pool)
-            data[seed] = os.path.join(work, f"finetune_{seed}.npz")
-            np.savez(data[seed], ids=ids, mask=mask)
-            log(f"fine-tuning data for seed {seed} in {time.perf_counter() - start:.0f} s")
+        ready = [p for p in config.pretrain_seeds if str(p) in results["pretrained"] and checkpoint_path(output, p).exists()]
+        todo = [(b, p, s) for p in ready for s in config.seeds for b in config.finetune_bases()
+                if run_key(b, p, s) not in results["runs"]]
+        total = len(config.models()) * len(config.finetune_bases())
 
         def record(result: dict) -> None:
-            results["runs"][run_key(result["base"], result["seed"])] = result
+            results["runs"][run_key(result["base"], result["pretrain_seed"], result["seed"])] = result
             write_json_atomically(output, results, indent=1)
-            log(f"base {result['base']:g} (bound {result['bound']}) seed {result['seed']}: "
+            log(f"base {result['base']:g} (bound {result['bound']}) model {result['pretrain_seed']} seed {result['seed']}: "
                 f"{result['seconds']:.0f} s, retrieval {np.mean(result['correct']):.2f}  "
-                f"[{len(results['runs'])}/{len(config.seeds) * len(config.finetune_bases())}, "
-                f"{time.perf_counter() - wall:.0f} s]")
+                f"[{len(results['runs'])}/{total}, {time.perf_counter() - wall:.0f} s]")
 
-        if pool is None:
-            for base, seed in todo:
-                record(finetune_run(config, base, seed, str(checkpoint), data[seed], probes,
-                                    device, threads))
-        else:
-            futures = [pool.submit(finetune_run, config, base, seed, str(checkpoint), data[seed],
-                                   probes, device, threads) for base, seed in todo]
-            for future in as_completed(futures):
-                record(future.result())
+        data: dict[tuple[int, int], str] = {}
+        for pretrain_seed, seed in dict.fromkeys((p, s) for _, p, s in todo):
+            if out_of_time():
+                break
+            start = time.perf_counter()
+            ids, mask = generate_batches(train_ids, config.task(), config.context, config.batch_size, config.steps,
+                                         seed=finetune_data_seed(pretrain_seed, seed), pool=pool)
+            data[pretrain_seed, seed] = os.path.join(work, f"finetune_{pretrain_seed}_{seed}.npz")
+            np.savez(data[pretrain_seed, seed], ids=ids, mask=mask)
+            log(f"fine-tuning data for model {pretrain_seed} seed {seed} in {time.perf_counter() - start:.0f} s")
+            runs = [(b, p, s) for b, p, s in todo if (p, s) == (pretrain_seed, seed)]
+            arguments = [(config, b, p, s, str(checkpoint_path(output, p)), data[p, s], probes, device, threads)
+                         for b, p, s in runs]
+            if pool is None:
+                for args in arguments:
+                    if out_of_time():
+                        break
+                    record(finetune_run(*args))
+            else:
+                for future in as_completed([pool.submit(finetune_run, *args) for args in arguments]):
+                    record(future.result())
     results["summary"] = summarize(results)
     write_json_atomically(output, results, indent=1)
     return results
@@ -549,6 +632,25 @@ def _perplexity(bin_nll: np.ndarray, counts: np.ndarray, bins: np.ndarray) -> In
     return perplexity_interval(bin_nll[:, bins].sum(1), np.full(bin_nll.shape[0], counts[bins].sum()))
 
 
+def _depth_summary(correct: np.ndarray, distances: np.ndarray, depths: Sequence[float], bound: int,
+                   margin: float) -> dict:
+    """Accuracy per (depth, distance) pooled over the models (``correct`` [models, distances,
+    depths × trials], depth-major), and the claim "a record late in the sequence is retrieved
+    better than an early one" (last depth minus first, all distances, models and probe sequences
+    resampled) by more than ``margin``."""
+    models = correct.shape[0]
+    grid = correct.reshape(models, len(distances), len(depths), -1)  # [models, distances, depths, trials]
+    by_depth = [{"depth": float(depth), "accuracy": [_rate(grid[:, j, k]) for j in range(len(distances))],
+                 **({"beyond": _rate(grid[:, distances > bound, k])} if (distances > bound).any() else {})}
+                for k, depth in enumerate(depths)]
+    flat = np.concatenate([grid[:, :, 0], grid[:, :, -1]], axis=1).reshape(models, -1)  # first depth, then last
+    half = flat.shape[1] // 2
+    subsets = {"early": np.arange(half), "late": np.arange(half, 2 * half)}
+    difference = crossed_bootstrap([(1.0, flat, "late"), (-1.0, flat, "early")], subsets)
+    return {"by_depth": by_depth, "late_minus_early": interval_json(difference),
+            "depth_verdict": verdict(difference, 0.0, claim="above", margin=margin)}
+
+
 def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: float = 1.1,
               ratio_margin: float = 0.1) -> dict:
     """Intervals and verdicts from the runs present (bases with all seeds done), each judged
@@ -568,6 +670,7 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
     ("rules": what every accuracy is set beside) and whether the pretrained model retrieves at
     short distances (Wilson interval above the halfway level).
     """
+    results = upgrade(results)
     config = ExperimentConfig.from_dict(results["config"])
     distances = np.array(results["distances"])
     edges = np.array(results["position_edges"])
@@ -579,18 +682,18 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
                      "practical": {"rule": VERDICT_RULE, "accuracy_margin": accuracy_margin,
                                    "ppl_tolerance": ppl_tolerance, "ratio_margin": ratio_margin}}
     short = distances <= config.context / 4
-    pretrained = results.get("pretrained")
+    pretrained = results.get("pretrained") or {}
     if pretrained:
-        interval = _short_distance_accuracy(config, pretrained["correct"])
-        summary["pretrained"] = {"short_distance_accuracy": _rate(np.asarray(pretrained["correct"])[short]),
+        per_model = {seed: np.asarray(record["correct"])[short] for seed, record in pretrained.items()}
+        pooled = np.concatenate([values.ravel() for values in per_model.values()])
+        interval = wilson_interval(int(pooled.sum()), int(pooled.size))
+        summary["pretrained"] = {"short_distance_accuracy": _rate(pooled), "models": len(per_model),
+                                 "per_model": {seed: _rate(values) for seed, values in per_model.items()},
                                  "max_short_distance": int(distances[short].max()),
                                  "learned": verdict(interval, halfway, claim="above")}
-    complete = {}
-    for entry in results["bases"]:
-        runs = [results["runs"].get(run_key(entry["base"], s)) for s in config.seeds]
-        if all(runs):
-            complete[entry["base"]] = runs
+    complete = {entry["base"]: runs for entry in results["bases"] if (runs := base_runs(results, entry["base"]))}
     control_runs = complete.get(config.pretrain_base)
+    depths = results.get("depths") or []
 
     def stacked(runs, name):
         return np.stack([np.asarray(r[name], dtype=np.float64) for r in runs])
@@ -600,8 +703,8 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
         if base not in complete:
             continue
         runs = complete[base]
-        correct = stacked(runs, "correct")  # [seeds, distances, trials]
-        row = {"base": base, "bound": bound, "control": entry["control"],
+        correct = stacked(runs, "correct")  # [models, distances, items]
+        row = {"base": base, "bound": bound, "control": entry["control"], "models": len(runs),
                "accuracy": [{"distance": int(d), **_rate(correct[:, j]),
                              "per_seed": correct[:, j].mean(1).tolist()}
                             for j, d in enumerate(distances)]}
@@ -627,6 +730,8 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
                 row["relative_to_control"] = claim
                 row["relative_verdict"] = claim["verdict"]
         row["half_accuracy"] = half_accuracy_summary(distances, correct, chance, bound, ratio_margin)
+        if depths:
+            row.update(_depth_summary(correct, distances, depths, bound, accuracy_margin))
         bin_nll = stacked(runs, "bin_nll").mean(0)  # [rows, bins], averaged over seeds
         counts = np.asarray(runs[0]["bin_counts"], dtype=np.float64)
         row["perplexity"] = [{"low_position": int(lo), "high_position": int(hi),

@@ -250,7 +250,7 @@ def _place_around(keys: list[str], gaps: Sequence[tuple[int, int]], width: int,
 
 
 def _anywhere_layout(task: RetrievalTask, keys: list[str], queried: list[str], length: int,
-                     rng: np.random.Generator, distance: int | None
+                     rng: np.random.Generator, distance: int | None, depth: float | None = None
                      ) -> tuple[dict[str, int], list[tuple[int, str]]]:
     """Records and queries scattered over the whole sequence, each query after its record
     (``layout="anywhere"``); returns what ``_end_layout`` does.
@@ -258,7 +258,9 @@ def _anywhere_layout(task: RetrievalTask, keys: list[str], queried: list[str], l
     Without ``distance``: all blocks are placed uniformly (``_place``), the block roles (record
     or query) are a random order in which every query has more records than queries before it,
     and each query asks about a random earlier record not yet asked about. With ``distance``
-    (one query): the record's start is uniform over those that fit, the query follows at that
+    (one query): the record's start is uniform over those that fit (or, with ``depth`` in
+    [0, 1], that fraction of the way from the first to the last start that fits: the record's
+    depth in the sequence, set independently of the distance), the query follows at that
     distance, and the other records fill the gaps around them.
     """
     width = task.record_length  # == task.query_length
@@ -267,7 +269,8 @@ def _anywhere_layout(task: RetrievalTask, keys: list[str], queried: list[str], l
         if not shortest <= distance <= longest:
             raise ValueError(f"distance {distance} does not fit in {length} characters: it "
                              f"must be in [{shortest}, {longest}]")
-        record_start = int(rng.integers(0, length - width - distance + 2))
+        last_start = length - width - distance + 1
+        record_start = int(rng.integers(0, last_start + 1)) if depth is None else round(depth * last_start)
         query_start = record_start + distance - 1  # anchors at start + anchor and start + 1 + anchor
         others = [key for key in rng.permutation(keys) if key != queried[0]]
         starts = {queried[0]: record_start}
@@ -308,24 +311,30 @@ def _anywhere_layout(task: RetrievalTask, keys: list[str], queried: list[str], l
 
 def retrieval_example(text_ids: np.ndarray, tokenizer: CharTokenizer, task: RetrievalTask,
                       length: int, rng: np.random.Generator,
-                      distance: int | None = None) -> RetrievalExample:
+                      distance: int | None = None, depth: float | None = None) -> RetrievalExample:
     """A sequence of ``length`` characters: real text with ``task.n_records`` records and
     ``task.n_queries`` queries placed as ``task.layout`` says (see ``RetrievalTask``), text
     filling every other position in its original order (a random window of ``text_ids``).
 
     With ``distance`` given, the task must have one query, whose record is placed so that the
     query's distance is exactly ``distance``; otherwise distances follow from where the records
-    fall.
+    fall. ``depth`` (with ``distance``, layout "anywhere"): where the record sits among the starts
+    that fit, 0 the first and 1 the last.
     """
     if length < task.min_length():
         raise ValueError(f"length {length} is too short for the task (needs >= {task.min_length()})")
     if distance is not None and task.n_queries != 1:
         raise ValueError("a requested distance needs a task with n_queries = 1")
+    if depth is not None and (distance is None or task.layout != "anywhere" or not 0 <= depth <= 1):
+        raise ValueError(f"a depth needs a distance, the 'anywhere' layout and a value in [0, 1]; got depth "
+                         f"{depth}, distance {distance}, layout {task.layout!r}")
     keys, queried = _draw_keys(task, rng)
     values = {key: "".join(rng.choice(list(task.value_alphabet), task.value_length))
               for key in keys}
-    layout = _anywhere_layout if task.layout == "anywhere" else _end_layout
-    starts, queries = layout(task, keys, queried, length, rng, distance)
+    if task.layout == "anywhere":
+        starts, queries = _anywhere_layout(task, keys, queried, length, rng, distance, depth)
+    else:
+        starts, queries = _end_layout(task, keys, queried, length, rng, distance)
     sequence = np.full(length, -1, dtype=np.int64)
     for key, start in starts.items():
         record = f"[{key}{task.separator}{values[key]}]"
@@ -398,14 +407,19 @@ def repeated_sequence_batches(vocab_size: int, length: int, batch_size: int, see
 
 
 def distance_batch(text_ids: np.ndarray, tokenizer: CharTokenizer, task: RetrievalTask,
-                   length: int, distances: Sequence[int], per_distance: int, seed: int
-                   ) -> dict[str, torch.Tensor]:
-    """``per_distance`` single-query sequences at each requested distance (``stack_examples``)."""
+                   length: int, distances: Sequence[int], per_distance: int, seed: int,
+                   depths: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """``per_distance`` single-query sequences at each requested distance (``stack_examples``),
+    the record anywhere it fits; with ``depths``, ``per_distance`` at each (distance, depth) of
+    the grid instead (rows distance-major, then depth, then trial), so that where the record sits
+    varies independently of how far the query is from it."""
     if task.n_queries != 1:
         raise ValueError("distance batches need a task with n_queries = 1")
     rng = np.random.default_rng(seed)
-    return stack_examples([retrieval_example(text_ids, tokenizer, task, length, rng, distance)
-                           for distance in distances for _ in range(per_distance)])
+    cells = [(distance, None) for distance in distances] if depths is None else \
+        [(distance, depth) for distance in distances for depth in depths]
+    return stack_examples([retrieval_example(text_ids, tokenizer, task, length, rng, distance, depth)
+                           for distance, depth in cells for _ in range(per_distance)])
 
 
 def text_batch(text_ids: np.ndarray, length: int, n_rows: int, seed: int) -> torch.Tensor:
