@@ -66,3 +66,30 @@ def test_reported_values_are_saved_with_their_provenance_and_tabled(tmp_path):
     table = benchmarking.results_table(tmp_path / "results")
     assert "| `bench_toy.py` | Toy speed-up of A over B. | `speedup` 1.235; `seconds_a` 0.5 |" in table
     benchmarking._REPORTED.clear()
+    # the document's generated block takes the table; text around it stays; a second update changes nothing
+    document = tmp_path / "benchmarks.md"
+    start, end = benchmarking.RESULTS_MARKERS
+    document.write_text(f"# Speed\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    assert benchmarking.update_results_document(document, tmp_path / "results")
+    text = document.read_text()
+    assert text.startswith("# Speed\n\nbefore\n") and text.endswith(f"{end}\nafter\n")
+    assert benchmarking.results_block(text) == table and "old table" not in text
+    assert not benchmarking.update_results_document(document, tmp_path / "results")
+    (tmp_path / "plain.md").write_text("no block here\n")
+    with pytest.raises(ValueError, match="no benchmark results block"):
+        benchmarking.update_results_document(tmp_path / "plain.md", tmp_path / "results")
+    assert (tmp_path / "plain.md").read_text() == "no block here\n"
+
+
+def test_committed_benchmark_document_shows_the_saved_results():
+    """docs/benchmarks.md's generated table is the one bench/results/ gives (rerun
+    bench/run_all.py after measuring again)."""
+    from shortlab import benchmarking
+    from shortlab.plotting import repository_root
+
+    root = repository_root()
+    document = (root / "docs" / "benchmarks.md").read_text()
+    block = benchmarking.results_block(document)
+    if block is None:
+        pytest.skip("docs/benchmarks.md has no generated results block yet")
+    assert block == benchmarking.results_table(root / "bench" / "results")
