@@ -41,3 +41,56 @@ def test_leave_one_base_out_error_is_zero_for_a_scaled_predictor_and_ranks_predi
         leave_one_base_out({1.0: [2.0], 2.0: [3.0]}, {1.0: 1, 2.0: 1})
     with pytest.raises(ValueError, match="at least two independently pretrained"):
         leave_one_base_out({base: [2.0 * d] for base, d in predicted.items()}, predicted)
+
+
+def synthetic_results(true_depth, scale=3.0, models=(0, 1, 2), noise=0.03, seed=0):
+    """A from-scratch results file whose models fail exactly where B(m) first drops below
+    −true_depth · B(0), times ``scale`` (a little noise per model), under the default design."""
+    from dataclasses import asdict
+
+    from shortlab.rope_experiment import ExperimentConfig
+    from shortlab.rope_experiment.from_scratch import SCHEMA, run_key
+
+    config = ExperimentConfig(pretrain_seeds=tuple(models), probe_depths=())
+    distances = np.array(config.distances())
+    rng = np.random.default_rng(seed)
+    runs = {}
+    for base in config.finetune_bases():
+        fires = first_below(bias_curve(base, config.head_dim, 100 * config.context), true_depth)
+        for model in models:
+            fails_at = np.inf if fires is None else scale * fires * np.exp(rng.normal(0, noise))
+            # accuracy falls smoothly from 1 to 0 around fails_at (on a log scale): its halfway
+            # crossing, interpolated between probed distances, lands near fails_at
+            accuracy = 1 / (1 + np.exp((np.log(distances) - np.log(fails_at)) / 0.15))
+            correct = np.repeat(accuracy[:, None], 8, axis=1)
+            runs[run_key(base, model, 0)] = {"base": base, "pretrain_seed": model, "seed": 0,
+                                             "correct": correct.tolist(),
+                                             "variance_weights": np.ones((1, 2, config.head_dim // 2)).tolist()}
+    return {"schema": SCHEMA, "config": asdict(config), "distances": distances.tolist(), "depths": [],
+            "bases": [{"base": b, "bound": config.bound(b), "control": b == config.pretrain_base}
+                      for b in config.finetune_bases()], "runs": runs, "pretrained": {}}
+
+
+def test_predictor_comparison_finds_the_threshold_that_operates():
+    """Models that fail where B first dips below −0.3·B(0) make that predictor (or its B_w twin,
+    equal weights here) the best, and the paper's first zero lose to it; models that fail at the
+    first zero make the paper's bound win against every predictor that differs from it (B_w's
+    first zero, the same distances here, is not an alternative). A design with too few failing
+    bases says why."""
+    from shortlab.rope_experiment.predictors import PAPER_PREDICTOR, failure_distances, predictor_comparison
+    from shortlab.stats import CONTRADICTED, SUPPORTED
+
+    deep = predictor_comparison(synthetic_results(0.3))
+    assert len(deep["measured"]) >= 3
+    errors = {row["predictor"]: row["error"] for row in deep["rows"] if row["error"] is not None}
+    assert deep["best_alternative"] in ("B < -0.3·B(0)", "B_w < -0.3·B(0)")
+    assert errors[deep["best_alternative"]].estimate < 0.05 < errors[PAPER_PREDICTOR].estimate
+    assert deep["verdict"] == CONTRADICTED and deep["difference"].low > 0
+    at_zero = predictor_comparison(synthetic_results(0.0))
+    assert at_zero["verdict"] == SUPPORTED and at_zero["difference"].high < 0
+    assert at_zero["best_alternative"] != "B_w first zero"
+    one_model = predictor_comparison(synthetic_results(0.0, models=(0,)))
+    assert "reason" in one_model and "2 models" in one_model["reason"]
+    # a base whose models never fall to halfway within the grid is censored, not measured
+    assert all(d <= max(synthetic_results(0.0)["distances"]) for ds in failure_distances(synthetic_results(0.0)).values()
+               for d in ds)

@@ -128,3 +128,88 @@ def paired_error_difference(measured: Mapping[float, Sequence[float]], first: Ma
     estimate, low, high = _resampled(values, lambda means: _lobo_error(first, means) - _lobo_error(second, means),
                                      n_resamples, seed, level)
     return Interval(estimate, low, high, level, "paired bootstrap over the pretrained models")
+
+
+PAPER_PREDICTOR = "B first zero"
+
+
+def failure_distances(results: dict) -> dict[float, list[float]]:
+    """{base: the half-accuracy distance of each of its models} from a from-scratch results file
+    (``from_scratch.run_experiment``): where each model's accuracy, pooled over its probes at a
+    distance, first falls halfway from perfect to chance (``crossing_distance``). Bases with a
+    model still above halfway at the largest distance, or already below it at the shortest, are
+    left out: their failure distance is censored, not measured."""
+    from shortlab.rope_experiment.from_scratch import ExperimentConfig, base_runs, upgrade
+    from shortlab.rope_experiment.measurements import crossing_distance, halfway_level
+
+    results = upgrade(results)
+    config = ExperimentConfig.from_dict(results["config"])
+    distances = np.asarray(results["distances"], dtype=np.float64)
+    task = config.task(n_queries=1)
+    halfway = halfway_level(1 / len(task.value_alphabet) ** task.value_length)
+    found: dict[float, list[float]] = {}
+    for entry in results["bases"]:
+        runs = base_runs(results, entry["base"])
+        if runs is None:
+            continue
+        curves = np.stack([np.asarray(run["correct"], dtype=np.float64).mean(1) for run in runs])  # [models, distances]
+        crossings = crossing_distance(distances, curves, halfway)
+        if np.isfinite(crossings).all() and (curves[:, 0] > halfway).all():
+            found[entry["base"]] = [float(c) for c in crossings]
+    return found
+
+
+def model_weights(results: dict) -> dict[float, np.ndarray]:
+    """{base: per-frequency weights [d/2]}: the pooled query–key variance weights of every head
+    of every model fine-tuned with that base, averaged (the B_w of those models)."""
+    from shortlab.rope_experiment.from_scratch import base_runs, upgrade
+
+    results = upgrade(results)
+    weights = {}
+    for entry in results["bases"]:
+        runs = base_runs(results, entry["base"])
+        if runs is not None:
+            stacked = np.concatenate([np.asarray(run["variance_weights"], dtype=np.float64).reshape(-1, np.shape(
+                run["variance_weights"])[-1]) for run in runs])  # [models × layers × heads, d/2]
+            weights[entry["base"]] = stacked.mean(0)
+    return weights
+
+
+def predictor_comparison(results: dict, depths: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5), *,
+                         margin: float = 0.05, seed: int = 0) -> dict:
+    """Every predictor's leave-one-base-out error on a from-scratch experiment's failure distances
+    (``failure_distances``): B and B_w (``model_weights``) at each depth c of ``depths``. Then the
+    claim "the paper's bound (B's first zero) predicts where retrieval fails better than the best
+    alternative" (the predictor of least error among those whose distances differ from the
+    paper's at some base), judged on the paired difference of their errors (paper − best other; negative
+    favours the paper) by more than ``margin`` (a mean |log| error of 0.05 is about 5 % of the
+    distance). Returns {"measured", "predicted", "rows" [{"predictor", "error" (Interval or None
+    when it never fires at some base)}], "best_alternative", "difference", "verdict"}; with fewer
+    than three measured bases, only "measured" and a "reason"."""
+    from shortlab.rope_experiment.from_scratch import ExperimentConfig, upgrade
+    from shortlab.stats import verdict
+
+    results = upgrade(results)
+    config = ExperimentConfig.from_dict(results["config"])
+    measured = failure_distances(results)
+    if len(measured) < 3 or any(len(values) < 2 for values in measured.values()):
+        return {"measured": measured, "reason": f"{len(measured)} bases with a measured failure distance in every model "
+                                                "(at least 3 bases, each with 2 models, are needed)"}
+    bases = sorted(measured)
+    limit = 100 * config.context
+    weights = model_weights(results)
+    predicted = {**predicted_distances(bases, config.head_dim, depths, limit),
+                 **predicted_distances(bases, config.head_dim, depths, limit, weights={b: weights[b] for b in bases})}
+    rows = [{"predictor": name, "error": leave_one_base_out(measured, table, seed=seed)} for name, table in predicted.items()]
+    usable = {row["predictor"]: row["error"] for row in rows if row["error"] is not None}
+    # an alternative predicts other distances than the paper's bound somewhere (B_w's first zero
+    # with near-equal weights may not)
+    others = {name: error for name, error in usable.items()
+              if name != PAPER_PREDICTOR and any(predicted[name][b] != predicted[PAPER_PREDICTOR][b] for b in bases)}
+    if PAPER_PREDICTOR not in usable or not others:
+        return {"measured": measured, "predicted": predicted, "rows": rows,
+                "reason": "the paper's bound or every alternative never fires at some measured base"}
+    best = min(others, key=lambda name: others[name].estimate)
+    difference = paired_error_difference(measured, predicted[PAPER_PREDICTOR], predicted[best], seed=seed)
+    return {"measured": measured, "predicted": predicted, "rows": rows, "best_alternative": best,
+            "difference": difference, "verdict": verdict(difference, 0.0, claim="below", margin=margin)}
