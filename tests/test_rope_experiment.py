@@ -436,3 +436,51 @@ def test_rulers_essays_are_the_haystack():
         pytest.skip(f"{RULER_ESSAYS.distribution} is not installed")
     assert len(text) > 2_000_000 and text.startswith("April 2012")  # the essays, about 3 M characters
     assert text.count("\n") > 10_000
+
+
+def test_shared_filler_protocol_reuses_each_trials_text_at_every_distance(tiny_llama, monkeypatch):
+    """Notebook 03's first protocol: trial k's haystack comes from block k at every distance
+    (its prompts at two distances share their text), not from a window of its own."""
+    from shortlab.rope_experiment import passkey
+
+    model, tokenizer = tiny_llama
+    seen = []
+
+    def record(model, input_ids, answer_positions, batch_size=8):
+        seen.extend(input_ids.tolist())
+        return np.zeros(input_ids.shape[0], dtype=bool)
+
+    monkeypatch.setattr(passkey, "passkey_found", record)
+    blocks = [list(np.random.default_rng(k).integers(1000, 5000, size=200)) for k in range(2)]
+    rows = passkey.shared_filler_passkey(model, tokenizer, blocks, [60, 120], seed=0)
+    assert [(row["distance"], row["n"], row["correct"]) for row in rows] == [(60, 2, 0), (120, 2, 0)]
+    short, long = seen[:2], seen[2:]
+    for trial, block in enumerate(blocks):
+        text = block[:20]  # the first filler tokens after the needle are the block's first ones at both distances
+        assert any(short[trial][i: i + 20] == text for i in range(len(short[trial])))
+        assert any(long[trial][i: i + 20] == text for i in range(len(long[trial])))
+
+
+def test_passkey_protocols_script_stores_every_setup_and_resumes(tmp_path, monkeypatch):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import passkey_protocols
+
+    output = tmp_path / "protocols.json"
+    monkeypatch.setattr(passkey_protocols, "essay_token_ids",
+                        lambda tokenizer: list(np.random.default_rng(0).integers(1000, 5000, size=3000)))
+    args = ["--model", "tiny-llama", "--distances", "40", "80", "--trials", "2", "--dtypes", "float32",
+            "--output", str(output)]
+    assert passkey_protocols.main(args) == 0
+    stored = json.loads(output.read_text())
+    assert set(stored["runs"]) == {f"{setup}|float32" for setup in passkey_protocols.SETUPS}
+    for run in stored["runs"].values():
+        assert [row["distance"] for row in run["rows"]] == [40, 80] and all(row["n"] == 2 for row in run["rows"])
+        assert run["weights_fingerprint"] and run["provenance"]["command"]
+    monkeypatch.setattr(passkey_protocols, "measure", lambda *a, **k: pytest.fail("a stored setup was measured again"))
+    assert passkey_protocols.main(args) == 0
+    with pytest.raises(SystemExit, match="another measurement"):
+        passkey_protocols.main(args[:-4] + ["--trials", "3", "--output", str(output)])

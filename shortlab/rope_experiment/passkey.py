@@ -244,3 +244,27 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
                          rate=interval.estimate, low=interval.low, high=interval.high,
                          found=found.astype(int).tolist()))
     return rows
+
+
+def shared_filler_passkey(model, tokenizer, blocks: Sequence[Sequence[int]], distances: Sequence[int], *,
+                          seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """Passkey retrieval as notebook 03's first protocol measured it: trial k takes its filler
+    from the start of ``blocks[k]`` at *every* distance (the trials of one distance are
+    independent, those of different distances share their text), the needle right after the
+    intro, five-digit passkeys drawn in (distance, trial) order from one seeded generator.
+    Scored as ``passkey_accuracy`` (``passkey_found``); returns its rows (depth 0)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for distance in [int(d) for d in distances]:
+        prompts = [passkey_prompt(tokenizer, list(block), distance, str(rng.integers(10_000, 100_000)))
+                   for block in blocks]
+        lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
+        found = np.zeros(len(prompts), dtype=bool)
+        for length in np.unique(lengths):
+            group = np.flatnonzero(lengths == length)
+            found[group] = passkey_found(model, torch.stack([prompts[i].input_ids for i in group]),
+                                         torch.stack([prompts[i].answer_positions for i in group]), batch_size)
+        interval = wilson_interval(int(found.sum()), len(prompts))
+        rows.append(dict(depth=0, distance=distance, n=len(prompts), correct=int(found.sum()), rate=interval.estimate,
+                         low=interval.low, high=interval.high, found=found.astype(int).tolist()))
+    return rows
