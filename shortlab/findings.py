@@ -10,6 +10,7 @@ README says what the committed runs found (``readme_findings`` / ``replace_readm
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,15 @@ def notebook_findings(path: str | Path) -> str:
                     return "".join(markdown) if isinstance(markdown, list) else markdown
             raise ValueError(f"{path}: the cell tagged {FINDINGS_TAG!r} has no Markdown output (not executed?)")
     raise ValueError(f"{path}: no cell tagged {FINDINGS_TAG!r}")
+
+
+def significant(count: int, digits: int = 2) -> str:
+    """``count`` rounded to ``digits`` significant digits with thousands separators (42744 ->
+    "43,000"): a sample-size estimate is rough, and more digits would claim a precision it lacks."""
+    if count <= 0:
+        return str(count)
+    rounded = int(round(count, digits - 1 - int(math.floor(math.log10(count)))))
+    return f"{rounded:,}"
 
 
 def _marker(key: str) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import torch
 
 from shortlab.files import write_json_atomically
 from shortlab.runs import run_record
-from shortlab.findings import Finding
+from shortlab.findings import Finding, significant
 from shortlab.flops import fastv_ratio_matching_flops, prefill_flops
 from shortlab.llava_mini.easy_vqa import VQAItem, chat_text
 from shortlab.llava_mini.sweep import PredictionStore, Setting, evaluate_setting, prefix_reach
@@ -739,15 +739,6 @@ def to_tell(judgement: Judgement, n: int, threshold: float = 0.0, *, claim: str 
     if needed is None:
         return "the estimate sits on the practical edge: no sample size decides it"
     return f"about {significant(needed)} {unit} would decide it (this run has {n})"
-
-
-def significant(count: int, digits: int = 2) -> str:
-    """``count`` rounded to ``digits`` significant digits with thousands separators (42744 ->
-    "43,000"): a sample-size estimate is rough, and more digits would claim a precision it lacks."""
-    if count <= 0:
-        return str(count)
-    rounded = int(round(count, digits - 1 - int(np.floor(np.log10(count)))))
-    return f"{rounded:,}"
 
 
 def finding(claim: str, judgement: Judgement, n: int, *, practical: str | None = None, paper: str = "",

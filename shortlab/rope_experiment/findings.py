@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shortlab.findings import Finding
+from shortlab.findings import Finding, significant
 from shortlab.rope_experiment.from_scratch import from_scratch_families
 from shortlab.rope_experiment.measurements import interval_from
 from shortlab.stats import CANNOT_TELL, sample_size_to_tell
@@ -13,7 +13,7 @@ def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: flo
         return f"Cannot be judged: {claim['reason']}"
     size = sample_size_to_tell(interval_from(claim), n, threshold, margin=margin, claim=claim_side)
     return ("no sample size decides it: the estimate sits on the edge" if size is None
-            else f"about {size:,} {unit} instead of {n:,} would decide it")
+            else f"about {significant(size)} {unit} instead of {n:,} would decide it")
 
 
 def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | None, paper: dict,
