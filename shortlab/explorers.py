@@ -148,6 +148,7 @@ def removal_preview_figure(preview: RemovalPreview, title: str = ""):
     ax_ppl.set_xticks([0, 1], ["dense", f"−{len(preview.removed)} layers"])
     ax_ppl.set_xlim(-0.6, 1.6)
     ax_ppl.set_yscale("log")
+    ax_ppl.set_xlabel("model")
     ax_ppl.set_ylabel("held-out perplexity (95 %)")
     ax_ppl.set_title(f"÷ dense: {preview.ratio}", fontsize="small")
     for ax, snapshot, color, name in ((ax_dense, preview.dense, "0.4", f"dense ({preview.dense.num_layers} layers)"),
@@ -159,6 +160,7 @@ def removal_preview_figure(preview: RemovalPreview, title: str = ""):
         ax.invert_yaxis()  # most probable on top
         ax.set_xlim(0, 1)
         ax.set_xlabel("next-token probability")
+        ax.set_ylabel("next token")
         ax.set_title(name, fontsize="small")
     removed = ", ".join(map(str, preview.removed)) or "none"
     fig.suptitle(f"{title + ': ' if title else ''}layers removed: {removed}; "

@@ -10,6 +10,16 @@ import numpy as np
 from shortlab.pruning import lowest_layers
 
 
+def plain_log_ticks(ax) -> None:
+    """Tick labels of a log-scale y axis as plain numbers (1.02, 30, 6e-08) rather than powers of
+    ten, major and minor alike: a ratio axis spanning a few percent stays readable."""
+    from matplotlib.ticker import FuncFormatter
+
+    formatter = FuncFormatter(lambda value, _: f"{value:.3g}")
+    ax.yaxis.set_major_formatter(formatter)
+    ax.yaxis.set_minor_formatter(formatter)
+
+
 def relative_depth(layers: Sequence[int], num_layers: int) -> np.ndarray:
     """Layer index / (L − 1): 0 for the first decoder layer, 1 for the last."""
     return np.asarray(layers, dtype=np.float64) / max(num_layers - 1, 1)
@@ -50,6 +60,7 @@ def draw_bi_atlas(ax_profiles, ax_bands, profiles: Mapping[str, np.ndarray], fra
     ax_bands.invert_yaxis()
     ax_bands.set_xlim(-0.03, 1.03)
     ax_bands.set_xlabel("relative depth (layer / (L − 1))")
+    ax_bands.set_ylabel("model")
     ax_bands.set_title(f"filled: the lowest-BI {fraction:.0%} of the layers (the paper's: the layers it removed)")
 
 
@@ -76,4 +87,82 @@ def draw_healing(ax_perplexity, ax_accuracy, rows: Sequence[Mapping], metric: st
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     ax_perplexity.set_yscale("log")
+    plain_log_ticks(ax_perplexity)
     ax_perplexity.axhline(1.0, color="black", ls=":", lw=1)
+
+
+def draw_random_removal(ax, random_ratios: Mapping[int, Sequence[float]], reference: Mapping[int, float],
+                        reference_label: str = "block_influence") -> None:
+    """Perplexity ÷ dense of seeded random removals at each k (``random_ratios`` {k: one ratio per
+    draw}) as a box (median, quartiles, whiskers at the 2.5 and 97.5 % of the draws) with the
+    draws as points, and a ranking's ratio on the same blocks (``reference`` {k: ratio}) as a line;
+    log scale."""
+    ks = sorted(random_ratios)
+    ax.set_yscale("log")
+    # the whiskers are the interpolated 2.5 and 97.5 % quantiles (np.quantile), as the tables
+    # print them; matplotlib's own whiskers would stop at the last draw inside them
+    stats = []
+    for k in ks:
+        values = np.asarray(random_ratios[k], dtype=np.float64)
+        low, q1, median, q3, high = np.quantile(values, [0.025, 0.25, 0.5, 0.75, 0.975])
+        stats.append({"whislo": low, "q1": q1, "med": median, "q3": q3, "whishi": high, "fliers": []})
+    ax.bxp(stats, positions=range(len(ks)), widths=0.3, patch_artist=True,
+           boxprops={"facecolor": "0.88", "edgecolor": "0.5"}, medianprops={"color": "0.3"})
+    rng = np.random.default_rng(0)
+    for i, k in enumerate(ks):
+        values = np.asarray(random_ratios[k], dtype=np.float64)
+        ax.scatter(i + rng.uniform(-0.1, 0.1, values.size), values, s=9, color="0.4", alpha=0.7,
+                   label="random draws (box: quartiles, whiskers 2.5–97.5 %)" if i == 0 else None)
+    shown = [k for k in ks if k in reference]
+    ax.plot([ks.index(k) for k in shown], [reference[k] for k in shown], "o-", color="tab:red", label=reference_label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    plain_log_ticks(ax)
+    ax.set_xticks(range(len(ks)), [str(k) for k in ks])
+    ax.set_xlabel("layers removed (k)")
+    ax.set_ylabel("perplexity ÷ dense (same blocks)")
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def draw_rankings_at_k(ax, ratios: Mapping[str, object], highlight: str = "block_influence") -> None:
+    """Each ranking's perplexity ÷ dense at one k with its 95 % interval (``ratios`` {ranking:
+    Interval}), one column per ranking, log scale; ``highlight`` in red."""
+    names = list(ratios)
+    for i, name in enumerate(names):
+        found = ratios[name]
+        ax.errorbar(i, found.estimate, yerr=[[found.estimate - found.low], [found.high - found.estimate]], fmt="o",
+                    capsize=3, color="tab:red" if name == highlight else "tab:blue")
+    ax.set_yscale("log")
+    plain_log_ticks(ax)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_xlabel("ranking")
+    ax.set_ylabel("perplexity ÷ dense (95 % interval)")
+
+
+def draw_ratio_claims(ax, ratios: Mapping[str, object], margin: float, clip: tuple[float, float] = (0.25, 4.0)) -> None:
+    """Ratios judged against 1 (``ratios`` {name: Interval}, e.g. BI's perplexity ÷ each
+    baseline's), with the band 1 ± ``margin`` where a ratio counts as a tie, on a log axis limited
+    to ``clip``: an interval reaching outside it is drawn to the edge with an arrow and its value
+    written beside it, so that a 1e8 ratio does not squash the 1.1 ones that carry verdicts."""
+    low_edge, high_edge = clip
+    ax.set_yscale("log")
+    ax.axhspan(1 - margin, 1 + margin, color="0.9", zorder=0, label=f"tie: 1 ± {margin:g}")
+    ax.axhline(1.0, color="black", lw=0.8)
+    names = list(ratios)
+    for i, name in enumerate(names):
+        found = ratios[name]
+        estimate = min(max(found.estimate, low_edge), high_edge)
+        low, high = max(found.low, low_edge), min(found.high, high_edge)
+        if found.estimate != estimate:  # off the axis: an arrow at the edge, the value written
+            ax.annotate(f"{found.estimate:.2g}", (i, estimate), xytext=(0, -22 if estimate == low_edge else 14),
+                        textcoords="offset points", ha="center", fontsize=8,
+                        arrowprops={"arrowstyle": "<-" if estimate == low_edge else "->", "color": "tab:red"})
+            ax.plot(i, estimate, marker="v" if estimate == low_edge else "^", color="tab:red")
+        else:
+            ax.errorbar(i, estimate, yerr=[[estimate - low], [high - estimate]], fmt="o", capsize=3, color="tab:red")
+    ax.set_ylim(low_edge / 1.15, high_edge * 1.15)
+    plain_log_ticks(ax)
+    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_xlabel("compared with")
+    ax.set_ylabel("ratio (95 % interval)")
+    ax.legend(fontsize=8, loc="upper left")

@@ -44,3 +44,29 @@ def test_healing_figure_draws_before_and_after_per_criterion():
     assert left.get_yscale() == "log" and right.get_ylabel() == "pooled acc"
     assert len(left.containers) == 2 and len(right.containers) == 2  # before and after
     plt.close(fig)
+
+
+def test_random_removal_rankings_and_clipped_ratio_claims():
+    import matplotlib.pyplot as plt
+
+    from shortlab.plotting import figure_problems
+    from shortlab.shortgpt_figures import draw_random_removal, draw_rankings_at_k, draw_ratio_claims
+    from shortlab.stats import Interval
+
+    def iv(estimate, low, high):
+        return Interval(estimate, low, high, 0.95, "toy")
+
+    fig, (ax_random, ax_at_k, ax_claims) = plt.subplots(1, 3, figsize=(15, 4))
+    draws = {4: np.geomspace(1.2, 3.0, 20), 8: np.geomspace(2.0, 40.0, 20)}
+    draw_random_removal(ax_random, draws, {4: 1.1, 8: 1.5})
+    ends = [y for line in ax_random.lines if len(line.get_ydata()) == 2 for y in line.get_ydata()]
+    for values in draws.values():  # the whiskers are the draws' interpolated 2.5 and 97.5 % quantiles
+        assert all(np.isclose(ends, q).any() for q in np.quantile(values, [0.025, 0.975]))
+    draw_rankings_at_k(ax_at_k, {"block_influence": iv(1.5, 1.4, 1.6), "reverse_order": iv(9e7, 8e7, 1e8)})
+    draw_ratio_claims(ax_claims, {"reverse_order": iv(6e-8, 5e-8, 7e-8), "iterative": iv(1.27, 1.25, 1.3),
+                                  "relative_magnitude": iv(1.08, 1.07, 1.1)}, margin=0.05)
+    low, high = ax_claims.get_ylim()
+    assert low > 0.2 and high < 5  # the 1.08 and 1.27 ratios stay readable
+    assert [text.get_text() for text in ax_claims.texts] == ["6e-08"]  # the off-axis one is written out
+    assert figure_problems(fig) == []
+    plt.close(fig)
