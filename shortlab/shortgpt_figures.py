@@ -12,12 +12,31 @@ from shortlab.pruning import lowest_layers
 
 def plain_log_ticks(ax) -> None:
     """Tick labels of a log-scale y axis as plain numbers (1.02, 30, 6e-08) rather than powers of
-    ten, major and minor alike: a ratio axis spanning a few percent stays readable."""
+    ten. Minor ticks are labelled only where the axis spans few decades (all of them below 0.4
+    decades, else those at 2, 3 and 5 times a power of ten up to 1.5 decades), with a digit more
+    on a narrow axis, so that labels neither crowd nor repeat."""
+    import math
+
     from matplotlib.ticker import FuncFormatter
 
-    formatter = FuncFormatter(lambda value, _: f"{value:.3g}")
-    ax.yaxis.set_major_formatter(formatter)
-    ax.yaxis.set_minor_formatter(formatter)
+    def decades() -> float:
+        low, high = ax.get_ylim()
+        return math.log10(high / low) if low > 0 and high > 0 else math.inf
+
+    def plain(value: float) -> str:
+        return f"{value:.{4 if decades() < 0.1 else 3}g}"
+
+    def minor(value: float, _) -> str:
+        span = decades()
+        if value <= 0 or span > 1.5:
+            return ""
+        mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+        if span > 0.4 and not any(abs(mantissa - m) < 1e-6 for m in (2, 3, 5)):
+            return ""
+        return plain(value)
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: plain(value)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def relative_depth(layers: Sequence[int], num_layers: int) -> np.ndarray:

@@ -70,3 +70,24 @@ def test_random_removal_rankings_and_clipped_ratio_claims():
     assert [text.get_text() for text in ax_claims.texts] == ["6e-08"]  # the off-axis one is written out
     assert figure_problems(fig) == []
     plt.close(fig)
+
+
+@pytest.mark.parametrize("limits, minor_labels", [((0.2, 4.6), 4), ((0.99, 1.03), 4), ((1.0, 1e8), 0)])
+def test_plain_log_ticks_label_narrow_axes_without_repeating(limits, minor_labels):
+    import matplotlib.pyplot as plt
+
+    from shortlab.plotting import figure_problems
+    from shortlab.shortgpt_figures import plain_log_ticks
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], limits)
+    ax.set(yscale="log", ylim=limits, xlabel="x", ylabel="y")
+    plain_log_ticks(ax)
+    fig.canvas.draw()
+    low, high = limits
+    shown = [(tick, label.get_text()) for tick, label in zip(ax.get_yticks(minor=True), ax.get_yticklabels(minor=True))
+             if low <= tick <= high and label.get_text()]
+    assert len(shown) >= minor_labels and len({text for _, text in shown}) == len(shown)
+    assert all("10^" not in label.get_text() and "$" not in label.get_text() for label in ax.get_yticklabels())
+    assert figure_problems(fig) == []
+    plt.close(fig)
