@@ -238,3 +238,23 @@ def test_scoring_refuses_a_wrapper_without_a_llava_vision_tower():
     model, _ = load_model("tiny-qwen2-vl")  # its vision tower merges patches itself: no projector
     with pytest.raises(UnsupportedArchitectureError, match="Qwen2VLForConditionalGeneration.*vision tower and projector"):
         lm.vision_features(model, torch.zeros(1, 3, 8, 8))
+
+
+def test_trained_weights_provenance_names_the_folder_and_the_task(llava, tmp_path):
+    """The provenance lines come from the weights the model was built from: their folder (kept in
+    ``config.shortlab``) and the task their card says they were trained on."""
+    import shutil
+
+    from shortlab.llava_mini.build import CARD_FILE, LORA_FILE, PROJECTOR_FILE, WEIGHTS_DIR
+
+    model, _ = llava
+    assert model.config.shortlab["weights_dir"] == str(WEIGHTS_DIR)
+    lines = lm.trained_weights_provenance(model.config.shortlab["weights_dir"])
+    assert lines[0].startswith(f"projector: shortlab/weights/{PROJECTOR_FILE}") and "trained here on easy-vqa" in lines[0]
+    for name in (PROJECTOR_FILE, LORA_FILE):
+        shutil.copy(WEIGHTS_DIR / name, tmp_path / name)
+    card = json.loads((WEIGHTS_DIR / CARD_FILE).read_text())
+    card["data"]["task"] = "scenes"
+    (tmp_path / CARD_FILE).write_text(json.dumps(card))
+    other = lm.trained_weights_provenance(tmp_path)
+    assert len(other) == 2 and all("trained here on scenes" in line and str(tmp_path) in line for line in other)

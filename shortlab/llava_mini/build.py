@@ -84,13 +84,14 @@ def trained_weights_provenance(weights_dir: str | Path | None = None) -> list[st
         with safe_open(str(path), "pt") as handle:
             dtypes = sorted({str(handle.get_slice(key).get_dtype()) for key in handle.keys()})
             count = len(list(handle.keys()))
-        where = f"shortlab/weights/{path.name}" if path.parent == WEIGHTS_DIR else str(path)
+        inside = path.resolve().is_relative_to(WEIGHTS_DIR.resolve())
+        where = f"shortlab/weights/{path.resolve().relative_to(WEIGHTS_DIR.resolve())}" if inside else str(path)
         line = f"{label}: {where}, {count} tensors stored as {'/'.join(dtypes)}"
         if label == "LoRA delta":
             line += f", rank {card['lora']['rank']}, merged into the language model ({card['lora']['merged']})"
         else:
             line += f", {card['projector']}"
-        lines.append(line + f"; trained here on easy-VQA ({CARD_FILE})")
+        lines.append(line + f"; trained here on {card['data'].get('task', 'easy-vqa')} ({CARD_FILE})")
     return lines
 
 
@@ -204,6 +205,7 @@ def build_llava_mini(
     model.generation_config = GenerationConfig.from_model_config(text_config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.config.shortlab = {"name": "llava-mini", "trained": trained, "lora_merged": lora_names}
+    model.config.shortlab = {"name": "llava-mini", "trained": trained, "lora_merged": lora_names,
+                             "weights_dir": str(weights_dir or WEIGHTS_DIR) if trained else None}
     model = model.to(torch_dtype).eval()
     return model, processor
