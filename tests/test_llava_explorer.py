@@ -134,3 +134,22 @@ def test_explorer_controls_redraw_on_every_change(tiny_llava, items, monkeypatch
     assert [label for label, _ in question.options] == [it.question for it in items if it.image_id == other_image.image_id]
     with pytest.raises(ValueError, match="unknown preset"):
         explorer.answer_explorer(model, processor, items, presets, default="best")
+
+
+def test_view_of_a_scene_question_scores_its_own_candidates_on_its_own_image(tiny_llava):
+    """On the scene task the explorer shows the scene (not an easy-VQA image of the same id) and
+    spreads the probability over the question's own candidates (yes/no for an existence question)."""
+    import numpy as np
+
+    from shortlab.llava_mini.tasks import task
+
+    model, processor = tiny_llava
+    scenes = task("scenes")
+    item = next(it for it in scenes.questions("test") if scenes.question_type(it) == "existence")
+    view = explorer.answer_view(model, processor, item, [0], task="scenes")
+    assert set(view.dense) == set(scenes.candidates(item.question)) == set(view.frozen)
+    assert sum(view.dense.values()) == pytest.approx(1.0)
+    fig = explorer.draw_answer_view(view, task="scenes")
+    shown = fig.axes[0].images[0].get_array()
+    assert np.array_equal(np.asarray(shown), np.asarray(scenes.image("test", item.image_id)))
+    matplotlib.pyplot.close(fig)

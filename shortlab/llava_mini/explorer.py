@@ -16,22 +16,23 @@ image itself.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from shortlab.arch import model_parts, validate_layer_indices
-from shortlab.llava_mini.easy_vqa import VQAItem, easy_vqa_image
+from shortlab.llava_mini.easy_vqa import VQAItem
 
 PRESETS = ("none", "LC", "visual cosine", "random")
 
 
 def answer_probabilities(model, processor, image, questions: Sequence[str],
-                         frozen_layers: Iterable[int] = (), answers: Sequence[str] | None = None
+                         frozen_layers: Iterable[int] = (), answers: Sequence[str] | Callable | None = None
                          ) -> list[dict[str, float]]:
     """For each of ``questions`` about ``image`` (a PIL image), the model's answer distribution
-    over the closed set ``answers`` (default: easy-VQA's): ``{answer: probability}``, summing to 1.
+    over the closed set ``answers`` (default: easy-VQA's; or a function from a question to its own
+    candidates, a task's ``candidates``): ``{answer: probability}``, summing to 1.
 
     The probability of an answer is the softmax, over the closed set, of its log-likelihood
     (answer and end-of-turn tokens, as ``scoring.score_answers`` scores them: the quantity whose
@@ -54,7 +55,8 @@ def answer_probabilities(model, processor, image, questions: Sequence[str],
     def freeze(input_ids, question_ends):
         return freeze_visual_tokens(model, layers, token_mask=input_ids == image_token_id)
 
-    scored = score_answers(model, processor, [image], [list(questions)], answers=list(answers) if answers else None,
+    candidates = answers if callable(answers) or not answers else list(answers)
+    scored = score_answers(model, processor, [image], [list(questions)], answers=candidates,
                            intervention=freeze if layers else None)[0]
     distributions = []
     for scores, _ in scored:
@@ -105,27 +107,34 @@ class AnswerView:
 
 
 def answer_view(model, processor, item: VQAItem, frozen_layers: Iterable[int], split: str = "test",
-                dense: Mapping[str, float] | None = None) -> AnswerView:
-    """The ``AnswerView`` of ``item`` (its image read from ``split``) with the visual tokens
-    frozen in ``frozen_layers``. ``dense``: the dense distribution when already known (the
-    explorer caches it per question), else computed."""
-    image = easy_vqa_image(split, item.image_id)
+                dense: Mapping[str, float] | None = None, task: str = "easy-vqa") -> AnswerView:
+    """The ``AnswerView`` of ``item`` (its image read from ``task``'s ``split``, its answers the
+    question's candidates in that task) with the visual tokens frozen in ``frozen_layers``.
+    ``dense``: the dense distribution when already known (the explorer caches it per question),
+    else computed."""
+    from shortlab.llava_mini.tasks import task as find_task
+
+    vqa_task = find_task(task)
+    image = vqa_task.image(split, item.image_id)
     layers = tuple(validate_layer_indices(model_parts(model), frozen_layers, allow_empty=True))
     if dense is None:
-        dense = answer_probabilities(model, processor, image, [item.question])[0]
-    frozen = answer_probabilities(model, processor, image, [item.question], layers)[0] if layers else dict(dense)
+        dense = answer_probabilities(model, processor, image, [item.question], answers=vqa_task.candidates)[0]
+    frozen = (answer_probabilities(model, processor, image, [item.question], layers, answers=vqa_task.candidates)[0]
+              if layers else dict(dense))
     return AnswerView(item, layers, dict(dense), frozen)
 
 
-def draw_answer_view(view: AnswerView, split: str = "test", title: str = ""):
-    """A figure of ``view``: the image with its question and true answer on the left, the
-    dense and frozen answer distributions as bars on the right (the true answer's label in bold).
-    Returns the matplotlib Figure."""
+def draw_answer_view(view: AnswerView, split: str = "test", title: str = "", task: str = "easy-vqa"):
+    """A figure of ``view``: the image (from ``task``'s ``split``) with its question and true
+    answer on the left, the dense and frozen answer distributions as bars on the right (the true
+    answer's label in bold). Returns the matplotlib Figure."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    from shortlab.llava_mini.tasks import task as find_task
+
     fig, (ax_image, ax_bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 2.6]})
-    ax_image.imshow(easy_vqa_image(split, view.item.image_id))
+    ax_image.imshow(find_task(task).image(split, view.item.image_id))
     ax_image.set_title(f"{view.item.question!r}\ntrue answer: {view.item.answer}", fontsize=9)
     ax_image.axis("off")
     frozen_label = f"frozen in {len(view.frozen_layers)} layers" if view.frozen_layers else "frozen (no layer)"
@@ -146,7 +155,8 @@ def draw_answer_view(view: AnswerView, split: str = "test", title: str = ""):
 
 
 def answer_explorer(model, processor, items: Sequence[VQAItem], presets: Mapping[str, Iterable[int]],
-                    default: str = "LC", split: str = "test", title: str = "", initial: AnswerView | None = None):
+                    default: str = "LC", split: str = "test", title: str = "", initial: AnswerView | None = None,
+                    task: str = "easy-vqa"):
     """Interactive controls for ``draw_answer_view``: an image (the distinct images of ``items``),
     one of its questions, the frozen layers (a multiple selection preset to ``presets[default]``)
     and one button per preset. Every change redraws the figure below the controls; dense
@@ -186,7 +196,7 @@ def answer_explorer(model, processor, items: Sequence[VQAItem], presets: Mapping
     def show(view: AnswerView) -> None:
         with output:
             output.clear_output(wait=True)
-            fig = draw_answer_view(view, split, title)
+            fig = draw_answer_view(view, split, title, task)
             plt.show()
             plt.close(fig)
 
@@ -194,7 +204,7 @@ def answer_explorer(model, processor, items: Sequence[VQAItem], presets: Mapping
         if quiet[0]:
             return
         item = by_image[image.value][question.value]
-        view = answer_view(model, processor, item, layers.value, split, dense=dense_cache.get(item))
+        view = answer_view(model, processor, item, layers.value, split, dense=dense_cache.get(item), task=task)
         dense_cache[item] = view.dense
         show(view)
 
