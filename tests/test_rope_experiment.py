@@ -484,3 +484,28 @@ def test_passkey_protocols_script_stores_every_setup_and_resumes(tmp_path, monke
     assert passkey_protocols.main(args) == 0
     with pytest.raises(SystemExit, match="another measurement"):
         passkey_protocols.main(args[:-4] + ["--trials", "3", "--output", str(output)])
+
+
+def test_protocol_comparison_pairs_precisions_and_compares_fillers():
+    """Identical prompts in two precisions pair trial by trial; two fillers compare as
+    independent samples; rates split at the bound."""
+    from shortlab.rope_experiment.protocols import filler_effect, precision_effects, protocol_rates
+    from shortlab.stats import CONTRADICTED, EQUIVALENT, SUPPORTED
+
+    def run(setup, dtype, within, beyond):
+        return {"setup": setup, "dtype": dtype,
+                "rows": [{"distance": 100, "found": within}, {"distance": 900, "found": beyond}]}
+
+    ones, zeros = [1] * 200, [0] * 200
+    stored = {"runs": {"a|float32": run("a", "float32", ones, zeros), "a|bfloat16": run("a", "bfloat16", ones, zeros),
+                       "b|float32": run("b", "float32", [1, 0] * 100, zeros),
+                       "b|bfloat16": run("b", "bfloat16", zeros, zeros)}}
+    rates = {(row["setup"], row["dtype"]): row for row in protocol_rates(stored, bound=500)}
+    assert rates["a", "float32"]["within"].estimate == 1.0 and rates["a", "float32"]["beyond"].estimate == 0.0
+    assert protocol_rates(stored, bound=1000)[0]["beyond"] is None
+    effects = precision_effects(stored, 500, margin=0.05)
+    assert effects["a"]["verdict"] == EQUIVALENT  # the same prompts, the same answers
+    assert effects["b"]["verdict"] == SUPPORTED and effects["b"]["difference"].estimate == pytest.approx(0.5)
+    filler = filler_effect(stored, 500, "b", "a", margin=0.05)
+    assert filler["verdict"] == CONTRADICTED and filler["difference"].estimate == pytest.approx(-0.5)
+    assert filler_effect(stored, 500, "c", "a", margin=0.05) is None

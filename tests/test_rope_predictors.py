@@ -94,3 +94,27 @@ def test_predictor_comparison_finds_the_threshold_that_operates():
     # a base whose models never fall to halfway within the grid is censored, not measured
     assert all(d <= max(synthetic_results(0.0)["distances"]) for ds in failure_distances(synthetic_results(0.0)).values()
                for d in ds)
+
+
+def test_predictor_and_depth_figures():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shortlab.plotting import figure_problems
+    from shortlab.rope_experiment.figures import draw_depth_grid, draw_predictors
+    from shortlab.rope_experiment.predictors import PAPER_PREDICTOR, predictor_comparison
+
+    comparison = predictor_comparison(synthetic_results(0.3))
+    fig, (ax_predictors, ax_depth) = plt.subplots(1, 2, figsize=(12, 4))
+    draw_predictors(ax_predictors, comparison, [PAPER_PREDICTOR, comparison["best_alternative"]])
+    assert len(ax_predictors.get_legend().get_texts()) == 3
+    distances = [8, 16, 32, 64, 128]
+    by_depth = [{"depth": d, "accuracy": [{"rate": r} for r in (1.0, 0.9, 0.5, 0.2, 0.1)]} for d in (0.0, 0.5, 1.0)]
+    image = draw_depth_grid(ax_depth, by_depth, distances, bound=40, title="base 100")
+    fig.colorbar(image, ax=ax_depth, label="accuracy")
+    dashed = [line for line in ax_depth.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and 2 < dashed[0].get_xdata()[0] < 3  # 40 lies between 32 and 64
+    assert figure_problems(fig) == []
+    plt.close(fig)
