@@ -401,10 +401,11 @@ def test_the_needle_moves_deeper_without_changing_its_distance(tiny_llama):
     assert torch.equal(deep.input_ids[-len(shallow.answer_positions):], shallow.input_ids[-len(shallow.answer_positions):])
 
 
-def test_passkey_grid_draws_its_own_haystack_per_trial_and_keeps_depth_zero_prompts(tiny_llama, monkeypatch):
+@pytest.fixture
+def recorded_prompts(monkeypatch):
+    """The prompts ``passkey_found`` is given, in order, with every passkey counted as found."""
     from shortlab.rope_experiment import passkey
 
-    model, tokenizer = tiny_llama
     seen = []
 
     def record(model, input_ids, answer_positions, batch_size=8):
@@ -412,6 +413,14 @@ def test_passkey_grid_draws_its_own_haystack_per_trial_and_keeps_depth_zero_prom
         return np.ones(input_ids.shape[0], dtype=bool)
 
     monkeypatch.setattr(passkey, "passkey_found", record)
+    return seen
+
+
+def test_passkey_grid_draws_its_own_haystack_per_trial_and_keeps_depth_zero_prompts(tiny_llama, recorded_prompts):
+    from shortlab.rope_experiment import passkey
+
+    model, tokenizer = tiny_llama
+    seen = recorded_prompts
     filler = list(np.random.default_rng(0).integers(1000, 5000, size=600))
     rows = passkey.passkey_accuracy(model, tokenizer, filler, [40, 80], trials=3, depths=(0, 100), max_length=400)
     assert [(row["depth"], row["distance"]) for row in rows] == [(0, 40), (0, 80), (100, 40), (100, 80)]
@@ -438,22 +447,16 @@ def test_rulers_essays_are_the_haystack():
     assert text.count("\n") > 10_000
 
 
-def test_shared_filler_protocol_reuses_each_trials_text_at_every_distance(tiny_llama, monkeypatch):
+def test_shared_filler_protocol_reuses_each_trials_text_at_every_distance(tiny_llama, recorded_prompts):
     """Notebook 03's first protocol: trial k's haystack comes from block k at every distance
     (its prompts at two distances share their text), not from a window of its own."""
     from shortlab.rope_experiment import passkey
 
     model, tokenizer = tiny_llama
-    seen = []
-
-    def record(model, input_ids, answer_positions, batch_size=8):
-        seen.extend(input_ids.tolist())
-        return np.zeros(input_ids.shape[0], dtype=bool)
-
-    monkeypatch.setattr(passkey, "passkey_found", record)
+    seen = recorded_prompts
     blocks = [list(np.random.default_rng(k).integers(1000, 5000, size=200)) for k in range(2)]
     rows = passkey.shared_filler_passkey(model, tokenizer, blocks, [60, 120], seed=0)
-    assert [(row["distance"], row["n"], row["correct"]) for row in rows] == [(60, 2, 0), (120, 2, 0)]
+    assert [(row["distance"], row["n"], row["correct"]) for row in rows] == [(60, 2, 2), (120, 2, 2)]
     short, long = seen[:2], seen[2:]
     for trial, block in enumerate(blocks):
         text = block[:20]  # the first filler tokens after the needle are the block's first ones at both distances

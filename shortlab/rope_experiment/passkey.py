@@ -227,23 +227,31 @@ def passkey_accuracy(model, tokenizer, filler_ids: Sequence[int], distances: Seq
         prompts = [passkey_prompt(tokenizer, filler[offset + depth: offset + depth + distance], distance, str(key),
                                   before_ids=filler[offset: offset + depth])
                    for key, offset in zip(passkeys, offsets)]
-        found = np.zeros(trials, dtype=bool)
-        lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
-        if max_length is not None and lengths.max() > max_length:
-            raise ValueError(f"the passkey prompt at distance {distance} and depth {depth} has {lengths.max()} "
+        longest = max(prompt.input_ids.numel() for prompt in prompts)
+        if max_length is not None and longest > max_length:
+            raise ValueError(f"the passkey prompt at distance {distance} and depth {depth} has {longest} "
                              f"tokens, more than the context ({max_length})")
-        # Passkeys whose digits tokenise differently give prompts of another length: one batch
-        # per length, so that no prompt needs padding.
-        for length in np.unique(lengths):
-            group = np.flatnonzero(lengths == length)
-            found[group] = passkey_found(
-                model, torch.stack([prompts[i].input_ids for i in group]),
-                torch.stack([prompts[i].answer_positions for i in group]), batch_size)
-        interval = wilson_interval(int(found.sum()), trials)
-        rows.append(dict(depth=depth, distance=distance, n=trials, correct=int(found.sum()),
-                         rate=interval.estimate, low=interval.low, high=interval.high,
-                         found=found.astype(int).tolist()))
+        rows.append(_rate_row(depth, distance, _found_by_length(model, prompts, batch_size)))
     return rows
+
+
+def _found_by_length(model, prompts: Sequence[PasskeyPrompt], batch_size: int) -> np.ndarray:
+    """``passkey_found`` of each prompt (bool [len(prompts)]). Passkeys whose digits tokenise
+    differently give prompts of another length: one batch per length, so no prompt needs padding."""
+    lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
+    found = np.zeros(len(prompts), dtype=bool)
+    for length in np.unique(lengths):
+        group = np.flatnonzero(lengths == length)
+        found[group] = passkey_found(model, torch.stack([prompts[i].input_ids for i in group]),
+                                     torch.stack([prompts[i].answer_positions for i in group]), batch_size)
+    return found
+
+
+def _rate_row(depth: int, distance: int, found: np.ndarray) -> dict:
+    """One row of ``passkey_accuracy``: the cell's rate with its Wilson interval and the trials."""
+    interval = wilson_interval(int(found.sum()), found.size)
+    return dict(depth=depth, distance=distance, n=int(found.size), correct=int(found.sum()), rate=interval.estimate,
+                low=interval.low, high=interval.high, found=found.astype(int).tolist())
 
 
 def shared_filler_passkey(model, tokenizer, blocks: Sequence[Sequence[int]], distances: Sequence[int], *,
@@ -258,13 +266,5 @@ def shared_filler_passkey(model, tokenizer, blocks: Sequence[Sequence[int]], dis
     for distance in [int(d) for d in distances]:
         prompts = [passkey_prompt(tokenizer, list(block), distance, str(rng.integers(10_000, 100_000)))
                    for block in blocks]
-        lengths = np.array([prompt.input_ids.numel() for prompt in prompts])
-        found = np.zeros(len(prompts), dtype=bool)
-        for length in np.unique(lengths):
-            group = np.flatnonzero(lengths == length)
-            found[group] = passkey_found(model, torch.stack([prompts[i].input_ids for i in group]),
-                                         torch.stack([prompts[i].answer_positions for i in group]), batch_size)
-        interval = wilson_interval(int(found.sum()), len(prompts))
-        rows.append(dict(depth=0, distance=distance, n=len(prompts), correct=int(found.sum()), rate=interval.estimate,
-                         low=interval.low, high=interval.high, found=found.astype(int).tolist()))
+        rows.append(_rate_row(0, distance, _found_by_length(model, prompts, batch_size)))
     return rows
