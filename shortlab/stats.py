@@ -66,7 +66,8 @@ class Interval:
         # 0.001 (a perplexity ratio of 2e-06) or above 1e5 (a perplexity of 1.5e+09)
         if math.isfinite(magnitude) and (0 < magnitude < 1e-3 or magnitude >= 1e5):
             return "{:.3g} [{:.3g}, {:.3g}]".format(*values)
-        return "{:.3f} [{:.3f}, {:.3f}]".format(*values)
+        # rounded first, so that -0.0004 reads 0.000 rather than a negative zero
+        return "{:.3f} [{:.3f}, {:.3f}]".format(*(round(v, 3) + 0.0 for v in values))
 
 
 def _check_level(level: float) -> float:

@@ -106,7 +106,7 @@ def test_to_tell_gives_a_sample_size_only_for_undecided_verdicts():
     undecided = evidence.judge(iv(-0.007, 0.033, 0.013), margin=0.01)
     words = evidence.to_tell(undecided, 1000)
     needed = int(words.split()[1].replace(",", ""))
-    assert needed > 1000 and "this run has 1000" in words
+    assert needed > 1000 and "this run has 1,000" in words
     assert evidence.to_tell(evidence.judge(iv(0.02, 0.05), margin=0.01), 1000) == ""
     on_edge = evidence.judge(iv(-0.01, 0.03, 0.01), margin=0.01)
     assert "no sample size" in evidence.to_tell(on_edge, 1000)

@@ -135,3 +135,9 @@ def test_ratio_interval_needs_positive_counts():
         ratio_interval([1.0, 2.0], [1.0, 0.0])
     with pytest.raises(ValueError, match="aligned"):
         ratio_interval([1.0, 2.0], [1.0])
+
+
+def test_interval_text_has_three_decimals_and_no_negative_zero():
+    assert str(Interval(0.0124, -0.0004, 0.0251, 0.95, "bootstrap")) == "0.012 [0.000, 0.025]"
+    assert str(Interval(-0.0004, -0.0123, 0.01, 0.95, "bootstrap")) == "0.000 [-0.012, 0.010]"
+    assert str(Interval(2e-6, 1e-6, 3e-6, 0.95, "bootstrap")) == "2e-06 [1e-06, 3e-06]"

@@ -738,7 +738,7 @@ def to_tell(judgement: Judgement, n: int, threshold: float = 0.0, *, claim: str 
     needed = sample_size_to_tell(judgement.interval, n, threshold, margin=judgement.margin, claim=claim)
     if needed is None:
         return "the estimate sits on the practical edge: no sample size decides it"
-    return f"about {significant(needed)} {unit} would decide it (this run has {n})"
+    return f"about {significant(needed)} {unit} would decide it (this run has {n:,})"
 
 
 def finding(claim: str, judgement: Judgement, n: int, *, practical: str | None = None, paper: str = "",

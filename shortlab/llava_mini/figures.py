@@ -117,7 +117,7 @@ def draw_baselines(ax, reports: dict[str, dict], groups: list[str], title: str =
                   [reports[name][g]["high"] - v for v, g in zip(values, groups)]]
         ax.bar(x, values, width, yerr=errors, capsize=3, color=color, label=name)
     first = next(iter(reports.values()))
-    ax.set_xticks(range(len(groups)), [f"{g}\n(n={first[g]['n']})" for g in groups], fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{g}\n(n={first[g]['n']:,})" for g in groups], fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("questions")
     ax.set_ylabel("accuracy (95 % interval, clustered by image)")

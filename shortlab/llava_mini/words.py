@@ -78,7 +78,7 @@ def frozen_curve_words(chains: dict[int, str], margin: float, max_kept: int | No
             f"At no N is the loss of the LC layers established to be at most {tolerance:g}")
     lost = (f"; from N = {min_lost} on, the loss is established to exceed it." if min_lost is not None else
             "; at no N is a larger loss established.")
-    return (f"The ordering \"LC > visual cosine > random\" (both links by more than {margin:g}) is "
+    return (f"The ordering \"LC > visual cosine > random\" (both links by more than {margin:g}): "
             f"{by_outcome(chains, margin)}. {kept}{lost} At ShortV's N = {shortv_n} the loss is "
             f"{shortv_loss.interval}: \"at most a {tolerance:g} loss\" {_HOW[shortv_loss.outcome]} "
             f"({describe(shortv_loss.outcome, tolerance)}).")
