@@ -151,6 +151,42 @@ def _crowded_ticks(ax, axis: str, renderer) -> list[tuple[str, str]]:
     return crowded
 
 
+# where place_labels tries a label, in points from its point: right/left, above/below, then further out
+_LABEL_OFFSETS = ((4, 5), (4, -5), (-4, 5), (-4, -5), (6, 0), (-6, 0), (4, 14), (4, -14), (-4, 14), (-4, -14))
+
+
+def place_labels(ax, points, labels, colors=None, fontsize: float = 7, marker_points: float = 4.0) -> list:
+    """Label each (x, y) of ``points`` (data coordinates) with ``labels``, at the first of a few
+    offsets around it (``_LABEL_OFFSETS``) where the text overlaps no label placed before, no
+    point's marker (a square of ``marker_points`` around every point) and stays inside the axes;
+    where no offset is free, the first one. Call it after the axis limits are set. Returns the
+    annotations."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    half = marker_points * fig.dpi / 72
+    centres = ax.transData.transform(list(points)) if len(points) else []
+    markers = [Bbox.from_extents(cx - half, cy - half, cx + half, cy + half) for cx, cy in centres]
+    frame = ax.get_window_extent(renderer)
+    placed, annotations = [], []
+    colors = colors if colors is not None else [None] * len(labels)
+    for (x, y), label, color in zip(points, labels, colors):
+        for attempt, (dx, dy) in enumerate((*_LABEL_OFFSETS, _LABEL_OFFSETS[0])):
+            text = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                               color=color, ha="left" if dx >= 0 else "right",
+                               va="bottom" if dy > 0 else "top" if dy < 0 else "center")
+            box = text.get_window_extent(renderer)
+            free = (frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
+                    and not any(box.overlaps(other) for other in [*placed, *markers]))
+            if free or attempt == len(_LABEL_OFFSETS):
+                break
+            text.remove()
+        placed.append(box)
+        annotations.append(text)
+    return annotations
+
+
 def figure_problems(fig) -> list[str]:
     """What would fail a reader in ``fig``, in words (empty when nothing): an axes with no data,
     a data axis without a label (its own or the figure's ``supxlabel``/``supylabel``), tick labels

@@ -156,3 +156,26 @@ def test_figure_problems_raise_no_false_alarms_on_twins_rotations_polar_and_bare
     bare.supxlabel("time")
     axes.set_ylabel("y")
     assert figure_problems(bare) == []
+
+
+def test_place_labels_keeps_labels_of_crowded_points_apart():
+    fig, ax = plt.subplots(figsize=(5, 3))
+    points = [(0.50, 0.50), (0.52, 0.505), (0.54, 0.51), (0.51, 0.49), (0.9, 0.2)]
+    ax.plot(*zip(*points), "o")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    texts = plotting.place_labels(ax, points, ["N=3", "R=25%", "N=9", "R=50%", "far"])
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    assert [text.get_text() for text in texts] == ["N=3", "R=25%", "N=9", "R=50%", "far"]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)
+
+
+def test_place_labels_falls_back_to_the_first_offset_when_nothing_is_free():
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    (text,) = plotting.place_labels(ax, [(0.5, 0.5)], ["a label far wider than this tiny axes"])
+    assert text.get_position() == (4, 5) and text.get_text().startswith("a label")
+    plt.close(fig)

@@ -57,15 +57,19 @@ def test_frozen_curves_and_random_draws():
     assert figure_problems(fig) == []
 
 
-def test_frontier_labels_alternate_and_published_points():
+def test_frontier_labels_of_close_points_do_not_overlap_and_published_points():
     fig, (ax, ax_paper) = plt.subplots(1, 2, figsize=(12, 4))
     frontier = pd.DataFrame([
         {"method": "dense", "label": "", "flops_fraction": 1.0, "estimate": 0.87, "low": 0.85, "high": 0.89},
         *[{"method": "ShortV (LC)", "label": f"N={n}", "flops_fraction": 1 - n / 40, "estimate": 0.87 - n / 100,
-           "low": 0.85 - n / 100, "high": 0.89 - n / 100} for n in (6, 12)]])
+           "low": 0.85 - n / 100, "high": 0.89 - n / 100} for n in (6, 12)],
+        *[{"method": "FastV K=2", "label": f"R={r:.0%}", "flops_fraction": 1 - 6 / 40 - r / 50, "estimate": 0.81 + r / 100,
+           "low": 0.79, "high": 0.83} for r in (0.25, 0.5)]])  # beside ShortV's N=6
     figures.draw_frontier(ax, frontier, span(0.4), span(0.45))
-    offsets = [text.xyann[1] for text in ax.texts]
-    assert offsets == [6, -11]  # neighbouring labels, one above and one below
+    assert sorted(text.get_text() for text in ax.texts) == ["N=12", "N=6", "R=25%", "R=50%"]
+    renderer = fig.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in ax.texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     figures.draw_published_frontier(ax_paper, {"MMB": [(1.0, 64.3, "vanilla"), (0.5, 64.6, "ShortV")]})
     assert len(ax_paper.texts) == 2
     assert figure_problems(fig) == []

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from shortlab.plotting import place_labels
+
 
 def _interval_bars(ax, x, intervals, **style) -> None:
     """Points at each interval's estimate with its 95 % range as error bars."""
@@ -52,6 +54,7 @@ def draw_choice_comparisons(ax, rows: list[dict], margin: float, title: str = ""
         mine = [row["judgement"].interval for row in rows if row["comparison"] == comparison]
         x = np.arange(len(mine)) + (k - (len(comparisons) - 1) / 2) * 0.2
         _interval_bars(ax, x, mine, marker=marker, ls="none", label=comparison)
+    ax.tick_params(labelleft=True)  # a panel sharing its y axis with another still shows the values
     _finish_against_n(ax, counts, margin, f"no difference (± {margin:g})", "layers with frozen visual tokens (N)",
                       "accuracy difference (95 % interval)", title)
 
@@ -116,14 +119,18 @@ def draw_baselines(ax, reports: dict[str, dict], groups: list[str], title: str =
         errors = [[v - reports[name][g]["low"] for v, g in zip(values, groups)],
                   [reports[name][g]["high"] - v for v, g in zip(values, groups)]]
         ax.bar(x, values, width, yerr=errors, capsize=3, color=color, label=name)
+        for position, value in zip(x, values):
+            if value == 0:  # a bar of height 0 would look like a missing one
+                ax.annotate("0", (position, 0), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
     first = next(iter(reports.values()))
     ax.set_xticks(range(len(groups)), [f"{g}\n(n={first[g]['n']:,})" for g in groups], fontsize=8)
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, 1.25)  # the legend sits above the bars
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_xlabel("questions")
     ax.set_ylabel("accuracy (95 % interval, clustered by image)")
     if title:
         ax.set_title(title)
-    ax.legend(fontsize=8, ncol=2, loc="upper right")
+    ax.legend(fontsize=8, ncol=len(reports), loc="upper center")
 
 
 CHOICE_STYLE = {"layer_contribution": ("o", "tab:orange", "LC"), "visual_cosine": ("s", "tab:green", "visual cosine"),
@@ -180,10 +187,10 @@ def draw_token_choice(ax, intervals: dict[str, object], blank, prior, title: str
     found = list(intervals.values())
     colors = ["black", "tab:orange", "tab:blue", "tab:purple", "tab:olive", "tab:cyan"]
     ax.bar(names, [i.estimate for i in found], yerr=[[i.estimate - i.low for i in found], [i.high - i.estimate for i in found]],
-           capsize=3, color=colors[: len(names)])
+           capsize=3, color=colors[: len(names)], zorder=3)
     reference_lines(ax, blank, prior)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("tokens frozen")
+    ax.set_xlabel("tokens frozen in the chosen layers (dense: none)")
     ax.set_ylabel("accuracy (95 % interval)")
     if title:
         ax.set_title(title)
@@ -195,20 +202,22 @@ FRONTIER_STYLE = [("*", "black"), ("o", "tab:orange"), ("s", "tab:green"), ("P",
 
 def draw_frontier(ax, frontier, blank, prior) -> None:
     """Accuracy against the fraction of dense prefill FLOPs (``frontier``: a frame with method,
-    label, flops_fraction, estimate, low, high), one line per method. Point labels alternate above
-    and below their point, so the labels of neighbouring points do not overlap."""
-    shown = []
+    label, flops_fraction, estimate, low, high), one line per method. Each point's label goes where it overlaps no other label or marker
+    (``plotting.place_labels``)."""
+    shown, points, labels, colors = [], [], [], []
     for (method, rows), (marker, color) in zip(frontier.groupby("method", sort=False), FRONTIER_STYLE):
         ax.errorbar(rows.flops_fraction, rows.estimate, yerr=[rows.estimate - rows.low, rows.high - rows.estimate],
                     marker=marker, color=color, capsize=3, ls="-" if len(rows) > 1 else "none", label=method)
-        for k, (_, row) in enumerate(rows.iterrows()):
-            if row.label:
-                ax.annotate(row.label, (row.flops_fraction, row.estimate), fontsize=7, color=color,
-                            xytext=(4, 6 if k % 2 == 0 else -11), textcoords="offset points")
+        for _, row in rows.iterrows():
+            points.append((row.flops_fraction, row.estimate))
+            labels.append(row.label)
+            colors.append(color)
         shown += [*rows.low, *rows.high]
     references = reference_lines(ax, blank, prior)
     accuracy_limits(ax, shown, references)
     ax.set_xlim(0, 1.08)
+    labelled = [k for k, label in enumerate(labels) if label]
+    place_labels(ax, [points[k] for k in labelled], [labels[k] for k in labelled], [colors[k] for k in labelled])
     ax.set_xlabel("decoder prefill FLOPs (fraction of dense)")
     ax.set_ylabel("accuracy (95 % interval)")
     ax.legend(fontsize=8, loc="lower right")
@@ -216,12 +225,12 @@ def draw_frontier(ax, frontier, blank, prior) -> None:
 
 def draw_published_frontier(ax, points: dict[str, list[tuple[float, float, str]]]) -> None:
     """The paper's scores against its FLOPs fractions ({benchmark: [(flops, score, method)]}),
-    one marker per benchmark, labels alternating above and below."""
+    one marker per benchmark, each labelled where it overlaps no other label or marker."""
     for (benchmark, found), (marker, color) in zip(points.items(), [("o", "tab:blue"), ("s", "tab:olive"), ("^", "tab:red")]):
         ax.scatter([p[0] for p in found], [p[1] for p in found], marker=marker, color=color, label=benchmark)
-        for k, (x, y, label) in enumerate(found):
-            ax.annotate(label, (x, y), fontsize=7, xytext=(4, 5 if k % 2 == 0 else -10), textcoords="offset points")
     ax.set_xlim(0, 1.08)
+    found = [point for benchmark in points.values() for point in benchmark]
+    place_labels(ax, [(x, y) for x, y, _ in found], [label for _, _, label in found])
     ax.set_xlabel("prefill FLOPs (fraction of vanilla)")
     ax.set_ylabel("published score")
     ax.legend(fontsize=8, loc="lower right")
@@ -280,10 +289,10 @@ def draw_lc_heatmaps(ax_lc, ax_chosen, pool_lc, chosen, shortv_n: int) -> None:
         sns.heatmap(np.log10(pool_lc.where(pool_lc > 0)), cmap="viridis", ax=ax_lc,
                     cbar_kws={"label": "log10 visual LC [nats]"})
     ax_lc.set(xlabel="decoder layer (blank: LC exactly 0)", ylabel="calibration pool (questions)")
-    sns.heatmap(chosen, cmap="Greys", cbar=False, linewidths=0.2, linecolor="0.9", ax=ax_chosen)
+    sns.heatmap(chosen, cmap="Greys", cbar=False, linewidths=0.2, linecolor="0.9", ax=ax_chosen, yticklabels=True)
     ax_chosen.set(xlabel="decoder layer", ylabel="calibration subset (pool size/seed)",
                   title=f"the {shortv_n} layers each calibration subset freezes (black)")
-    ax_chosen.tick_params(axis="y", labelsize=7)
+    ax_chosen.tick_params(axis="y", labelsize=6)
     for ax in (ax_lc, ax_chosen):
         ax.grid(False)  # the theme's grid would show through the blank (LC = 0) cells
 
@@ -300,4 +309,4 @@ def draw_photo_lc(ax, task_lc: np.ndarray, photo_lc: dict[str, np.ndarray], froz
     ax.set_xlabel("decoder layer (shaded: ShortV's frozen layers; a value of exactly 0 is not drawn)")
     ax.set_ylabel("visual-token LC [nats]")
     ax.set_xticks(range(0, len(task_lc), max(1, len(task_lc) // 15)))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper right")  # the first layers carry the largest values
