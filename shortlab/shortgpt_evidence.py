@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -321,7 +321,7 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
             task_examples: Mapping[str, Sequence[MCExample]], batch_size: int = 8,
             known_nll: Mapping | None = None, shared_context: bool = True,
             prefix: PrefixCache | None = None, healing_checkpoint: str | Path | None = None,
-            deadline: float | None = None) -> dict | None:
+            deadline: float | None = None, log: Callable[[str], None] | None = None) -> dict | None:
     """Measure one setting: per-block NLL of ``held_out`` rows [:n_blocks] (``input_ids``,
     ``attention_mask``: LongTensor[N, T]) and, with ``measurement.tasks``, per-question
     correctness on every task in ``task_examples``. Returns a record (see the module docstring)
@@ -335,7 +335,7 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
     in it for the next measurement. A healed variant is trained first (``healing.heal``, on a
     copy), its progress kept in ``healing_checkpoint`` when given; past ``deadline`` (a
     ``time.monotonic()`` value) the healing stops there and None is returned (measure again to
-    continue)."""
+    continue). ``log``: where the healing reports its steps (None: silent)."""
     n_available = held_out["input_ids"].shape[0]
     if measurement.n_blocks > n_available:
         raise ValueError(f"the measurement needs {measurement.n_blocks} held-out blocks; only {n_available} given")
@@ -347,7 +347,7 @@ def measure(model: nn.Module, tokenizer, measurement: Measurement, held_out: Map
     if measurement.healing is not None:
         variant = variant if variant is not model else copy.deepcopy(model)  # never train the caller's model
         healing = heal(variant, tokenizer, measurement.healing, checkpoint=healing_checkpoint,
-                       deadline=deadline if healing_checkpoint is not None else None, log=None)
+                       deadline=deadline if healing_checkpoint is not None else None, log=log)
         if not healing["complete"]:
             return None
     rows = slice(0, measurement.n_blocks)
@@ -437,7 +437,7 @@ def collect(model: nn.Module, tokenizer, settings: Sequence[Setting], store: Evi
                      if measurement.tasks and measurement.healing is None else None)
             checkpoint = store.healing_checkpoint(measurement) if measurement.healing is not None else None
             measured = measure(model, tokenizer, measurement, held_out, task_examples, batch_size, known_nll=known,
-                               prefix=prefix, healing_checkpoint=checkpoint, deadline=deadline)
+                               prefix=prefix, healing_checkpoint=checkpoint, deadline=deadline, log=log)
             if measured is None:
                 if log is not None:
                     log(f"time is up while healing {measurement.name}: its progress is in {checkpoint}")

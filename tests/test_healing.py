@@ -216,7 +216,9 @@ def test_collect_heals_a_copy_resumes_after_the_deadline_and_records_the_healing
     settings = [Setting("block_influence", 1, pruned_m), Setting("block_influence", 1, healed_m)]
     store = EvidenceStore(tmp_path, model_fingerprint(model, "tiny"), "data")
     assert collect(model, tokenizer, settings, store, held_out, examples, log=None, deadline=0.0) == {}
-    records = collect(model, tokenizer, settings, store, held_out, examples, log=None)
+    said = []
+    records = collect(model, tokenizer, settings, store, held_out, examples, log=said.append)
+    assert any(line.startswith("healing step") for line in said), "a healing's progress reaches the caller's log"
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items()), "the caller's model is untouched"
     healed = records[healed_m]
     assert healed["healing"]["complete"] and healed["healing"]["tokens"] == HealingConfig(**SMALL).tokens
