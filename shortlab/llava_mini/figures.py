@@ -208,16 +208,15 @@ def draw_frontier(ax, frontier, blank, prior) -> None:
     for (method, rows), (marker, color) in zip(frontier.groupby("method", sort=False), FRONTIER_STYLE):
         ax.errorbar(rows.flops_fraction, rows.estimate, yerr=[rows.estimate - rows.low, rows.high - rows.estimate],
                     marker=marker, color=color, capsize=3, ls="-" if len(rows) > 1 else "none", label=method)
-        for _, row in rows.iterrows():
-            points.append((row.flops_fraction, row.estimate))
-            labels.append(row.label)
-            colors.append(color)
+        labelled = rows[rows.label != ""]
+        points += list(zip(labelled.flops_fraction, labelled.estimate))
+        labels += list(labelled.label)
+        colors += [color] * len(labelled)
         shown += [*rows.low, *rows.high]
     references = reference_lines(ax, blank, prior)
     accuracy_limits(ax, shown, references)
     ax.set_xlim(0, 1.08)
-    labelled = [k for k, label in enumerate(labels) if label]
-    place_labels(ax, [points[k] for k in labelled], [labels[k] for k in labelled], [colors[k] for k in labelled])
+    place_labels(ax, points, labels, colors)
     ax.set_xlabel("decoder prefill FLOPs (fraction of dense)")
     ax.set_ylabel("accuracy (95 % interval)")
     ax.legend(fontsize=8, loc="lower right")
