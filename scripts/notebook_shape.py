@@ -1,5 +1,5 @@
 """Print how each numbered notebook reads, in numbers: code cells and lines, the largest code
-cell, markdown cells and the parameters cell's knobs (``run_notebooks.notebook_shape``).
+cell besides the parameters cell, the parameters cell's lines, markdown cells and the parameters cell's knobs (``run_notebooks.notebook_shape``).
 
     .venv/bin/python scripts/notebook_shape.py
 """
@@ -8,7 +8,7 @@ from shortlab.run_notebooks import notebook_shape, numbered_notebooks
 
 
 def main() -> None:
-    columns = ("code_cells", "code_lines", "largest_cell", "markdown_cells", "knobs")
+    columns = ("code_cells", "code_lines", "largest_cell", "parameters_lines", "markdown_cells", "knobs")
     print(f"{'notebook':40s} " + " ".join(f"{c:>14s}" for c in columns))
     for path in numbered_notebooks():
         shape = notebook_shape(path)

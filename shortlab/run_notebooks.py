@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import nbformat
@@ -163,6 +165,49 @@ def figure_dir(fig_dir: str | os.PathLike | None, parameters: dict, notebook: st
     return directory
 
 
+@dataclasses.dataclass
+class NotebookRun:
+    """A running notebook's own record: its ``parameters`` as run (the upper-case names of its
+    parameters cell), where its figures go (``fig_dir``, ``figure_dir``) and when it started."""
+
+    parameters: dict
+    fig_dir: Path
+    started: float
+
+    def show(self, fig, name: str) -> Path:
+        """Save ``fig`` as ``<fig_dir>/<name>.png`` with its JSON sidecar (``plotting.save_figure``),
+        then show it."""
+        import matplotlib.pyplot as plt
+
+        from shortlab.plotting import save_figure
+
+        path = save_figure(fig, name, self.fig_dir, self.parameters)
+        plt.show()
+        return path
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def start_notebook(namespace: dict, notebook: str, seed: int = 0) -> NotebookRun:
+    """What every notebook run starts with: its parameters read from ``namespace`` (the
+    notebook's ``globals()``: the upper-case names holding plain values), its figure folder
+    (``FIG_DIR`` there, else ``figure_dir``), the plotting style, torch's seed, and no progress
+    bars (a loading bar would be committed as a frozen "0%" widget)."""
+    import torch
+    import transformers
+
+    from shortlab.plotting import use_style
+
+    parameters = {name: value for name, value in namespace.items()
+                  if name.isupper() and isinstance(value, (int, float, str, list, dict, type(None)))}
+    directory = figure_dir(namespace.get("FIG_DIR"), parameters, notebook)
+    use_style()
+    torch.manual_seed(seed)
+    transformers.logging.disable_progress_bar()
+    return NotebookRun(parameters, directory, time.perf_counter())
+
+
 def numbered_notebooks(directory: str | Path | None = None) -> list[Path]:
     """``NN_*.ipynb`` in number order (the main job's order)."""
     folder = Path(directory) if directory else (repository_root() or Path.cwd()) / "notebooks"
@@ -171,13 +216,24 @@ def numbered_notebooks(directory: str | Path | None = None) -> list[Path]:
 
 def notebook_shape(path: str | Path) -> dict[str, int]:
     """How a notebook reads, in numbers: code cells, code lines (non-blank, the parameters cell
-    included), the largest code cell's lines, markdown cells, and the parameters cell's knobs
+    included), the largest code cell's lines other than the parameters cell (a list of documented
+    knobs, reported as ``parameters_lines``), markdown cells, and the parameters cell's knobs
     (``notebook_parameters``)."""
     notebook = nbformat.read(str(path), as_version=4)
-    code = [[line for line in cell.source.splitlines() if line.strip()] for cell in notebook.cells
-            if cell.cell_type == "code" and INJECTED_TAG not in cell.get("metadata", {}).get("tags", [])]
-    return {"code_cells": len(code), "code_lines": sum(map(len, code)), "largest_cell": max(map(len, code), default=0),
-            "markdown_cells": sum(cell.cell_type == "markdown" for cell in notebook.cells),
+    code, parameters = [], 0
+    for cell in notebook.cells:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if cell.cell_type != "code" or INJECTED_TAG in tags:
+            continue
+        lines = len([line for line in cell.source.splitlines() if line.strip()])
+        if "parameters" in tags:
+            parameters = lines
+        code.append(lines)
+    others = list(code)
+    if parameters:
+        others.remove(parameters)
+    return {"code_cells": len(code), "code_lines": sum(code), "largest_cell": max(others, default=0),
+            "parameters_lines": parameters, "markdown_cells": sum(cell.cell_type == "markdown" for cell in notebook.cells),
             "knobs": len(notebook_parameters(path))}
 
 

@@ -280,5 +280,22 @@ def test_notebook_shape_counts_code_and_knobs(tmp_path):
                       nbformat.v4.new_code_cell("x = A\n\n\nprint(x)\nprint(B)")]
     path = tmp_path / "00_shape.ipynb"
     nbformat.write(notebook, str(path))
-    assert rn.notebook_shape(path) == {"code_cells": 2, "code_lines": 6, "largest_cell": 3, "markdown_cells": 1,
-                                       "knobs": 3}
+    assert rn.notebook_shape(path) == {"code_cells": 2, "code_lines": 6, "largest_cell": 3, "parameters_lines": 3,
+                                       "markdown_cells": 1, "knobs": 3}
+
+
+def test_start_notebook_reads_the_parameters_and_saves_what_it_shows(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    namespace = {"MODEL": "tiny", "OPTIONS": {"a": 1}, "FIG_DIR": str(tmp_path / "figs"), "lower": 3, "MODULE": rn}
+    run = rn.start_notebook(namespace, "99_unused.ipynb", seed=1)
+    assert run.parameters == {"MODEL": "tiny", "OPTIONS": {"a": 1}, "FIG_DIR": str(tmp_path / "figs")}
+    assert run.fig_dir == tmp_path / "figs" and run.seconds() >= 0
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    ax.set(xlabel="x", ylabel="y")
+    path = run.show(fig, "99_line")
+    assert path.is_file() and path.with_suffix(".json").is_file()
