@@ -1,10 +1,11 @@
-"""What the notebooks' interactive explorers compute and draw; the ipywidgets glue stays in the
-notebooks, so a headless run shows (and saves) the same figure for the default selection.
+"""What the notebooks' interactive explorers compute and draw, and their ipywidgets controls;
+a headless run shows (and saves) the same figure for the default selection.
 
 Notebook 01 (layer removal): ``model_snapshot`` measures what one model does on the explorer's
 inputs (held-out perplexity per block, the top next tokens after a prompt), ``removal_preview``
-sets a copy with some decoder layers deleted beside the dense model, and
-``removal_preview_figure`` draws the two.
+sets a copy with some decoder layers deleted beside the dense model,
+``removal_preview_figure`` draws the two, and ``removal_explorer`` is the widget that redraws
+them for any layers and prompt.
 """
 
 from __future__ import annotations
@@ -168,3 +169,43 @@ def removal_preview_figure(preview: RemovalPreview, title: str = ""):
                  fontsize="medium")
     fig.tight_layout()
     return fig
+
+
+def removal_explorer(model: nn.Module, tokenizer, influence, initial: RemovalPreview,
+                     eval_blocks: Mapping[str, torch.Tensor], *, top_k: int = 5, batch_size: int = 8, seed: int = 0,
+                     title: str = ""):
+    """The ipywidgets explorer of ``removal_preview``: a multiple choice of decoder layers (each
+    labelled with its ``influence`` [layers], e.g. BI) and a prompt box; every change redraws
+    ``removal_preview_figure`` for the chosen layers. Opens on ``initial``'s selection and reuses
+    its dense snapshot (one per prompt: the dense model never changes). Returns the widget."""
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+
+    dense = {initial.prompt: initial.dense}
+    picker = widgets.SelectMultiple(options=[(f"layer {i}  (BI {value:.3g})", i) for i, value in enumerate(influence)],
+                                    value=initial.removed, rows=min(len(influence), 12), description="remove")
+    prompt_box = widgets.Text(value=initial.prompt, description="prompt", continuous_update=False)
+    output = widgets.Output()
+
+    def redraw(change=None):
+        with output:
+            output.clear_output(wait=True)
+            prompt = prompt_box.value
+            if prompt not in dense:
+                dense[prompt] = model_snapshot(model, tokenizer, prompt, eval_blocks, top_k, batch_size, seed)
+            preview = removal_preview(model, tokenizer, picker.value, prompt, eval_blocks, dense=dense[prompt],
+                                      top_k=top_k, batch_size=batch_size, seed=seed)
+            removal_preview_figure(preview, title=title)
+            plt.show()
+
+    for control in (picker, prompt_box):
+        control.observe(redraw, names="value")
+    return widgets.VBox([widgets.HBox([picker, prompt_box]), output])
+
+
+def preview_words(preview: RemovalPreview, blocks: int) -> str:
+    """What removing ``preview``'s layers does, in one sentence."""
+    dense, pruned = preview.dense.next_tokens[0], preview.pruned.next_tokens[0]
+    return (f"removing layers {list(preview.removed)} multiplies perplexity on the first {blocks} held-out blocks by "
+            f"{preview.ratio}; after {preview.prompt!r} the dense model's most probable next token is {dense.text!r} "
+            f"(p = {dense.probability:.3g}), the pruned model's {pruned.text!r} (p = {pruned.probability:.3g})")

@@ -174,16 +174,15 @@ class NotebookRun:
     fig_dir: Path
     started: float
 
-    def show(self, fig, name: str) -> Path:
+    def show(self, fig, name: str) -> None:
         """Save ``fig`` as ``<fig_dir>/<name>.png`` with its JSON sidecar (``plotting.save_figure``),
-        then show it."""
+        then show it (nothing is returned, so a cell that ends with it shows no value)."""
         import matplotlib.pyplot as plt
 
         from shortlab.plotting import save_figure
 
-        path = save_figure(fig, name, self.fig_dir, self.parameters)
+        save_figure(fig, name, self.fig_dir, self.parameters)
         plt.show()
-        return path
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started

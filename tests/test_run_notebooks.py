@@ -297,5 +297,5 @@ def test_start_notebook_reads_the_parameters_and_saves_what_it_shows(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     ax.set(xlabel="x", ylabel="y")
-    path = run.show(fig, "99_line")
-    assert path.is_file() and path.with_suffix(".json").is_file()
+    assert run.show(fig, "99_line") is None
+    assert (tmp_path / "figs" / "99_line.png").is_file() and (tmp_path / "figs" / "99_line.json").is_file()
