@@ -9,6 +9,14 @@ import numpy as np
 
 from shortlab.pruning import lowest_layers
 
+RANKING_LABELS = {"block_influence": "BI", "iterative_block_influence": "iterative BI", "reverse_order": "reverse order",
+                  "relative_magnitude": "relative magnitude", "angular_distance": "angular distance"}
+
+
+def ranking_label(name: str) -> str:
+    """A ranking's short name for tick labels ("iterative BI" for iterative_block_influence)."""
+    return RANKING_LABELS.get(name, name.replace("_", " "))
+
 
 def plain_log_ticks(ax) -> None:
     """Tick labels of a log-scale y axis as plain numbers (1.02, 30, 6e-08) rather than powers of
@@ -153,7 +161,7 @@ def draw_rankings_at_k(ax, ratios: Mapping[str, object], highlight: str = "block
     ax.set_yscale("log")
     plain_log_ticks(ax)
     ax.axhline(1.0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_xticks(range(len(names)), [ranking_label(n) for n in names], rotation=25, ha="right")
     ax.set_xlabel("ranking")
     ax.set_ylabel("perplexity ÷ dense (95 % interval)")
 
@@ -172,16 +180,16 @@ def draw_ratio_claims(ax, ratios: Mapping[str, object], margin: float, clip: tup
         found = ratios[name]
         estimate = min(max(found.estimate, low_edge), high_edge)
         low, high = max(found.low, low_edge), min(found.high, high_edge)
-        if found.estimate != estimate:  # off the axis: an arrow at the edge, the value written
-            ax.annotate(f"{found.estimate:.2g}", (i, estimate), xytext=(0, -22 if estimate == low_edge else 14),
+        if found.estimate != estimate:  # off the axis: an arrow to the edge, the value written inside the axes
+            ax.annotate(f"{found.estimate:.2g}", (i, estimate), xytext=(0, 16 if estimate == low_edge else -24),
                         textcoords="offset points", ha="center", fontsize=8,
-                        arrowprops={"arrowstyle": "<-" if estimate == low_edge else "->", "color": "tab:red"})
+                        arrowprops={"arrowstyle": "->", "color": "tab:red"})
             ax.plot(i, estimate, marker="v" if estimate == low_edge else "^", color="tab:red")
         else:
             ax.errorbar(i, estimate, yerr=[[estimate - low], [high - estimate]], fmt="o", capsize=3, color="tab:red")
     ax.set_ylim(low_edge / 1.15, high_edge * 1.15)
     plain_log_ticks(ax)
-    ax.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax.set_xticks(range(len(names)), [ranking_label(n) for n in names], rotation=25, ha="right")
     ax.set_xlabel("compared with")
     ax.set_ylabel("ratio (95 % interval)")
     ax.legend(fontsize=8, loc="upper left")

@@ -26,7 +26,9 @@ from shortlab.shortgpt_evidence import (
     nll_arrays, open_store, perplexity_with_ratio, pooled_correct, quantisation_interaction, random_versus,
     store_provenance,
 )
-from shortlab.shortgpt_figures import draw_bi_atlas, draw_random_removal, draw_rankings_at_k, draw_ratio_claims, low_band
+from shortlab.shortgpt_figures import (
+    draw_bi_atlas, draw_random_removal, draw_rankings_at_k, draw_ratio_claims, low_band, ranking_label,
+)
 from shortlab.stats import (
     CANNOT_TELL, CONTRADICTED, SUPPORTED, Interval, bootstrap_interval, describe, equivalence_verdict, family_verdicts,
     paired_interval, paired_perplexity_ratio, perplexity_interval, retained_fraction_interval, sample_size_to_tell,
@@ -785,13 +787,13 @@ def figure_claims(claims: Sequence[Claim], study: Study, tasks: TaskAccuracy, tw
     prefix, suffix = "BI removes less than ", " in perplexity"
     draw_ratio_claims(ax_rank, {c.claim.removeprefix(prefix).removesuffix(suffix): c.interval for c in claims
                                 if c.claim.startswith(prefix) and c.k == k}, ppl_margin)
-    ax_rank.set(ylabel="BI's perplexity ÷ the ranking's (95 %)", title=f"claim 2: rankings at k = {k}, perplexity")
+    ax_rank.set(ylabel="BI's perplexity ÷ theirs (95 %)", title=f"claim 2: rankings at k = {k}, perplexity")
     scored = [r for r in study.choices if study.record(r, k)["correct"]]
     accuracies = [wilson_interval(int(c.sum()), c.size) for c in (study.pooled(study.record(r, k)) for r in scored)]
     _interval_points(ax_acc, range(len(scored)), accuracies, color="tab:red")
     ax_acc.axhline(tasks.dense.mean(), color="black", lw=0.8, label="dense")
     ax_acc.axhline(tasks.rule.mean(), color="tab:olive", ls=":", label="strongest rule without a model")
-    ax_acc.set_xticks(range(len(scored)), scored, rotation=30, ha="right")
+    ax_acc.set_xticks(range(len(scored)), [ranking_label(r) for r in scored], rotation=30, ha="right")
     ax_acc.set(xlabel="ranking", ylabel=f"pooled {metric} (Wilson 95 %)", title=f"claim 2: rankings at k = {k}, benchmarks")
     ax_acc.legend(fontsize=8)
     for i, (_, row) in enumerate(tasks.table.iterrows()):

@@ -68,6 +68,11 @@ def test_random_removal_rankings_and_clipped_ratio_claims():
     low, high = ax_claims.get_ylim()
     assert low > 0.2 and high < 5  # the 1.08 and 1.27 ratios stay readable
     assert [text.get_text() for text in ax_claims.texts] == ["6e-08"]  # the off-axis one is written out
+    fig.canvas.draw()
+    inside = ax_claims.get_window_extent()
+    written = ax_claims.texts[0].get_window_extent()
+    assert inside.y0 <= written.y0 and written.y1 <= inside.y1  # inside the axes, clear of the tick labels
+    assert [label.get_text() for label in ax_claims.get_xticklabels()] == ["reverse order", "iterative", "relative magnitude"]
     assert figure_problems(fig) == []
     plt.close(fig)
 
