@@ -3,8 +3,9 @@ what would be needed to tell the undecided ones — written from the run's own n
 
 A notebook collects ``Finding`` s as it judges its claims and ends with ``findings_markdown``,
 displayed as Markdown in a cell tagged ``findings``. ``notebook_findings`` reads that cell's
-output back from an executed notebook, so the README can quote it and a test can check that the
-README says what the committed runs found (``readme_findings`` / ``replace_readme_findings``).
+output back from an executed notebook, so the README can quote it (folded, ``readme_block``) and
+a test can check that the README says what the committed runs found (``readme_findings`` /
+``replace_readme_findings``).
 """
 
 from __future__ import annotations
@@ -68,24 +69,51 @@ def _capital(text: str) -> str:
     return text[:1].upper() + text[1:] if first.isalpha() and first.islower() else text
 
 
+_COUNT_WORDS = {SUPPORTED: "held", CONTRADICTED: "did not hold", EQUIVALENT: "came out the same within the margin",
+                CANNOT_TELL: "cannot be told at this sample size"}
+
+
+def in_short(findings: Sequence[Finding]) -> str:
+    """How the claims came out, counted: "Of 12 claims, 5 held, 4 did not hold, ..."."""
+    counts = [(sum(f.outcome == outcome for f in findings), words) for outcome, words in _COUNT_WORDS.items()]
+    parts = [f"{count} {words}" for count, words in counts if count]
+    listed = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return f"Of {len(findings)} claim{'s' if len(findings) != 1 else ''}, {listed}."
+
+
 def findings_markdown(title: str, findings: Sequence[Finding], departures: Sequence[str] = (),
                       setting: str = "") -> str:
-    """The closing section of a notebook: one short paragraph per kind of outcome (what held,
-    what did not, ties, what cannot be told and what would tell it), then how the run departs
-    from the paper. ``setting``: one sentence saying what was run (model, sizes)."""
+    """The closing section of a notebook: what was run (``setting``, one sentence), how many
+    claims came out each way (``in_short``), then one bullet per claim under each kind of outcome
+    (what held, what did not, ties, what cannot be told and what would tell it), then how the run
+    departs from the paper."""
     if not findings:
         raise ValueError("no findings to write")
     parts = [f"### {title}"]
     if setting:
         parts.append(_capital(setting.rstrip(".")) + ".")
+    parts.append(f"**In short.** {in_short(findings)}")
     for outcome in (SUPPORTED, CONTRADICTED, EQUIVALENT, CANNOT_TELL):
         chosen = [f for f in findings if f.outcome == outcome]
         if chosen:
-            parts.append(f"**{_HEADINGS[outcome]}.** " + " ".join(f.sentence() for f in chosen))
+            parts.append(f"**{_HEADINGS[outcome]}.**\n\n" + "\n".join(f"- {f.sentence()}" for f in chosen))
     paper = [_capital(text.rstrip(".")) + "." for text in [f.paper for f in findings if f.paper] + list(departures)]
     if paper:
-        parts.append("**Beside the paper.** " + " ".join(paper))
+        parts.append("**Beside the paper.**\n\n" + "\n".join(f"- {text}" for text in paper))
     return "\n\n".join(parts) + "\n"
+
+
+def readme_block(findings: str) -> str:
+    """A run's findings as the README shows them: the heading, the setting and the counts in
+    view, every claim folded into a ``<details>`` element (GitHub renders it closed)."""
+    head, marker, rest = findings.partition("\n\n**What ")
+    if not marker:
+        head, marker, rest = findings.partition("\n\n**Beside the paper")
+        if not marker:
+            return findings.rstrip() + "\n"
+        marker = "\n\n**Beside the paper"
+    body = (marker.lstrip("\n") + rest).rstrip()
+    return f"{head.rstrip()}\n\n<details><summary>Every claim, with its interval</summary>\n\n{body}\n\n</details>\n"
 
 
 def notebook_findings(path: str | Path) -> str:
@@ -145,7 +173,7 @@ def update_readme_findings(root: str | Path) -> list[str]:
     readme = updated = path.read_text()
     changed = []
     for key in readme_findings_keys(readme):
-        findings = notebook_findings(Path(root) / key)
+        findings = readme_block(notebook_findings(Path(root) / key))
         if readme_findings(updated, key) != findings.rstrip() + "\n":
             updated = replace_readme_findings(updated, key, findings)
             changed.append(key)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from shortlab import run_notebooks as rn
-from shortlab.findings import notebook_findings, readme_findings, readme_findings_keys, verdict_table
+from shortlab.findings import notebook_findings, readme_block, readme_findings, readme_findings_keys, verdict_table
 from shortlab.plotting import repository_root
 
 ROOT = repository_root()
@@ -50,7 +50,7 @@ def test_readme_findings_are_what_the_committed_runs_found():
     committed = [str(path.relative_to(ROOT)) for path in
                  [*rn.numbered_notebooks(), *sorted((ROOT / "notebooks" / "runs").rglob("*.ipynb"))]]
     assert sorted(keys) == sorted(committed), "the README quotes the findings of every committed run, once"
-    stale = [key for key in keys if readme_findings(readme, key) != notebook_findings(ROOT / key).rstrip() + "\n"]
+    stale = [key for key in keys if readme_findings(readme, key) != readme_block(notebook_findings(ROOT / key))]
     assert stale == [], "python -m shortlab.run_notebooks --readme-findings copies them"
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from shortlab.findings import (Finding, findings_markdown, notebook_findings, readme_findings,
+from shortlab.findings import (Finding, findings_markdown, notebook_findings, readme_block, readme_findings,
                                replace_readme_findings)
 from shortlab.stats import (CANNOT_TELL, CONTRADICTED, EQUIVALENT, SUPPORTED, Interval, above_strongest_rule,
                             at_ceiling, bootstrap_interval, describe, family_verdicts, holm_reject,
@@ -111,9 +111,14 @@ def test_findings_are_written_per_outcome_and_read_back(tmp_path):
                 Finding("LC beats cosine", EQUIVALENT, iv(-0.01, 0.01), margin=0.02),
                 Finding("ties", CANNOT_TELL, iv(-0.1, 0.1), to_tell="about 400 questions would tell")]
     text = findings_markdown("What this run found", findings, setting="SmolLM2, 500 questions")
-    assert "**What held.** BI beats random by more than 0.05 (95 % interval" in text
+    assert "**In short.** Of 3 claims, 1 held, 1 came out the same within the margin and 1 cannot be told" in text
+    assert "**What held.**\n\n- BI beats random by more than 0.05 (95 % interval" in text
     assert "the same within ±0.02" in text and "About 400 questions would tell." in text
-    assert "**Beside the paper.** The paper reports the same." in text
+    assert "**Beside the paper.**\n\n- The paper reports the same." in text
+    folded = readme_block(text)
+    assert folded.startswith("### What this run found\n\nSmolLM2, 500 questions.\n\n**In short.**")
+    assert "<details><summary>" in folded and folded.rstrip().endswith("</details>")
+    assert folded.index("**In short.**") < folded.index("<details>") < folded.index("**What held.**")
     with pytest.raises(ValueError, match="outcome"):
         Finding("x", "probably")
     notebook = {"cells": [{"cell_type": "code", "metadata": {"tags": ["findings"]}, "source": "",
@@ -143,7 +148,8 @@ def test_readme_findings_are_copied_from_the_committed_runs(tmp_path):
     readme = "intro\n<!-- findings: notebooks/01.ipynb -->\nold text\n<!-- /findings: notebooks/01.ipynb -->\nend\n"
     (tmp_path / "README.md").write_text(readme)
     assert update_readme_findings(tmp_path) == ["notebooks/01.ipynb"]
-    assert "**What held.** X." in (tmp_path / "README.md").read_text() and "old text" not in (tmp_path / "README.md").read_text()
+    written = (tmp_path / "README.md").read_text()
+    assert "**What held.** X." in written and "<details>" in written and "old text" not in written
     assert update_readme_findings(tmp_path) == []  # already current: nothing written
     (tmp_path / "notebooks" / "01.ipynb").write_text(json.dumps({"cells": []}))
     with pytest.raises(ValueError, match="no cell tagged 'findings'"):
