@@ -299,3 +299,15 @@ def test_start_notebook_reads_the_parameters_and_saves_what_it_shows(tmp_path):
     ax.set(xlabel="x", ylabel="y")
     assert run.show(fig, "99_line") is None
     assert (tmp_path / "figs" / "99_line.png").is_file() and (tmp_path / "figs" / "99_line.json").is_file()
+
+
+# What a reader meets in each numbered notebook (scripts/notebook_shape.py prints the numbers):
+# at most about 250 lines of code, cells of about 15 lines (a plain-PyTorch definition of the
+# paper's measure or a block of imports may take 20), and about a dozen core knobs, the rest in
+# the parameters cell's OPTIONS dict.
+@pytest.mark.parametrize("path", rn.numbered_notebooks(), ids=lambda p: p.name)
+def test_notebooks_read_in_short_cells(path):
+    shape = rn.notebook_shape(path)
+    assert shape["code_lines"] <= 250, shape
+    assert shape["largest_cell"] <= 20, shape
+    assert shape["knobs"] <= 15, shape
