@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/shortgpt_evidence.py --model smollm2-135m
     .venv/bin/python scripts/shortgpt_evidence.py --model qwen2.5-0.5b --eval-blocks 96 --task-limit 300
+    .venv/bin/python scripts/shortgpt_evidence.py --model qwen2.5-1.5b --dtype bfloat16 --eval-blocks 64 \
+        --task-limit 300 --rankings block_influence reverse_order angular_distance relative_magnitude \
+        --random-draws 10 --max-remove 7 --remove-step 7
     .venv/bin/python scripts/shortgpt_evidence.py --model smollm2-135m --smoke   # minutes: tiny sizes
     .venv/bin/python scripts/shortgpt_evidence.py --model smollm2-135m --heal-seeds 0 1 --max-minutes 60
 
