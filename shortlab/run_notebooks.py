@@ -304,11 +304,31 @@ def run_notebook(path: str | Path, output_path: str | Path, parameters: dict | N
             os.replace(scratch, output_path)
         raise
     scratch.unlink(missing_ok=True)
+    describe_widgets(executed)
     executed.metadata[RUN_RECORD_KEY] = {"source_digest": digest, "parameters": overrides}
     executed.metadata.papermill["input_path"] = repository_relative(path)
     executed.metadata.papermill["output_path"] = repository_relative(recorded_output or output_path)
     write_atomically(output_path, lambda tmp: nbformat.write(executed, str(tmp)))
     return executed
+
+
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+WIDGET_FALLBACK = ("(An interactive explorer: it runs when the notebook is opened in Jupyter and executed; "
+                   "the figure below shows its default view.)")
+
+
+def describe_widgets(notebook: nbformat.NotebookNode) -> int:
+    """Give every widget output a plain-text fallback that says what it is: a viewer without the
+    kernel (GitHub, nbviewer) shows the text instead of the widget, and the repr ("VBox(children=
+    (...))") says nothing to a reader. Returns how many outputs were changed."""
+    changed = 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_MIME in data and data.get("text/plain") != WIDGET_FALLBACK:
+                data["text/plain"] = WIDGET_FALLBACK
+                changed += 1
+    return changed
 
 
 def run_in_place(paths: str | Path | list, log_output: bool = False, timeout: int | None = None):

@@ -311,3 +311,15 @@ def test_notebooks_read_in_short_cells(path):
     assert shape["code_lines"] <= 250, shape
     assert shape["largest_cell"] <= 20, shape
     assert shape["knobs"] <= 15, shape
+
+
+def test_widget_outputs_say_what_they_are_without_a_kernel():
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("display(box)")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "text/plain": "VBox(children=(HBox(children=(SelectMultiple(...", rn.WIDGET_MIME: {"model_id": "x"}}),
+        nbformat.v4.new_output("stream", text="hello\n")]
+    notebook.cells = [cell]
+    assert rn.describe_widgets(notebook) == 1
+    assert cell.outputs[0]["data"]["text/plain"] == rn.WIDGET_FALLBACK and cell.outputs[1]["text"] == "hello\n"
+    assert rn.describe_widgets(notebook) == 0
