@@ -434,10 +434,11 @@ class FromScratch:
                          f"(above the halfway level {summary['halfway_level']:.2f}) — {pre['learned']}")
         lines.append("Rules that need no model (what every accuracy here stands beside): "
                      + ", ".join(f"{name} {value:.2f}" for name, value in summary["rules"].items()))
-        if "provenance" in results:
-            from shortlab.runs import describe_runs
+        from shortlab.runs import describe_runs
 
-            lines.append(describe_runs([results["provenance"]], what="store"))
+        lines.append("Where it ran: " + (describe_runs(results["sessions"], what="sessions") if results.get("sessions")
+                                         else "this store records no revision, versions or command (made before stores "
+                                              "kept them)"))
         return "\n".join(lines)
 
 
@@ -474,15 +475,19 @@ def _signed(interval: Mapping) -> str:
 
 
 def from_scratch_table(found: FromScratch, accuracy_margin: float, ppl_tolerance: float):
-    """One row per base: retrieval within and beyond its bound, beyond − within and its verdict,
-    the same relative to the control, the perplexity ratio beyond the bound, the heads' bounds."""
+    """One row per base: retrieval within and beyond its bound, "fails beyond the bound", beyond −
+    within relative to the control's and its verdict, the perplexity ratio beyond the bound, and
+    the heads' own bounds (how many heads are anti-correlated and have none)."""
     import pandas as pd
+
+    from shortlab.rope_experiment.from_scratch import base_runs
 
     rows = []
     for row in found.summary["bases"]:
         within, beyond = row.get("within"), row.get("beyond")
         ratio = row.get("perplexity_ratio_beyond_bound")
-        cov = row["covariance_bounds"]
+        heads = np.concatenate([np.ravel(run["covariance_bounds"]) for run in base_runs(found.results, row["base"])])
+        bounded = heads[heads >= 0]  # −1: an anti-correlated head (G(0) < 0), which has no bound
         rows.append({"base": f"{row['base']:.6g}", "bound": row["bound"],
                      "within": f"{within['rate']:.2f} [{within['low']:.2f}, {within['high']:.2f}]" if within else "—",
                      "beyond": f"{beyond['rate']:.2f} [{beyond['low']:.2f}, {beyond['high']:.2f}]" if beyond else "—",
@@ -492,7 +497,9 @@ def from_scratch_table(found: FromScratch, accuracy_margin: float, ppl_tolerance
                      f"drops more (by > {accuracy_margin})": row.get("relative_verdict", "—"),
                      "ppl ratio beyond": f"{ratio['estimate']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" if ratio else "—",
                      f"comparable (< {ppl_tolerance})": row.get("perplexity_verdict", "—"),
-                     "heads' G bound min/median/max": f"{cov['min']}/{cov['median']:.0f}/{cov['max']}"})
+                     "heads: anti-correlated": f"{heads.size - bounded.size} of {heads.size}",
+                     "the others' own bound, median (range)": f"{np.median(bounded):.0f} ({bounded.min()}–{bounded.max()})"
+                     if bounded.size else "—"})
     return pd.DataFrame(rows).set_index("base")
 
 
