@@ -43,6 +43,10 @@ MODULE_EXTRAS = {
     "shortlab.vision": "vision",
     "shortlab.plotting": "notebooks",
     "shortlab.run_notebooks": "notebooks",
+    # the notebooks' sections: tables (pandas) and figures (matplotlib, seaborn)
+    "shortlab.shortgpt_report": "notebooks",
+    "shortlab.llava_mini.report": "notebooks",
+    "shortlab.rope_experiment.report": "notebooks",
     "shortlab.harness": "eval",
 }
 
