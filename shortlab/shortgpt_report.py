@@ -215,21 +215,27 @@ def calibration_label(options: Mapping) -> str:
     return f"{options['n_calib']} × {options['seq_len']} tokens of {options['calib_source']}"
 
 
-def calibration_stability(model, tokenizer, main_bi: np.ndarray, options: Mapping, k: int, seed: int = 0
-                          ) -> CalibrationStability:
-    """BI on every calibration text of ``options["stability_sources"]`` at every number of blocks
-    in ``options["stability_sizes"]``, beside the main BI."""
+def calibration_bi(model, tokenizer, source: str, n_blocks: int, options: Mapping, seed: int = 0) -> np.ndarray:
+    """BI per layer [layers] on ``n_blocks`` calibration blocks of ``source`` (``options``' block
+    length and batch size), on the model's input device."""
     from shortlab.data import calibration_batch, iter_batches
     from shortlab.evaluate import input_device
     from shortlab.metrics import block_influence
 
+    blocks = calibration_batch(tokenizer, source, n_blocks, options["seq_len"], split="calib", seed=seed)
+    values = block_influence(model, [{name: t.to(input_device(model)) for name, t in batch.items()}
+                                     for batch in iter_batches(blocks, options["batch_size"])])
+    return np.array([values[i] for i in range(len(values))])
+
+
+def calibration_stability(model, tokenizer, main_bi: np.ndarray, options: Mapping, k: int, seed: int = 0
+                          ) -> CalibrationStability:
+    """BI on every calibration text of ``options["stability_sources"]`` at every number of blocks
+    in ``options["stability_sizes"]``, beside the main BI."""
     found = {f"{options['calib_source']} × {options['n_calib']} (main)": np.asarray(main_bi)}
     for source in options["stability_sources"]:
         for size in options["stability_sizes"]:
-            blocks = calibration_batch(tokenizer, source, size, options["seq_len"], split="calib", seed=seed)
-            values = block_influence(model, [{name: t.to(input_device(model)) for name, t in batch.items()}
-                                             for batch in iter_batches(blocks, options["batch_size"])])
-            found[f"{source} × {size}"] = np.array([values[i] for i in range(len(values))])
+            found[f"{source} × {size}"] = calibration_bi(model, tokenizer, source, size, options, seed)
     return CalibrationStability(found, k)
 
 
@@ -259,21 +265,14 @@ def depth_profiles(main_name: str, main_bi: np.ndarray, options: Mapping, *, dty
     freed in turn."""
     import time
 
-    from shortlab.data import calibration_batch, iter_batches
-    from shortlab.evaluate import input_device
-    from shortlab.metrics import block_influence
     from shortlab.models import load_model
 
     profiles = {main_name: np.asarray(main_bi)}
     for name in [m for m in options["depth_models"] if m != main_name]:
         start = time.perf_counter()
         other, other_tokenizer = load_model(name, dtype=dtype, **placement)
-        blocks = calibration_batch(other_tokenizer, options["calib_source"], options["n_calib"], options["seq_len"],
-                                   split="calib", seed=seed)
-        values = block_influence(other, [{key: t.to(input_device(other)) for key, t in batch.items()}
-                                         for batch in iter_batches(blocks, options["batch_size"])])
-        profiles[name] = np.array([values[i] for i in range(len(values))])
-        print(f"{name}: BI of {len(values)} layers in {time.perf_counter() - start:.0f} s")
+        profiles[name] = calibration_bi(other, other_tokenizer, options["calib_source"], options["n_calib"], options, seed)
+        print(f"{name}: BI of {len(profiles[name])} layers in {time.perf_counter() - start:.0f} s")
         del other
     return profiles
 
@@ -301,10 +300,13 @@ def band_table(profiles: Mapping[str, np.ndarray], fraction: float) -> pd.DataFr
 
 class Study:
     """The measured settings as the notebook reads them: ``prepared`` (``shortgpt_evidence.prepare``)
-    and ``evidence`` ({measurement: record}), with the tasks and accuracy ``metric`` pooled over."""
+    and ``evidence`` ({measurement: record}) read from ``store``, with the tasks and accuracy
+    ``metric`` pooled over."""
 
-    def __init__(self, prepared: Prepared, evidence: Mapping, tasks: Sequence[str], metric: str, seed: int = 0):
+    def __init__(self, prepared: Prepared, evidence: Mapping, tasks: Sequence[str], metric: str, seed: int = 0,
+                 store=None):
         self.prepared, self.evidence, self.tasks, self.metric, self.seed = prepared, evidence, list(tasks), metric, seed
+        self.store = store
         self.plan, self.table_k, self.choices = prepared.plan, prepared.plan.table_k, prepared.choices
         self.dense = self.record("dense", 0)
 
@@ -342,9 +344,7 @@ def load_study(model, tokenizer, name: str, dtype: str, prepared: Prepared, resu
           f"{repository_relative(results_dir) or 'memory'}; measuring {len(missing)}")
     evidence = collect(model, tokenizer, prepared.settings, store, prepared.held_out, prepared.task_examples, batch_size)
     print("where it was measured:", store_provenance(evidence.values()))
-    study = Study(prepared, evidence, tasks, metric, seed)
-    study.store = store
-    return study
+    return Study(prepared, evidence, tasks, metric, seed, store=store)
 
 
 @dataclasses.dataclass

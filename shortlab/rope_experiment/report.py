@@ -442,6 +442,14 @@ class FromScratch:
         return "\n".join(lines)
 
 
+def head_bounds_of(found: FromScratch, base: float) -> np.ndarray:
+    """Every head's own bound (first distance where its G(m) < 0; −1 for an anti-correlated head)
+    over all models of ``base``, flattened."""
+    from shortlab.rope_experiment.from_scratch import base_runs
+
+    return np.concatenate([np.ravel(run["covariance_bounds"]) for run in base_runs(found.results, base)])
+
+
 def from_scratch(path: str | Path, *, recompute: bool, fast: bool, device: str, practical: Mapping,
                  cpu_sizes: Mapping | None = None) -> FromScratch | None:
     """Read the store at ``path`` (an earlier schema upgraded), or rerun the experiment here at
@@ -480,13 +488,11 @@ def from_scratch_table(found: FromScratch, accuracy_margin: float, ppl_tolerance
     the heads' own bounds (how many heads are anti-correlated and have none)."""
     import pandas as pd
 
-    from shortlab.rope_experiment.from_scratch import base_runs
-
     rows = []
     for row in found.summary["bases"]:
         within, beyond = row.get("within"), row.get("beyond")
         ratio = row.get("perplexity_ratio_beyond_bound")
-        heads = np.concatenate([np.ravel(run["covariance_bounds"]) for run in base_runs(found.results, row["base"])])
+        heads = head_bounds_of(found, row["base"])
         bounded = heads[heads >= 0]  # −1: an anti-correlated head (G(0) < 0), which has no bound
         rows.append({"base": f"{row['base']:.6g}", "bound": row["bound"],
                      "within": f"{within['rate']:.2f} [{within['low']:.2f}, {within['high']:.2f}]" if within else "—",
@@ -525,8 +531,6 @@ def from_scratch_words(found: FromScratch, accuracy_margin: float) -> str:
 def figure_from_scratch(found: FromScratch):
     """Retrieval by distance (per model thin), perplexity by position, and each head's own bound
     against the plain one, for every base."""
-    from shortlab.rope_experiment.from_scratch import base_runs
-
     results, summary, config = found.results, found.summary, found.config
     distances, edges = np.array(results["distances"]), np.array(results["position_edges"])
     colors = dict(zip([e["base"] for e in results["bases"]], plt.cm.plasma(np.linspace(0, 0.85, len(results["bases"])))))
@@ -546,7 +550,7 @@ def figure_from_scratch(found: FromScratch):
         ppl = row["perplexity"]
         ax_ppl.errorbar((edges[:-1] + edges[1:]) / 2, [p["estimate"] for p in ppl], fmt="o-", color=color, capsize=2,
                         yerr=[[p["estimate"] - p["low"] for p in ppl], [p["high"] - p["estimate"] for p in ppl]])
-        heads = np.concatenate([np.ravel(run["covariance_bounds"]) for run in base_runs(results, row["base"])])
+        heads = head_bounds_of(found, row["base"])
         anticorrelated += int((heads < 0).sum())
         heads = heads[heads > 0]  # an anti-correlated head (G(0) < 0) has no bound: counted in the title
         jitter = np.exp(np.random.default_rng(0).normal(0, 0.03, heads.size))
