@@ -81,18 +81,39 @@ def in_short(findings: Sequence[Finding]) -> str:
     return f"Of {len(findings)} claim{'s' if len(findings) != 1 else ''}, {listed}."
 
 
+def headline_sentence(finding: Finding) -> str:
+    """The paper's central claim and how it came out, as the first sentence of "In short":
+    "The central claim, that removing 8 of 30 layers ..., held (the claim: more than 60% of it; measured 0.697
+    [0.621, 0.772], 95 % interval)."""
+    claim = finding.claim.rstrip(".")
+    first = claim.split(" ", 1)[0]
+    if first.isalpha() and first[1:].islower():  # "Removing" -> "removing"; "BI", "smollm2-135m" stay
+        claim = claim[:1].lower() + claim[1:]
+    text = f"The central claim, that {claim}, {_COUNT_WORDS[finding.outcome]}"
+    said = [f"the claim: {finding.practical.strip().removeprefix('(').removesuffix(')')}"] if finding.practical else []
+    if finding.interval is not None:
+        said.append(f"measured {finding.interval}, 95 % interval")
+    elif finding.detail:  # a family of verdicts: how its members came out
+        said.append(finding.detail.rstrip("."))
+    return text + (f" ({'; '.join(said)})" if said else "") + "."
+
+
 def findings_markdown(title: str, findings: Sequence[Finding], departures: Sequence[str] = (),
-                      setting: str = "") -> str:
-    """The closing section of a notebook: what was run (``setting``, one sentence), how many
-    claims came out each way (``in_short``), then one bullet per claim under each kind of outcome
-    (what held, what did not, ties, what cannot be told and what would tell it), then how the run
-    departs from the paper."""
+                      setting: str = "", headline: Finding | None = None) -> str:
+    """The closing section of a notebook: a heading (``title``; none when empty), what was run
+    (``setting``, one sentence), how the paper's central claim came out (``headline``, one of
+    ``findings``) and how many claims came out each way (``in_short``), then one bullet per claim
+    under each kind of outcome (what held, what did not, ties, what cannot be told and what would
+    tell it), then how the run departs from the paper."""
     if not findings:
         raise ValueError("no findings to write")
-    parts = [f"### {title}"]
+    if headline is not None and headline not in findings:
+        raise ValueError("the headline must be one of the findings (it is counted with them)")
+    parts = [f"### {title}"] if title else []
     if setting:
         parts.append(_capital(setting.rstrip(".")) + ".")
-    parts.append(f"**In short.** {in_short(findings)}")
+    lead = "" if headline is None else headline_sentence(headline) + " "
+    parts.append(f"**In short.** {lead}{in_short(findings)}")
     for outcome in (SUPPORTED, CONTRADICTED, EQUIVALENT, CANNOT_TELL):
         chosen = [f for f in findings if f.outcome == outcome]
         if chosen:
@@ -185,22 +206,23 @@ def update_readme_findings(root: str | Path) -> list[str]:
 # README's verdict table of notebook 01: row -> the text of its claim in a run's printed
 # conclusions, and the committed runs it summarises, column by column
 VERDICT_TABLE_ROWS = {
-    "BI removes less than iterative BI (perplexity)": "BI removes less than iterative_block_influence",
-    "… than relative magnitude (perplexity)": "BI removes less than relative_magnitude",
-    "… than angular distance (perplexity)": "BI removes less than angular_distance",
-    "… than reverse order (perplexity)": "BI removes less than reverse_order",
-    "BI keeps more accuracy than iterative BI": "BI keeps more accuracy than iterative_block_influence",
-    "… than relative magnitude (accuracy)": "BI keeps more accuracy than relative_magnitude",
-    "… than angular distance (accuracy)": "BI keeps more accuracy than angular_distance",
-    "… than reverse order (accuracy)": "BI keeps more accuracy than reverse_order",
-    "BI beats random removal (20 draws, every k)": "BI beats random removal",
+    "BI's removal raises perplexity less than iterative BI's": "BI's removal raises perplexity less than iterative BI's",
+    "… than relative magnitude's": "BI's removal raises perplexity less than relative magnitude's",
+    "… than angular distance's": "BI's removal raises perplexity less than angular distance's",
+    "… than reverse order's": "BI's removal raises perplexity less than reverse order's",
+    "BI's removal keeps more accuracy than iterative BI's": "BI's removal keeps more accuracy than iterative BI's",
+    "… than relative magnitude's (accuracy)": "BI's removal keeps more accuracy than relative magnitude's",
+    "… than angular distance's (accuracy)": "BI's removal keeps more accuracy than angular distance's",
+    "… than reverse order's (accuracy)": "BI's removal keeps more accuracy than reverse order's",
+    "BI beats random removal (every k)": "BI beats random removal",
     "the dense model beats the strongest rule that needs no model": "the dense model scores above the strongest rule",
     "a quarter of the layers removed keeps most of the accuracy above that rule": "keeps most of what the dense model scores",
     "removal and 4-bit weights compose in perplexity": "removal and 4-bit weights compose in perplexity",
     "… in accuracy (± 2 points)": "removal and 4-bit weights compose in accuracy",
 }
 VERDICT_TABLE_RUNS = {"SmolLM2-135M": "notebooks/01_block_influence_pruning.ipynb",
-                      "Qwen2.5-Coder-0.5B": "notebooks/runs/qwen2.5-0.5b/01_block_influence_pruning.ipynb"}
+                      "Qwen2.5-Coder-0.5B": "notebooks/runs/qwen2.5-0.5b/01_block_influence_pruning.ipynb",
+                      "Qwen2.5-Coder-1.5B": "notebooks/runs/qwen2.5-1.5b/01_block_influence_pruning.ipynb"}
 _CONCLUSION = re.compile(r"- (Supported|Contradicted|The same within the margin|Cannot tell at this sample size): (.*)")
 
 

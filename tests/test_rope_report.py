@@ -103,3 +103,25 @@ def test_a_missing_finetune_store_is_named_and_a_present_one_summarised():
         pytest.skip("the committed fine-tuning store is absent")
     found, words = report.finetunes([str(path)], {"accuracy_margin": 0.05}, real)
     assert len(found) == 1 and "MISMATCH" not in words and no_problems(report.figure_finetune(found[0]))
+
+
+def test_the_from_scratch_families_are_sentences_and_the_central_one_leads():
+    from shortlab.findings import findings_markdown
+    from shortlab.references import paper_numbers
+    from shortlab.rope_experiment.findings import CENTRAL_CLAIM, central_finding, rope_findings
+
+    practical = {"accuracy_margin": 0.05, "ppl_tolerance": 1.1, "ratio_margin": 0.1}
+    scratch = report.from_scratch("results/rope_from_scratch/results.json", recompute=False, fast=False, device="cpu",
+                                  practical=practical)
+    if scratch is None:
+        pytest.skip("the committed from-scratch store is absent")
+    findings, _ = rope_findings(scratch.summary, [], None, paper_numbers("rope_base"), practical)
+    family = [f for f in findings if f.claim.startswith("For small Llamas")]
+    assert family and all(f.detail.split(" for ", 1)[0] in ("supported", "contradicted", "the same within the margin",
+                                                            "cannot tell") and "bases after Holm" in f.detail
+                          for f in family)
+    central = central_finding(findings)
+    assert central is not None and central.claim.endswith(CENTRAL_CLAIM)
+    text = findings_markdown("", findings, headline=central)
+    assert text.startswith("**In short.** The central claim, that for small Llamas")
+    assert central_finding([f for f in findings if f is not central]) is None

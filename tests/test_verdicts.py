@@ -133,6 +133,19 @@ def test_findings_are_written_per_outcome_and_read_back(tmp_path):
         readme_findings("nothing", "nb")
 
 
+def test_the_central_claim_leads_in_short_whichever_way_it_came_out():
+    central = Finding("Removing 8 of 30 layers by BI keeps most of the accuracy", CONTRADICTED, iv(0.3, 0.5),
+                      "(more than 60% of it)", 0.05)
+    other = Finding("BI beats random", SUPPORTED, iv(0.1, 0.2), "by more than 0.05", 0.05)
+    text = findings_markdown("", [other, central], headline=central)
+    assert text.startswith("**In short.** The central claim, that removing 8 of 30 layers by BI keeps most of the "
+                           "accuracy, did not hold (the claim: more than 60% of it; measured 0.400 [0.300, 0.500], 95 % interval).")
+    assert "Of 2 claims, 1 held and 1 did not hold." in text and "###" not in text
+    assert "The central claim, that BI beats random, held (the claim: by more" in findings_markdown("t", [other], headline=other)
+    with pytest.raises(ValueError, match="one of the findings"):
+        findings_markdown("t", [other], headline=central)
+
+
 def test_readme_findings_are_copied_from_the_committed_runs(tmp_path):
     import json
 

@@ -542,11 +542,11 @@ def frontier(sweep: Sweep, text_config, fastv_k: int, n: int, dense: np.ndarray)
     points = [{"method": "dense", "label": "", "setting": Setting()}]
     points += [{"method": "ShortV (LC)", "label": f"N={row.N}", "setting": row.setting}
                for row in sweep.rows("shortv", choice="layer_contribution").sort_values("N").itertuples()]
-    points += [{"method": f"FastV K={fastv_k}", "label": f"R={row.ratio:.0%}", "setting": row.setting}
+    points += [{"method": f"FastV K={fastv_k}", "label": f"{row.ratio:.0%} pruned", "setting": row.setting}
                for row in sweep.rows("fastv").sort_values("ratio").itertuples() if row.choice is None]
-    points += [{"method": "FastV at ShortV's FLOPs", "label": f"R={row.ratio:.0%}", "setting": row.setting}
+    points += [{"method": "FastV at ShortV's FLOPs", "label": f"{row.ratio:.0%} pruned", "setting": row.setting}
                for row in sweep.rows("fastv", choice="matched").itertuples()]
-    points += [{"method": "ShortV + FastV", "label": f"N={row.N} R={row.ratio:.0%}", "setting": row.setting}
+    points += [{"method": "ShortV + FastV", "label": f"N={row.N}, {row.ratio:.0%} pruned", "setting": row.setting}
                for row in sweep.rows("shortv+fastv").itertuples()]
     for point in points:
         point.update(flops_fraction=fraction(point["setting"]), correct=sweep.correct(point["setting"]))
@@ -890,24 +890,30 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
     paper_layers = references["frozen_layers"]["decoder_layers"]["LLaVA-1.5-7B"]
     practical = f"by more than {margin} in accuracy"
     judgements = choices.judgements()
+    gqa = references["table1"]["benchmarks"].index("GQA")
+    central = evidence.finding(
+        f"Freezing the visual tokens in the {n} of {num_layers} lowest-LC layers keeps the accuracy (loss: dense - ShortV)",
+        loss.judgement, items, practical=f"within a loss of {tolerance}",
+        paper=f"The paper freezes {paper_n} of {paper_layers} layers of LLaVA-1.5-7B: MMBench {shortv['scores'][mmb]} against "
+              f"{vanilla['scores'][mmb]} dense, GQA {shortv['scores'][gqa]} against {vanilla['scores'][gqa]}; here freezing "
+              f"{n} of {num_layers} loses {loss.judgement.interval} in accuracy, and the largest N whose loss is "
+              f"established within {tolerance} is {loss.max_supported}")
     found = [
         evidence.finding("Text tokens contribute more than visual tokens (layer-mean LC per question)", lc.judgement,
                          len(lc.calibration_items), unit="nats of LC"),
         evidence.finding(f"The dense model beats the strongest rule that needs no model ({base.rule_rows[0]['strongest rule']})",
                          base.dense_vs_rule, items),
-        evidence.finding(f"Freezing the visual tokens in the {n} of {num_layers} lowest-LC layers keeps the accuracy "
-                         "(loss: dense - ShortV)", loss.judgement, items, practical=f"within a loss of {tolerance}",
-                         paper=f"The paper freezes {paper_n} of {paper_layers} layers of LLaVA-1.5-7B at MMBench "
-                               f"{shortv['scores'][mmb]} against {vanilla['scores'][mmb]}; here the largest N whose loss "
-                               f"is established within {tolerance} is {loss.max_supported} of {num_layers}"),
-        Finding(f"Freezing them keeps the accuracy in every question type at N = {n}",
+        central,
+        Finding(f"Freezing the visual tokens in the {n} lowest-LC layers keeps the accuracy in every question type",
                 evidence.family_outcome(loss.by_type.holm.values(), tie_holds=True),
                 practical=f"within a loss of {tolerance} (judged after Holm's adjustment; "
                           f"{loss.by_type.summary(tolerance).rstrip('.')})"),
         *[evidence.finding(f"LC chooses better layers than visual cosine at N = {k}", j["LC − visual cosine"], items,
                            paper=f"The paper's LC beats cosine by "
                                  f"{ablation['layer contribution']['MMB'] - ablation['cosine similarity']['MMB']:.1f} "
-                                 f"MMBench points at N = {paper_n}" if k == choices.counts[-1] else "")
+                                 f"MMBench points at N = {paper_n}; here LC − cosine is "
+                                 f"{j['LC − visual cosine'].interval} in accuracy at N = {k}"
+                           if k == choices.counts[-1] else "")
           for k, j in judgements.items()],
         Finding("LC chooses better layers than the random draws, pooled over the draws, at every N",
                 evidence.ordered_verdict([j["LC − random"].outcome for j in judgements.values()]),
@@ -915,7 +921,8 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
         Finding("Freezing the visual tokens beats freezing the text, all or random tokens in the same layers",
                 evidence.ordered_verdict([j.outcome for j in tokens.judgements.values()]), practical=practical,
                 paper=f"The paper scores MMBench {ablation['layer contribution']['MMB']} with the visual tokens frozen "
-                      f"and {ablation['text tokens frozen instead']['MMB']} with the text tokens frozen instead"),
+                      f"and {ablation['text tokens frozen instead']['MMB']} with the text tokens frozen instead; here "
+                      + "; ".join(f"visual minus {other}: {j.interval}" for other, j in tokens.judgements.items())),
         Finding(f"LC's layer choice is stable: all {len(stable.table)} calibration subsets' layers keep the main choice's "
                 "accuracy", evidence.family_outcome(stable.family.holm.values(), tie_holds=True),
                 practical=f"within a loss of {tolerance} (judged after Holm's adjustment; "
@@ -923,18 +930,18 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
         *[evidence.finding(f"At N = {n}, {kind} questions lose more accuracy than {types.coarse} questions", judgement,
                            items, unit="in accuracy lost") for kind, judgement in types.hurts_first.items()],
     ]
-    for title, rows in list(comparisons.items())[1:]:  # the same claims on the second task, at every N
+    for title, rows in list(comparisons.items())[1:]:  # the same claims on the second task, one per N
         for comparison, other in (("LC − visual cosine", "visual cosine"), ("LC − random", "random draws")):
-            mine = [row for row in rows if row["comparison"] == comparison]
-            found.append(Finding(
-                f"On {title} ({second_model}), LC chooses better layers than {other} at every N",
-                evidence.ordered_verdict([row["judgement"].outcome for row in mine]),
-                practical=f"{practical} (" + "; ".join(f"N = {row['N']}: {row['judgement'].interval}, "
-                                                       f"{row['judgement'].words()}" for row in mine) + ")"))
+            for row in [row for row in rows if row["comparison"] == comparison]:
+                judged = row["judgement"]
+                ceiling = "; both at the accuracy ceiling, so only a harder task can separate them" if judged.ceiling else ""
+                found.append(Finding(f"On {title} ({second_model}), LC chooses better layers than {other} at N = {row['N']}",
+                                     judged.outcome, judged.interval, practical + ceiling, judged.margin))
     if front.shortv_vs_fastv is not None:
         found.append(evidence.finding("ShortV beats FastV at the same FLOPs", front.shortv_vs_fastv, items,
                                       paper=f"The paper: ShortV MMBench {shortv['scores'][mmb]} at {shortv['flops_ratio']:.0%} "
-                                            f"FLOPs, FastV {fastv['scores'][mmb]} at {fastv['flops_ratio']:.0%}"))
+                                            f"FLOPs, FastV {fastv['scores'][mmb]} at {fastv['flops_ratio']:.0%}; here "
+                                            f"ShortV − FastV is {front.shortv_vs_fastv.interval} in accuracy at equal FLOPs"))
     for label, (per_method, outcome) in front.combinations.items():
         judged = {m: f["judgement"] for m, f in per_method.items() if f["judgement"]}
         found.append(Finding(
@@ -950,7 +957,7 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
         departures.append(f"The dense model scores {dense} on {sweep.task.title}, at the ceiling: settings that keep it are "
                           "ties that more questions cannot break, and only a harder task could separate them")
     return findings_markdown(
-        "What this run found", found, departures,
+        "What this run found", found, departures, headline=central,
         setting=f"this run: {model_name} ({num_layers} decoder layers; section 0 prints where its weights come from), "
                 f"{items:,} {sweep.task.title} test questions on {len(set(sweep.clusters)):,} images; "
                 f"practical sizes: {margin} in accuracy, {tolerance} for a loss, {lc_margin} nats of LC")

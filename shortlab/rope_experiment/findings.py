@@ -5,7 +5,7 @@ from __future__ import annotations
 from shortlab.findings import Finding, significant
 from shortlab.rope_experiment.from_scratch import from_scratch_families
 from shortlab.rope_experiment.measurements import interval_from
-from shortlab.stats import CANNOT_TELL, sample_size_to_tell
+from shortlab.stats import CANNOT_TELL, CONTRADICTED, EQUIVALENT, SUPPORTED, sample_size_to_tell
 
 
 def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: float = 0.0, unit: str = "trials") -> str:
@@ -14,6 +14,22 @@ def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: flo
     size = sample_size_to_tell(interval_from(claim), n, threshold, margin=margin, claim=claim_side)
     return ("no sample size decides it: the estimate sits on the edge" if size is None
             else f"about {significant(size)} {unit} instead of {n:,} would decide it")
+
+
+_FAMILY_WORDS = {SUPPORTED: "supported", CONTRADICTED: "contradicted", EQUIVALENT: "the same within the margin",
+                 CANNOT_TELL: "cannot tell"}
+# the from-scratch families' claims (``from_scratch_families``' keys) as sentences
+_FAMILY_CLAIMS = {"fails beyond the bound": "passkey retrieval fails beyond the bound",
+                  "drops more than the control's": "retrieval drops beyond the bound more than the control's does",
+                  "perplexity comparable to the control's": "perplexity stays comparable to the control's",
+                  "retrieval holds up to the bound": "retrieval holds up to the bound"}
+CENTRAL_CLAIM = _FAMILY_CLAIMS["fails beyond the bound"]  # the paper's claim, judged on the small models from scratch
+
+
+def central_finding(findings: list[Finding]) -> Finding | None:
+    """The from-scratch family's verdict on the paper's central claim (a base whose bound lies
+    inside the context fails beyond the bound), the lead of "In short"; None when absent."""
+    return next((f for f in findings if f.claim.startswith("For small Llamas") and f.claim.endswith(CENTRAL_CLAIM)), None)
 
 
 def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | None, paper: dict,
@@ -25,16 +41,17 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
     margin = practical["accuracy_margin"]
     if scratch is not None:
         models = (scratch.get("pretrained") or {}).get("models", 1)
-        who = "Small Llamas pretrained once" if models == 1 else f"Small Llamas pretrained {models} times independently"
+        who = ("small Llamas pretrained once" if models == 1
+               else f"small Llamas pretrained {models} times independently")
         for claim, family in from_scratch_families(scratch).items():
             counts = family.counts(adjusted=True)
             outcome = max(counts, key=lambda o: (counts[o], o != CANNOT_TELL))
             per_base = "; ".join(f"{name}: {v}" for name, v in family.holm.items())
-            share = ("all" if counts[outcome] == len(family.holm)
+            share = (f"all {len(family.holm)}" if counts[outcome] == len(family.holm)
                      else f"{counts[outcome]} of {len(family.holm)}")
             findings.append(Finding(
-                f"{who}, then fine-tuned with bases whose bound lies inside the context: {claim} "
-                f"({share} bases after Holm's adjustment; {per_base})", outcome,
+                f"For {who} and fine-tuned with bases whose bound lies inside the context, {_FAMILY_CLAIMS[claim]}",
+                outcome, detail=f"{_FAMILY_WORDS[outcome]} for {share} bases after Holm's adjustment ({per_base})",
                 practical={"fails beyond the bound": f"(accuracy below the halfway level {scratch['halfway_level']:.2f})",
                            "drops more than the control's": f"by more than {margin} in accuracy",
                            "perplexity comparable to the control's": f"(a ratio below {practical['ppl_tolerance']})",
@@ -84,7 +101,7 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
     if passkey is not None:
         claim = passkey["fails_beyond"]
         n = passkey["beyond"]["n"]
-        findings.append(Finding(f"The shipped model's passkey in this notebook's section 4 fails beyond its own bound "
+        findings.append(Finding(f"The shipped model's passkey in this notebook's section 6 fails beyond its own bound "
                                 f"(found within {claim['within']['estimate']:.2f}, beyond {claim['beyond']['estimate']:.2f}; "
                                 "its prompts and distances differ from the fine-tuning grid's)", claim["verdict"],
                                 interval_from(claim["beyond"]),

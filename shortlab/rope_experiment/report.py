@@ -793,10 +793,12 @@ class HeadBounds:
         advertised = model.setup.max_position_embeddings
         lines = [f"{model.name}: {self.covariance.shape[0]} layers × {self.covariance.shape[1]} heads, weights from {self.source}"]
         for name, bounds in (("query–key covariance (theorem)", self.covariance), ("pooled variance (heuristic)", self.heuristic)):
-            valid = bounds[bounds >= 0]
-            lines.append(f"  {name:32s}: median head bound {np.median(bounds):,.0f}; below the plain bound {model.bound:,}: "
-                         f"{np.mean(bounds < model.bound):.0%}; reaching the advertised {advertised:,}: "
-                         f"{np.mean(bounds >= advertised):.0%}; anti-correlated (G(0) < 0): {np.mean(bounds < 0):.0%}"
+            valid = bounds[bounds >= 0]  # an anti-correlated head has no bound: left out of the median and shares
+            median = f"{np.median(valid):,.0f}" if valid.size else "none"
+            lines.append(f"  {name:32s}: anti-correlated (G(0) < 0, no bound): {np.mean(bounds < 0):.0%} of the heads; "
+                         f"of the others, median head bound {median}, below the plain bound {model.bound:,}: "
+                         f"{np.mean(valid < model.bound) if valid.size else 0:.0%}, reaching the advertised "
+                         f"{advertised:,}: {np.mean(valid >= advertised) if valid.size else 0:.0%}"
                          + (f"; widest {valid.max():,}" + (" (scan limit)" if valid.max() == self.limit else "") if valid.size else ""))
         lines.append(f"share of heads whose covariance-weighted gap stays positive over the advertised context: "
                      f"{self.reaching(advertised)}")
