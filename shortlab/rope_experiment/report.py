@@ -184,8 +184,8 @@ def figure_bias_map(bases: Sequence[float], head_dim: int) -> tuple[object, str]
            title=f"B(m) / B(0) for d = {head_dim}: red where negative, first beyond the bound")
     ax.legend(loc="lower left")
     fig.tight_layout()
-    words = (f"bases {grid[0]:.0e} … {grid[-1]:.0e}: bounds {min(bounds):,} … {max(bounds):,}; the bound is smaller than "
-             f"at the next smaller base at {int(np.sum(np.diff(bounds) < 0))} of {len(grid) - 1} grid steps")
+    words = (f"bases {grid[0]:.0e} … {grid[-1]:.0e}: bounds {min(bounds):,} … {max(bounds):,}; L_θ is not monotone in "
+             f"the base: it shrinks as the base grows at {int(np.sum(np.diff(bounds) < 0))} of {len(grid) - 1} grid steps")
     return fig, words
 
 
@@ -263,9 +263,11 @@ class Islands:
     def words(self) -> str:
         below = self.bases < self.row["smallest"]
         above = self.bases >= self.row["stable"]
+        islands = self.valid[below].sum()
         return (f"{self.valid.mean():.0%} of {len(self.bases)} bases valid between {self.bases[0]:.3g} and "
-                f"{self.bases[-1]:.3g}; {self.valid[below].sum()} valid below the smallest found by the search (islands "
-                f"narrower than its grid step), {self.valid[~below & ~above].mean():.0%} between smallest and stable, "
+                f"{self.bases[-1]:.3g}; {islands} valid below the smallest found by the search"
+                + (" (islands narrower than its grid step)" if islands else "")
+                + f", {self.valid[~below & ~above].mean():.0%} between smallest and stable, "
                 f"{self.valid[above].mean():.0%} above stable")
 
 
@@ -415,7 +417,10 @@ class FromScratch:
 
     def describe(self) -> str:
         c, results, summary = self.config, self.results, self.summary
-        lines = [f"Experiment {self.origin}; text: {results['text']}",
+        text = results["text"]
+        text = (f"{text['source']}, {text['train_chars']:,} characters for training, {text['eval_chars']:,} held out"
+                if isinstance(text, dict) and {"source", "train_chars", "eval_chars"} <= set(text) else text)
+        lines = [f"Experiment {self.origin}; text: {text}",
                  f"{c.num_layers}-layer Llamas, hidden {c.hidden_size}, head dim {c.head_dim}, context {c.context}; "
                  f"induction warm-up {c.induction_steps} steps, pretrained {c.pretrain_steps} steps, fine-tuned {c.steps} "
                  f"steps per (base, model), batch {c.batch_size}; {len(c.pretrain_seeds)} pretrained model(s) × "
@@ -569,7 +574,9 @@ def figure_from_scratch(found: FromScratch):
                  title=f"each head's own bound\n({anticorrelated} anti-correlated heads not drawn)")
     ax_heads.legend(fontsize=7)
     fig.suptitle(f"Pretrained with base {config.pretrain_base:g}, fine-tuned with each base; "
-                 f"{len(config.models())} models; context {config.context}")
+                 f"{len(config.pretrain_seeds)} pretrained model{'s' if len(config.pretrain_seeds) > 1 else ''} × "
+                 f"{len(config.seeds)} fine-tuning seed{'s' if len(config.seeds) > 1 else ''} per base; "
+                 f"context {config.context}")
     fig.tight_layout()
     return fig
 
@@ -839,7 +846,7 @@ def figure_head_bounds(found: HeadBounds, model: RealModel):
         ax.set_facecolor("tab:red")  # what the masked cells show: anti-correlated heads have no bound
         sns.heatmap(np.log10(np.where(bounds > 0, bounds, np.nan)), cmap="viridis", ax=ax,
                     yticklabels=max(1, len(bounds) // 10),
-                    cbar_kws={"label": f"log10 bound (plain L_θ: {np.log10(model.bound):.2f})"}, **scale)
+                    cbar_kws={"label": f"log10 head bound [tokens] (plain L_θ = {model.bound:,} → {np.log10(model.bound):.2f})"}, **scale)
         ax.set(xlabel="head", ylabel="layer", title=f"{title}\n(red: anti-correlated, G(0) < 0, {int((bounds < 0).sum())} heads)")
     fig.tight_layout()
     return fig
