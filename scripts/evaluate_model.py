@@ -2,18 +2,18 @@
 
     .venv/bin/python scripts/evaluate_model.py --model smollm2-135m --limit 200
 
-Writes results/<model>_benchmarks.json (scores, settings, versions) and prints the table that
-docs/benchmarks.md quotes.
+Writes results/<model>_benchmarks.json (scores, settings, the weights' checksum and where it was run:
+git revision, versions, command, hardware) and prints the table that docs/benchmarks.md quotes.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from shortlab.evaluate import evaluate_mc
+from shortlab.files import write_json_atomically
 from shortlab.models import load_model
-from shortlab.plotting import git_revision, package_versions
+from shortlab.runs import run_record, weights_fingerprint
 
 DEFAULT_RUNS = [  # (task, shots)
     ("hellaswag", 0), ("piqa", 0), ("winogrande", 0), ("arc_easy", 0), ("arc_challenge", 0),
@@ -47,8 +47,9 @@ def main() -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     name = args.model.replace("/", "__")
     record = {"model": args.model, "dtype": args.dtype, "limit": args.limit, "seed": args.seed,
-              "results": rows, "versions": package_versions(), "git_revision": git_revision()}
-    (args.output_dir / f"{name}_benchmarks.json").write_text(json.dumps(record, indent=2) + "\n")
+              "weights_sha256": weights_fingerprint(model.named_parameters()), "results": rows,
+              "provenance": run_record()}
+    write_json_atomically(args.output_dir / f"{name}_benchmarks.json", record, indent=2)
 
 
 if __name__ == "__main__":
