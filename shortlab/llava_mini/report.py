@@ -680,8 +680,8 @@ def figure_lc_heatmaps(sweep: Sweep, chosen: pd.DataFrame, n: int, title: str):
 def chosen_words(chosen: pd.DataFrame) -> str:
     always = [layer for layer in chosen.columns if chosen[layer].all()]
     sometimes = [layer for layer in chosen.columns if 0 < chosen[layer].sum() < len(chosen)]
-    return (f"Every calibration subset freezes layers {words.layer_ranges(always)}; some but not all freeze "
-            f"{words.layer_ranges(sometimes)}.")
+    return (f"Every calibration subset freezes layers {words.layer_ranges(always)}; each of layers "
+            f"{words.layer_ranges(sometimes)} is frozen by some subsets but not all.")
 
 
 # ---------------------------------------------------------------- 7. speed

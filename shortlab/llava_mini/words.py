@@ -76,8 +76,10 @@ def frozen_curve_words(chains: dict[int, str], margin: float, max_kept: int | No
     kept = (f"Freezing the visual tokens in the LC layers is established to cost at most {tolerance:g} in accuracy "
             f"up to N = {max_kept} of {num_layers} layers" if max_kept is not None else
             f"At no N is the loss of the LC layers established to be at most {tolerance:g}")
-    lost = (f"; from N = {min_lost} on, the loss is established to exceed it." if min_lost is not None else
-            "; at no N is a larger loss established.")
+    lost = (f"; from N = {min_lost} on, the loss is established to exceed it" if min_lost is not None else
+            "; at no N is a larger loss established")
+    lost += (" (an N between the two is undecided at this sample size)."
+             if max_kept is not None and min_lost is not None else ".")
     return (f"The ordering \"LC > visual cosine > random\" (both links by more than {margin:g}): "
             f"{by_outcome(chains, margin)}. {kept}{lost} At ShortV's N = {shortv_n} the loss is "
             f"{shortv_loss.interval}: \"at most a {tolerance:g} loss\" {_HOW[shortv_loss.outcome]} "
