@@ -98,7 +98,8 @@ def draw_healing(ax_perplexity, ax_accuracy, rows: Sequence[Mapping], metric: st
     "after" point; a dotted line marks the dense model."""
     names = [row["criterion"] for row in rows]
     x = np.arange(len(names))
-    for ax, key, label in ((ax_perplexity, "perplexity ÷ dense", "perplexity ÷ dense model's"),
+    labels = ["dense (the control)" if name == "dense" else ranking_label(name) for name in names]
+    for ax, key, label in ((ax_perplexity, "perplexity ÷ dense", "perplexity ÷ the unhealed dense model's"),
                            (ax_accuracy, f"pooled {metric}", f"pooled {metric}")):
         for offset, stage, marker in ((-0.12, "pruned", "o"), (0.12, "healed", "s")):
             points = [(i, row.get(f"{key}, {stage}")) for i, row in enumerate(rows)]
@@ -109,8 +110,8 @@ def draw_healing(ax_perplexity, ax_accuracy, rows: Sequence[Mapping], metric: st
             ax.errorbar(np.array(where) + offset, [i.estimate for i in intervals],
                         yerr=[[max(i.estimate - i.low, 0) for i in intervals], [max(i.high - i.estimate, 0) for i in intervals]],
                         fmt=marker, capsize=3, label=f"{stage}" if stage == "pruned" else "after healing")
-        ax.set_xticks(x, names, rotation=20, ha="right")
-        ax.set_xlabel("layers removed by")
+        ax.set_xticks(x, labels, rotation=20, ha="right")
+        ax.set_xlabel("model: the layers removed by each criterion, or none")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
     ax_perplexity.set_yscale("log")

@@ -40,7 +40,7 @@ def test_healing_figure_draws_before_and_after_per_criterion():
             {"criterion": "dense", "perplexity ÷ dense, healed": i(0.95), "pooled acc, healed": i(0.7)}]
     fig, (left, right) = plt.subplots(1, 2)
     draw_healing(left, right, rows)
-    assert [t.get_text() for t in left.get_xticklabels()] == ["block_influence", "dense"]
+    assert [t.get_text() for t in left.get_xticklabels()] == ["BI", "dense (the control)"]
     assert left.get_yscale() == "log" and right.get_ylabel() == "pooled acc"
     assert len(left.containers) == 2 and len(right.containers) == 2  # before and after
     plt.close(fig)
