@@ -231,7 +231,7 @@ def draw_published_frontier(ax, points: dict[str, list[tuple[float, float, str]]
     found = [point for benchmark in points.values() for point in benchmark]
     place_labels(ax, [(x, y) for x, y, _ in found], [label for _, _, label in found])
     ax.set_xlabel("prefill FLOPs (fraction of vanilla)")
-    ax.set_ylabel("published score")
+    ax.set_ylabel(f"published score, 0–100 ({' / '.join(points)})")
     ax.legend(fontsize=8, loc="lower right")
 
 

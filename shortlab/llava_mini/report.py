@@ -35,7 +35,9 @@ from shortlab.llava_mini.scoring import image_token_features, input_embeddings
 from shortlab.llava_mini.sweep import Setting
 from shortlab.llava_mini.tasks import VQATask
 from shortlab.pruning import lowest_layers
-from shortlab.stats import Interval, at_ceiling, bootstrap_interval, describe, family_verdicts, paired_interval
+from shortlab.stats import (
+    CONTRADICTED, Interval, at_ceiling, bootstrap_interval, describe, family_verdicts, paired_interval,
+)
 
 
 def notebook_config(task: str, shortv_n: int, options: dict, *, seed: int = 0, fast: bool = False,
@@ -873,6 +875,16 @@ def frozen_vs_reference(model, batch: dict, layers: Sequence[int], mask: torch.T
 # ---------------------------------------------------------------- findings
 
 
+def _failing_subsets(holm: dict) -> str:
+    """Per calibration pool, how many of its subsets ("pool/size/seed") lose more than the
+    tolerance ("" when none does)."""
+    pools: dict[str, list[bool]] = {}
+    for name, outcome in holm.items():
+        pools.setdefault(str(name).split("/")[0], []).append(outcome == CONTRADICTED)
+    failing = [f"{pool} {sum(lost)} of {len(lost)}" for pool, lost in pools.items() if any(lost)]
+    return f"subsets that lose more, per calibration pool: {'; '.join(failing)}" if failing else ""
+
+
 def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: LayerContributions, base: Baselines,
              choices: LayerChoices, loss: Losses, types: TypeLosses, tokens: TokenChoice, front: Frontier,
              stable: Stability, comparisons: dict[str, list[dict]], second_model: str | None, references: dict,
@@ -926,7 +938,8 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
         Finding(f"LC's layer choice is stable: all {len(stable.table)} calibration subsets' layers keep the main choice's "
                 "accuracy", evidence.family_outcome(stable.family.holm.values(), tie_holds=True),
                 practical=f"within a loss of {tolerance} (judged after Holm's adjustment; "
-                          f"{stable.family.summary(tolerance).rstrip('.')})"),
+                          f"{stable.family.summary(tolerance).rstrip('.')})",
+                detail=_failing_subsets(stable.family.holm)),
         *[evidence.finding(f"At N = {n}, {kind} questions lose more accuracy than {types.coarse} questions", judgement,
                            items, unit="in accuracy lost") for kind, judgement in types.hurts_first.items()],
     ]
