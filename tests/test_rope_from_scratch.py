@@ -267,7 +267,7 @@ def test_half_accuracy_summary_is_json_safe_and_judges_only_bounds_inside_the_gr
     perfect = half_accuracy_summary(distances, np.ones((2, 3, 10)), chance=0.0, bound=12)
     json.dumps(perfect, allow_nan=False)  # no infinity in the file
     assert perfect["over_bound"]["estimate"] is None and perfect["verdict"] == SUPPORTED
-    assert "halves at > 40 [> 40, > 40] = > 3.33" in describe_half_accuracy(perfect, distances)
+    assert "does not halve within the probed distances (up to 40 = 3.33 × L_θ)" in describe_half_accuracy(perfect, distances)
     beyond = half_accuracy_summary(distances, np.ones((2, 3, 10)), chance=0.0, bound=100)
     assert "verdict" not in beyond and "no verdict" in describe_half_accuracy(beyond, distances)
     never = half_accuracy_summary(distances, np.zeros((2, 3, 10)), chance=0.0, bound=12)

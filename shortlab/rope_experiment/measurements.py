@@ -358,6 +358,8 @@ def describe_half_accuracy(half: dict | None, distances: Sequence[int]) -> str:
     if half["below_at_shortest"]:
         line = (f"at or below {half['halfway_level']:.2f} already at the shortest distance, {min(distances)} "
                 f"= {min(distances) / half['bound']:.2f} × L_θ")
+    elif half["distance"]["estimate"] is None:
+        line = (f"does not halve within the probed distances (up to {largest} = {largest / half['bound']:.2f} × L_θ)")
     else:
         line = (f"halves at {interval('distance', 1.0, '.0f')} = {interval('over_bound', half['bound'], '.2f')} "
                 f"× L_θ")
