@@ -61,12 +61,12 @@ def hardware() -> dict:
 
 def run_record(command: str | None = None) -> dict:
     """Where a result is being made: ``git_revision`` (``-dirty`` when tracked files outside
-    ``figures/`` and ``results/`` differ from the commit; None outside a checkout), ``clean``,
-    package ``versions``, the ``command`` (default: this process's command line), ``hardware``
+    ``figures/``, ``results/`` and ``bench/results/`` differ from the commit; None outside a
+    checkout), ``clean``, package ``versions``, the ``command`` (default: this process's command line), ``hardware``
     and the UTC time."""
     from shortlab.plotting import git_revision, package_versions
 
-    revision = git_revision(outputs=("figures", "results"))
+    revision = git_revision(outputs=("figures", "results", "bench/results"))  # what the runs themselves write
     return {"git_revision": revision, "clean": revision is not None and not revision.endswith("-dirty"),
             "versions": package_versions(), "command": command or shlex.join([sys.executable, *sys.argv]),
             "hardware": hardware(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
