@@ -8,12 +8,14 @@ figures: env
 	.venv/bin/python -m shortlab.run_notebooks --all --in-place --readme-findings
 
 # notebook 01 on Qwen2.5-Coder-0.5B at the sizes of its stored evidence (results/shortgpt/qwen2.5-0.5b/),
-# committed beside the default run: notebooks/runs/qwen2.5-0.5b/ and figures/qwen2.5-0.5b/
+# committed beside the default run: notebooks/runs/qwen2.5-0.5b/ and figures/qwen2.5-0.5b/; both Qwen targets
+# only read their stores (a missing measurement stops the run and names the script that makes it)
 # (QWEN_HEAL_SEEDS: the healing seeds its store holds)
 QWEN_HEAL_SEEDS ?= []
 figures-qwen: env
 	.venv/bin/python -m shortlab.run_notebooks notebooks/01_block_influence_pruning.ipynb \
 		-p MODEL qwen2.5-0.5b -p EVAL_BLOCKS 96 -p LIMIT 300 -p HEAL_SEEDS "$(QWEN_HEAL_SEEDS)" \
+		-p OPTIONS.measure_missing False \
 		-p FIG_DIR figures/qwen2.5-0.5b --output-dir notebooks/runs/qwen2.5-0.5b --readme-findings
 
 # notebook 01 on Qwen2.5-Coder-1.5B in bfloat16 at the sizes of its stored evidence
@@ -22,7 +24,7 @@ figures-qwen15: env
 	.venv/bin/python -m shortlab.run_notebooks notebooks/01_block_influence_pruning.ipynb \
 		-p MODEL qwen2.5-1.5b -p DTYPE bfloat16 -p EVAL_BLOCKS 64 -p LIMIT 300 -p HEAL_SEEDS "[]" \
 		-p RANKINGS '["block_influence", "reverse_order", "angular_distance", "relative_magnitude"]' \
-		-p OPTIONS.max_remove 7 -p OPTIONS.remove_step 7 -p OPTIONS.random_draws 10 \
+		-p OPTIONS.max_remove 7 -p OPTIONS.remove_step 7 -p OPTIONS.random_draws 10 -p OPTIONS.measure_missing False \
 		-p FIG_DIR figures/qwen2.5-1.5b --output-dir notebooks/runs/qwen2.5-1.5b --readme-findings
 
 test: env
