@@ -888,7 +888,7 @@ def _failing_subsets(holm: dict) -> str:
 def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: LayerContributions, base: Baselines,
              choices: LayerChoices, loss: Losses, types: TypeLosses, tokens: TokenChoice, front: Frontier,
              stable: Stability, comparisons: dict[str, list[dict]], second_model: str | None, references: dict,
-             lc_margin: float) -> str:
+             lc_margin: float, speed: Speed | None = None) -> str:
     """The notebook's closing "What this run found": every claim's verdict in words, beside the
     paper's numbers (``references``: ``shortlab/references/shortv.json``), and how this run
     departs from the paper."""
@@ -965,6 +965,15 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
             to_tell="; ".join(filter(None, (evidence.to_tell(j, items) for j in judged.values())))))
     departures = [f"The paper measures 7B models on VQAv2, GQA, MMBench and others; this run measures {model_name}, "
                   f"{num_layers} layers, on {sweep.task.description}"]
+    if speed is not None and n in speed.table.index:
+        published = references["speedups"]
+        paper_n = min(published["N"], key=lambda count: abs(count - n))  # the paper's N nearest ours
+        row = speed.table.loc[n]
+        departures.append(
+            f"Measured prefill speed-up with {n} of {num_layers} layers frozen: {row['measured_speedup']:.2f}x "
+            f"(the FLOPs predict {row['predicted_speedup']:.2f}x; one prompt of {speed.text} text and {speed.visual} "
+            f"visual tokens on this machine); the paper measures "
+            f"{published['LLaVA-1.5-7B'][published['N'].index(paper_n)]:.2f}x at N = {paper_n} ({published['source']})")
     dense = base.accuracy["dense"]
     if at_ceiling(dense, margin=margin):
         departures.append(f"The dense model scores {dense} on {sweep.task.title}, at the ceiling: settings that keep it are "
