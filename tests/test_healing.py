@@ -320,6 +320,9 @@ def test_healing_comparison_from_records():
     assert rows["reverse_order"]["seeds"] == [0, 1], "only the seeds every criterion has, paired seed by seed"
     assert "perplexity ÷ dense, pruned" not in rows["dense"], "the control has no pruned record"
     assert rows["block_influence"]["log-likelihood recovered"].estimate == pytest.approx(2 / 3, abs=0.05)
+    # against the healed control (1.95): (2.3 - 2.1) / (2.3 - 1.95)
+    assert rows["block_influence"]["log-likelihood recovered, against the healed dense"].estimate == pytest.approx(
+        4 / 7, abs=0.05)
     assert 0.2 < rows["block_influence"]["acc recovered above the rule"].estimate < 1.0
     assert rows["reverse_order"]["perplexity ÷ dense, healed"].estimate > rows["block_influence"][
         "perplexity ÷ dense, healed"].estimate
