@@ -865,7 +865,16 @@ def findings(claims: Sequence[Claim], random: RandomRemoval, healing_findings: S
         departures.append(f"reverse-order removal scores {reverse[f'pooled {metric}']} pooled {metric} against BI's "
                           f"{bi[f'pooled {metric}']} while its perplexity ratio to dense is {reverse['perplexity ÷ dense']}: "
                           "the paper reports reverse order as poor on perplexity but good on MMLU, and Lu et al. (2024) "
-                          "find it best after healing")
+                          f"find it best after healing; here BI's pooled {metric} minus reverse order's is "
+                          f"{reverse['BI − ranking']}")
+    cells = paper["table2"].get("cells_llama2_7b", {})
+    for task in study.tasks:  # the benchmarks the paper and this run both report
+        name = next((key for key in cells if key.lower() == task.lower()), None)
+        if name is not None and task in tasks.table.index:
+            (before, after), row = cells[name], tasks.table.loc[task]
+            departures.append(f"on {name}, which both report, the paper's Llama-2-7B goes from {before} to {after} "
+                              f"({after / before:.3f} retained; {cells['source']}); this run's {metric} goes from "
+                              f"{row['dense']} to {row[f'BI −{k}']}")
     if provenance.quantised:
         departures.append(f"the 'dense' model here was quantised before this run ({provenance.weight_format}), so the "
                           f"{bits}-bit arm of the 2 × 2 design rounds its weights a second time; the paper quantises "
