@@ -125,3 +125,16 @@ def test_the_from_scratch_families_are_sentences_and_the_central_one_leads():
     text = findings_markdown("", findings, headline=central)
     assert text.startswith("**In short.** The central claim, that for small Llamas")
     assert central_finding([f for f in findings if f is not central]) is None
+
+
+def test_the_published_table_is_summarised_against_its_own_criterion():
+    from shortlab.rope_experiment.findings import published_departure
+
+    rows = [{"context": "1K", "finding": "holds under every convention"},
+            {"context": "4K", "finding": "holds only with k=1000 closed"},
+            {"context": "16K", "finding": "fails under every convention: B(12,223) < 0"},
+            {"context": "32K", "finding": "fails under every convention: B(27,685) < 0"}]
+    text = published_departure(rows)
+    assert "holds under every convention for 1 of 4 contexts" in text
+    assert "for 1 (4K)" in text and "under none for 2 (16K, 32K)" in text
+    assert published_departure([]) == ""

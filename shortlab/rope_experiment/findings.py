@@ -114,3 +114,20 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
     scratch_paper = paper["from_scratch"]
     departures.append(f"Its from-scratch model ({scratch_paper['source']}) {scratch_paper['finding']}")
     return findings, departures
+
+
+def published_departure(rows: list[dict]) -> str:
+    """How the paper's own table of smallest bases fares against its criterion (``rows``:
+    ``report.published_verdicts``), as one "beside the paper" sentence ("" without rows)."""
+    if not rows:
+        return ""
+    every = [row["context"] for row in rows if row["finding"] == "holds under every convention"]
+    some = [row["context"] for row in rows if row["finding"].startswith("holds only with")]
+    fails = [row["context"] for row in rows if row["finding"].startswith("fails")]
+    parts = [f"under every convention for {len(every)} of {len(rows)} contexts"]
+    if some:
+        parts.append(f"only under some conventions (1K = 1,000 or 1,024 tokens, the context's last position counted "
+                     f"or not) for {len(some)} ({', '.join(some)})")
+    if fails:
+        parts.append(f"under none for {len(fails)} ({', '.join(fails)}): there B(m) turns negative inside the context")
+    return "Checked against its own criterion, the paper's table of smallest bases holds " + "; ".join(parts)
