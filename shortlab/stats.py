@@ -385,7 +385,8 @@ class FamilyVerdicts:
         def words(counts):
             return ", ".join(f"{n} {describe(outcome, margin)}" for outcome, n in counts.items() if n) or "none"
         m = len(self.per_setting)
-        return (f"{m} settings, each judged alone: {words(self.counts())} (were every true value on the "
+        alone = f"{m} settings, each judged alone" if m != 1 else "1 setting, judged alone"
+        return (f"{alone}: {words(self.counts())} (were every true value on the "
                 f"practical edge, about {self.expected_by_chance:.1f} of {m} would come out supported by chance, and as "
                 "many contradicted); after Holm's "
                 f"adjustment for the family (family-wise error {1 - self.level:.0%}): {words(self.counts(adjusted=True))}.")

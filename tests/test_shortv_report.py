@@ -130,6 +130,17 @@ def test_findings_name_every_claim(sections):
     for claim in ("Text tokens contribute more", "keeps the accuracy", "LC chooses better layers than visual cosine at N = 3",
                   "ShortV beats FastV at the same FLOPs", "calibration subsets", "On other (other-model)"):
         assert claim in text
+    # the paper's layer-choice ablation (19 of 32 layers) is quoted once, at the N whose share of the layers is nearest
+    references = paper_numbers("shortv")
+    paper_share = len(references["frozen_layers"]["LLaVA-1.5-7B"]) / references["frozen_layers"]["decoder_layers"]["LLaVA-1.5-7B"]
+    nearest = min(sections["choices"].judgements(), key=lambda k: abs(k / NUM_LAYERS - paper_share))
+    assert text.count("The paper's LC beats cosine") == 1 and f"in accuracy at N = {nearest}" in text
+
+
+def test_the_paper_is_met_at_the_share_of_layers_nearest_its_own():
+    assert report.nearest_share([6, 12, 18, 24], 30, 19 / 32) == 18  # not the largest count
+    assert report.nearest_share([2, 4], 24, 19 / 32) == 4
+    assert report.nearest_share([16], 16, 19 / 32) == 16
 
 
 def test_explorer_opens_on_a_question_the_frozen_model_gets_wrong():

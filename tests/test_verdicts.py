@@ -74,6 +74,7 @@ def test_family_of_one_is_the_single_verdict_and_holm_is_stricter():
     for interval in (iv(0.06, 0.2), iv(-0.03, 0.04), iv(-0.3, -0.1), iv(0.02, 0.09)):
         family = family_verdicts({"only": interval}, margin=0.05)
         assert family.holm["only"] == family.per_setting["only"] == verdict(interval, margin=0.05)
+        assert family.summary(0.05).startswith("1 setting, judged alone: 1 ")
     # ten settings that each barely clear the edge alone do not all survive the adjustment
     barely = {f"s{i}": iv(0.001, 0.2) for i in range(10)}
     family = family_verdicts(barely)

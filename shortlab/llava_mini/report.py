@@ -875,6 +875,12 @@ def frozen_vs_reference(model, batch: dict, layers: Sequence[int], mask: torch.T
 # ---------------------------------------------------------------- findings
 
 
+def nearest_share(counts: Sequence[int], num_layers: int, share: float) -> int:
+    """The count of frozen layers whose share of ``num_layers`` is nearest ``share`` (the paper's
+    19 of 32, say): where a run with other counts and another depth meets the paper."""
+    return min(counts, key=lambda k: abs(k / num_layers - share))
+
+
 def _failing_subsets(holm: dict) -> str:
     """Per calibration pool, how many of its subsets ("pool/size/seed") lose more than the
     tolerance ("" when none does)."""
@@ -902,6 +908,7 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
     paper_layers = references["frozen_layers"]["decoder_layers"]["LLaVA-1.5-7B"]
     practical = f"by more than {margin} in accuracy"
     judgements = choices.judgements()
+    paper_like_n = nearest_share(judgements, num_layers, paper_n / paper_layers)  # where the paper's ablation is quoted
     gqa = references["table1"]["benchmarks"].index("GQA")
     central = evidence.finding(
         f"Freezing the visual tokens in the {n} of {num_layers} lowest-LC layers keeps the accuracy (loss: dense - ShortV)",
@@ -925,7 +932,7 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
                                  f"{ablation['layer contribution']['MMB'] - ablation['cosine similarity']['MMB']:.1f} "
                                  f"MMBench points at N = {paper_n}; here LC − cosine is "
                                  f"{j['LC − visual cosine'].interval} in accuracy at N = {k}"
-                           if k == choices.counts[-1] else "")
+                           if k == paper_like_n else "")
           for k, j in judgements.items()],
         Finding("LC chooses better layers than the random draws, pooled over the draws, at every N",
                 evidence.ordered_verdict([j["LC − random"].outcome for j in judgements.values()]),
@@ -966,14 +973,14 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
     departures = [f"The paper measures 7B models on VQAv2, GQA, MMBench and others; this run measures {model_name}, "
                   f"{num_layers} layers, on {sweep.task.description}"]
     if speed is not None and n in speed.table.index:
-        published = references["speedups"]
-        paper_n = min(published["N"], key=lambda count: abs(count - n))  # the paper's N nearest ours
+        speedups = references["speedups"]
+        nearest = min(speedups["N"], key=lambda count: abs(count - n))  # the paper's N nearest ours
         row = speed.table.loc[n]
         departures.append(
             f"Measured prefill speed-up with {n} of {num_layers} layers frozen: {row['measured_speedup']:.2f}x "
             f"(the FLOPs predict {row['predicted_speedup']:.2f}x; one prompt of {speed.text} text and {speed.visual} "
             f"visual tokens on this machine); the paper measures "
-            f"{published['LLaVA-1.5-7B'][published['N'].index(paper_n)]:.2f}x at N = {paper_n} ({published['source']})")
+            f"{speedups['LLaVA-1.5-7B'][speedups['N'].index(nearest)]:.2f}x at N = {nearest} ({speedups['source']})")
     dense = base.accuracy["dense"]
     if at_ceiling(dense, margin=margin):
         departures.append(f"The dense model scores {dense} on {sweep.task.title}, at the ceiling: settings that keep it are "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from shortlab.findings import Finding, significant
 from shortlab.rope_experiment.from_scratch import from_scratch_families
 from shortlab.rope_experiment.measurements import interval_from
-from shortlab.stats import CANNOT_TELL, CONTRADICTED, EQUIVALENT, SUPPORTED, sample_size_to_tell
+from shortlab.stats import CANNOT_TELL, describe, sample_size_to_tell
 
 
 def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: float = 0.0, unit: str = "trials") -> str:
@@ -16,8 +16,6 @@ def _to_tell(claim: dict, n: int, threshold: float, claim_side: str, margin: flo
             else f"about {significant(size)} {unit} instead of {n:,} would decide it")
 
 
-_FAMILY_WORDS = {SUPPORTED: "supported", CONTRADICTED: "contradicted", EQUIVALENT: "the same within the margin",
-                 CANNOT_TELL: "cannot tell"}
 # the from-scratch families' claims (``from_scratch_families``' keys) as sentences
 _FAMILY_CLAIMS = {"fails beyond the bound": "passkey retrieval fails beyond the bound",
                   "drops more than the control's": "retrieval drops beyond the bound more than the control's does",
@@ -51,7 +49,7 @@ def rope_findings(scratch: dict | None, finetunes: list[dict], passkey: dict | N
                      else f"{counts[outcome]} of {len(family.holm)}")
             findings.append(Finding(
                 f"For {who} and fine-tuned with bases whose bound lies inside the context, {_FAMILY_CLAIMS[claim]}",
-                outcome, detail=f"{_FAMILY_WORDS[outcome]} for {share} bases after Holm's adjustment ({per_base})",
+                outcome, detail=f"{describe(outcome)} for {share} bases after Holm's adjustment ({per_base})",
                 practical={"fails beyond the bound": f"(accuracy below the halfway level {scratch['halfway_level']:.2f})",
                            "drops more than the control's": f"by more than {margin} in accuracy",
                            "perplexity comparable to the control's": f"(a ratio below {practical['ppl_tolerance']})",
