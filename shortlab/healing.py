@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from shortlab.arch import model_parts
+from shortlab.models import warn_if_bfloat16_is_emulated
 
 METHODS = ("lora", "last_layers")
 
@@ -305,6 +306,7 @@ def heal(model: nn.Module, tokenizer, config: HealingConfig, *, checkpoint: str 
         raise ValueError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
     blocks = training_blocks(tokenizer, config)
     device = model.get_input_embeddings().weight.device
+    warn_if_bfloat16_is_emulated(config.compute_dtype, device, "healing")
     signature = {"config": dataclasses.asdict(config), "weights": weights_fingerprint(model.named_parameters())}
     saved = None
     if checkpoint is not None and Path(checkpoint).is_file():

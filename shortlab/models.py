@@ -11,6 +11,7 @@ machinery; its names stay importable from here).
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -333,6 +334,38 @@ def _load_pretrained(path_or_id: str, dtype: torch.dtype | str, device_map,
     return model, auto_preprocessor.from_pretrained(path_or_id, **remote)
 
 
+@functools.cache
+def bfloat16_slowdown(device: str = "cpu", size: int = 256) -> float:
+    """How many times longer a [size × size] matmul takes in bfloat16 than in float32 on
+    ``device`` (best of three): about 1 or less where the hardware computes in bfloat16, and
+    tens to a hundred on CPUs that emulate it (x86 without AVX512-BF16 or AMX)."""
+    import time
+
+    def best(dtype: torch.dtype) -> float:
+        x = torch.randn(size, size, device=device).to(dtype)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def warn_if_bfloat16_is_emulated(dtype: torch.dtype | str | None, device: torch.device | str | None,
+                                 what: str, limit: float = 4.0) -> None:
+    """Log a warning when ``what`` is to compute in bfloat16 on a CPU that emulates it
+    (``bfloat16_slowdown`` above ``limit``): float32 is then much faster, not slower."""
+    if dtype not in (torch.bfloat16, "bfloat16") or torch.device(device or "cpu").type != "cpu":
+        return
+    slowdown = bfloat16_slowdown("cpu")
+    if slowdown > limit:
+        logger.warning("%s computes in bfloat16, but this CPU emulates it: a bfloat16 matmul takes %.0fx as "
+                       "long as a float32 one here; float32 is faster on this machine (results in bfloat16 "
+                       "and float32 are different settings and are stored apart)", what, slowdown)
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = None,
@@ -392,6 +425,8 @@ def load_model(
         model, tokenizer = _load_pretrained(str(source), load_dtype, device_map, trust_remote_code)
     if device is not None:
         model = model.to(device)
+    if device_map is None:
+        warn_if_bfloat16_is_emulated(next(model.parameters()).dtype, next(model.parameters()).device, name)
     model.eval()
     return model, tokenizer
 

@@ -285,10 +285,15 @@ def test_the_best_criterion_before_healing_is_judged_after_it(gaps, outcome):
     assert set(judged["against"]) == {"reverse_order", "angular_distance"}
 
 
-def test_bfloat16_autocast_healing_keeps_the_weights_dtype():
+def test_bfloat16_autocast_healing_keeps_the_weights_dtype(monkeypatch, caplog):
+    from shortlab import models
+
+    monkeypatch.setattr(models, "bfloat16_slowdown", lambda device="cpu", size=256: 50.0)  # an emulating CPU
     model, tokenizer = pruned()
     before = snapshot(model)
-    record = heal(model, tokenizer, HealingConfig(**SMALL, compute_dtype="bfloat16"), log=None)
+    with caplog.at_level("WARNING", logger="shortlab.models"):
+        record = heal(model, tokenizer, HealingConfig(**SMALL, compute_dtype="bfloat16"), log=None)
+    assert "healing computes in bfloat16, but this CPU emulates it" in caplog.text
     assert record["complete"] and record["compute_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in snapshot(model).items())

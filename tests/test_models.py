@@ -169,3 +169,20 @@ def test_qwen_is_assembled_from_six_wheels_and_verified():
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt")
     completion = tokenizer.decode(model.generate(**ids, max_new_tokens=4, do_sample=False)[0])
     assert "a + b" in completion
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_is_named_in_a_warning(monkeypatch, caplog):
+    assert models.bfloat16_slowdown("cpu", size=16) > 0  # measured: it runs on any CPU
+    monkeypatch.setattr(models, "bfloat16_slowdown", lambda device="cpu", size=256: 80.0)
+    with caplog.at_level("WARNING", logger="shortlab.models"):
+        load_model("tiny-llama", dtype="bfloat16")
+    assert "tiny-llama computes in bfloat16, but this CPU emulates it" in caplog.text and "80x" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shortlab.models"):
+        load_model("tiny-llama")  # float32: nothing to say
+        models.warn_if_bfloat16_is_emulated("bfloat16", "meta", "a model off the CPU")
+    assert caplog.text == ""
+    monkeypatch.setattr(models, "bfloat16_slowdown", lambda device="cpu", size=256: 0.7)  # native bfloat16
+    with caplog.at_level("WARNING", logger="shortlab.models"):
+        load_model("tiny-llama", dtype="bfloat16")
+    assert caplog.text == ""
