@@ -426,7 +426,8 @@ def load_model(
     if device is not None:
         model = model.to(device)
     if device_map is None:
-        warn_if_bfloat16_is_emulated(next(model.parameters()).dtype, next(model.parameters()).device, name)
+        weight = next(model.parameters())
+        warn_if_bfloat16_is_emulated(weight.dtype, weight.device, name)
     model.eval()
     return model, tokenizer
 

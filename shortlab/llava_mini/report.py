@@ -974,7 +974,7 @@ def findings(*, sweep: Sweep, model_name: str, num_layers: int, n: int, lc: Laye
                   f"{num_layers} layers, on {sweep.task.description}"]
     if speed is not None and n in speed.table.index:
         speedups = references["speedups"]
-        nearest = min(speedups["N"], key=lambda count: abs(count - n))  # the paper's N nearest ours
+        nearest = nearest_share(speedups["N"], paper_layers, n / num_layers)  # the paper's N nearest ours
         row = speed.table.loc[n]
         departures.append(
             f"Measured prefill speed-up with {n} of {num_layers} layers frozen: {row['measured_speedup']:.2f}x "
