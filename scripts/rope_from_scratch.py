@@ -49,6 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=defaults.steps, help="fine-tuning steps")
     parser.add_argument("--induction-steps", type=int, default=defaults.induction_steps,
                         help="repeated random sequences before pretraining (induction heads; 0: none)")
+    parser.add_argument("--short-context", type=int, default=defaults.short_context,
+                        help="the context the retrieval task is first learned at (a length curriculum)")
+    parser.add_argument("--short-context-steps", type=int, default=defaults.short_context_steps,
+                        help="pretraining steps at --short-context before the full context (0: none)")
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--pretrain-rounds", type=int, default=defaults.pretrain_rounds,
                         help="at most this many rounds of --pretrain-steps, until the model "
@@ -78,7 +82,9 @@ def config_from(args: argparse.Namespace) -> ExperimentConfig:
         context=args.context, pretrain_base=args.pretrain_base, bases=tuple(args.bases or ()),
         bound_fractions=tuple(args.bound_fractions), seeds=tuple(args.seeds),
         pretrain_seeds=tuple(args.pretrain_seeds), probe_depths=tuple(args.probe_depths),
-        induction_steps=args.induction_steps, pretrain_steps=args.pretrain_steps, pretrain_rounds=args.pretrain_rounds, steps=args.steps, batch_size=args.batch_size,
+        induction_steps=args.induction_steps, short_context=args.short_context,
+        short_context_steps=args.short_context_steps, pretrain_steps=args.pretrain_steps,
+        pretrain_rounds=args.pretrain_rounds, steps=args.steps, batch_size=args.batch_size,
         probe_trials=args.probe_trials)
     return replace(config, **SMOKE_SIZES) if args.smoke else config
 

@@ -4,6 +4,7 @@ covariance weights, the crossed bootstrap, and the resumable script end to end (
 import json
 import math
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,10 @@ def test_script_smoke_run_resumes_and_refuses_another_config(tmp_path, monkeypat
     assert len(config.pretrain_seeds) == 2 and all(checkpoint_path(output, seed).is_file() for seed in config.pretrain_seeds)
     for seed in config.pretrain_seeds:
         assert results["pretrained"][str(seed)]["induction"]["steps"] == results["config"]["induction_steps"] > 0
+        curriculum = results["pretrained"][str(seed)]["short_context"]
+        assert curriculum["steps"] == config.curriculum_steps() > 0 and curriculum["context"] < config.context
+        assert len(curriculum["history"]["answer_loss"]) == config.curriculum_steps()
+    assert len(results["summary"]["pretrained"]["by_depth"]) == len(config.probe_depths)
     assert len(results["runs"]) == len(config.models()) * len(config.finetune_bases())
     assert results["sessions"][0]["command"] and "git_revision" in results["sessions"][0]
     # every probe distance holds its depths x trials, and the summary reads them back per depth
@@ -393,3 +398,40 @@ def test_a_schema_one_store_reads_the_same_after_the_upgrade():
     assert all(base_runs(upgraded, entry["base"]) for entry in upgraded["bases"])
     assert upgraded["pretrained"] == {str(pretrain_seed): stored["pretrained"]}
     assert [row["base"] for row in summarize(upgraded)["bases"]] == [entry["base"] for entry in stored["bases"]]
+
+
+def test_the_pretrained_model_is_judged_at_the_depth_where_it_retrieves_worst():
+    """Perfect with the record first (no other record before the query: copying any value is
+    right) and at chance with it last must read as not learned, however good the pooled rate."""
+    config = ExperimentConfig(context=64, head_dim=16, pretrain_base=1e6, probe_distances=(8, 12, 50),
+                              probe_depths=(0.0, 1.0), probe_trials=10, position_bins=4, n_records=4, n_queries=2,
+                              short_context=32, short_context_steps=4)
+    from shortlab.rope_experiment.from_scratch import _short_distance_accuracy, short_distance_outcomes
+
+    correct = np.zeros((3, 20), dtype=int)
+    correct[:, :10] = 1  # depth 0 right every time, depth 1 never
+    first, last = short_distance_outcomes(config, correct)
+    assert first.tolist() == [1] * 20 and last.tolist() == [0] * 20  # distances 8 and 12 (<= 64 / 4) only
+    assert _short_distance_accuracy(config, correct).estimate == 0
+    results = {"schema": 2, "config": asdict(config), "distances": config.distances(), "depths": [0.0, 1.0],
+               "position_edges": config.position_edges(), "bases": [], "runs": {},
+               "pretrained": {"0": {"correct": correct.tolist()}}}
+    pretrained = summarize(results)["pretrained"]
+    assert pretrained["short_distance_accuracy"]["rate"] == 0.5 and pretrained["hardest_depth"] == 1.0
+    assert [r["rate"] for r in pretrained["by_depth"]] == [1.0, 0.0]
+    assert pretrained["learned"] == CONTRADICTED
+    correct[:, 10:] = 1
+    assert summarize({**results, "pretrained": {"0": {"correct": correct.tolist()}}})["pretrained"]["learned"] == SUPPORTED
+
+
+def test_the_length_curriculum_is_validated_and_absent_from_older_stores():
+    with pytest.raises(ValueError, match="short_context 40 cannot hold the task"):
+        ExperimentConfig(short_context=40)
+    with pytest.raises(ValueError, match="short_context_steps must be >= 0"):
+        ExperimentConfig(short_context_steps=-1)
+    assert ExperimentConfig(short_context=40, short_context_steps=0).curriculum_steps() == 0  # unused: not checked
+    assert ExperimentConfig(short_context=512).curriculum_steps() == 0  # not shorter than the context: none
+    assert ExperimentConfig().curriculum_steps() == ExperimentConfig().short_context_steps > 0
+    stored = asdict(ExperimentConfig())
+    del stored["short_context"], stored["short_context_steps"]
+    assert ExperimentConfig.from_dict(stored).short_context_steps == 0

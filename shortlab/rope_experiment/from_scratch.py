@@ -9,7 +9,11 @@ As the paper fine-tunes one model with different bases, ``run_experiment``
    it forms induction heads within a few hundred steps, then on real text with the key–value
    retrieval task scattered over the whole sequence (``RetrievalTask(layout="anywhere")``), so
    it learns retrieval at every distance (without the warm-up it stalls near 0.4 accuracy,
-   answering with the value of some record rather than the queried one);
+   answering with the value of some record rather than the queried one). The text starts at a
+   short context (``short_context``), where the task is learned within a few hundred steps,
+   before the full one: trained at 512 characters from the start, a 2-layer model learned only
+   to copy some record's value, right when a single record preceded the query and near the
+   no-model rule when nine did;
 2. fine-tunes a copy of each checkpoint for each (base, seed): the bases put the bound at chosen
    fractions of the context (``base_for_bound``) plus the pretraining base as the control; every
    base of one pretrained model sees the same steps and the same batches, the seed choosing
@@ -88,7 +92,8 @@ SCHEMA = 2
 SMOKE_SIZES = dict(context=64, hidden_size=32, num_layers=1, head_dim=16, bound_fractions=(0.25, 0.5),
                    seeds=(0,), pretrain_seeds=(0, 1), induction_steps=4, pretrain_steps=12, pretrain_rounds=1, steps=6,
                    batch_size=4, warmup=2, n_records=4, n_queries=2, probe_distances=(8, 16, 40), probe_depths=(0.0, 1.0),
-                   probe_trials=2, perplexity_rows=8, position_bins=4, weight_rows=4)
+                   probe_trials=2, perplexity_rows=8, position_bins=4, weight_rows=4, short_context=32,
+                   short_context_steps=4)
 _CHUNK_STEPS = 25  # training steps per generated chunk: its index seeds it, in a pool or not
 
 
@@ -119,6 +124,11 @@ class ExperimentConfig:
     induction_steps: int = 300  # repeated random sequences before the retrieval task (0: none)
     pretrain_steps: int = 1500
     pretrain_rounds: int = 2  # more rounds of pretrain_steps while short-distance retrieval fails
+    # a length curriculum: the retrieval task is first learned at this context (RoPE is relative,
+    # so key matching carries over to the full context), then pretrain_steps at the full one;
+    # none when short_context_steps is 0 or short_context is not shorter than the context
+    short_context: int = 128
+    short_context_steps: int = 1500  # stores written before the curriculum had none
     steps: int = 600
     batch_size: int = 64
     pretrain_lr: float = 3e-3
@@ -141,8 +151,12 @@ class ExperimentConfig:
                      "perplexity_rows", "position_bins", "weight_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.induction_steps < 0:
-            raise ValueError(f"induction_steps must be >= 0, got {self.induction_steps}")
+        for name in ("induction_steps", "short_context_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.curriculum_steps() and self.short_context < self.task().min_length():
+            raise ValueError(f"short_context {self.short_context} cannot hold the task (needs >= "
+                             f"{self.task().min_length()})")
         for name in ("seeds", "pretrain_seeds"):
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
@@ -168,6 +182,10 @@ class ExperimentConfig:
         if any(not width + 2 <= d <= self.context - width + 1 for d in self.probe_distances):
             raise ValueError(f"probe distances must lie in [{width + 2}, "
                              f"{self.context - width + 1}] for context {self.context}")
+
+    def curriculum_steps(self) -> int:
+        """Pretraining steps at ``short_context`` (0 when it is not shorter than the context)."""
+        return self.short_context_steps if self.short_context < self.context else 0
 
     def task(self, n_queries: int | None = None) -> RetrievalTask:
         return RetrievalTask(n_records=self.n_records, n_queries=n_queries or self.n_queries,
@@ -203,6 +221,7 @@ class ExperimentConfig:
         unknown = set(values) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
+        values = {"short_context_steps": 0, **values}  # stored before the curriculum: it had none
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
@@ -213,11 +232,22 @@ def base_for_bound(target: int, head_dim: int) -> float:
     return float(rope.min_base(target, head_dim).smallest)
 
 
-def _short_distance_accuracy(config: ExperimentConfig, correct) -> Interval:
-    """Wilson interval of the accuracy over probe distances ≤ context / 4 (``correct``
-    [distance][trial])."""
+def short_distance_outcomes(config: ExperimentConfig, correct) -> list[np.ndarray]:
+    """The 0/1 outcomes at probe distances ≤ context / 4, one array per probe depth (a single
+    one without depths); ``correct`` is [distance][item], items depth-major as the probes
+    order them. Depths are kept apart because they differ in how many other records precede
+    the query: with the record first and the query near it, none does, so copying any record's
+    value answers right."""
     short = np.asarray(correct)[np.array(config.distances()) <= config.context / 4]
-    return wilson_interval(int(short.sum()), int(short.size))
+    groups = max(len(config.probe_depths), 1)
+    return [short.reshape(short.shape[0], groups, -1)[:, g].ravel() for g in range(groups)]
+
+
+def _short_distance_accuracy(config: ExperimentConfig, correct) -> Interval:
+    """Wilson interval of the short-distance accuracy at the depth where it is lowest (the
+    gate for fine-tuning: the model must retrieve wherever the record sits)."""
+    return min((wilson_interval(int(o.sum()), int(o.size)) for o in short_distance_outcomes(config, correct)),
+               key=lambda interval: interval.estimate)
 
 
 def run_key(base: float, pretrain_seed: int, seed: int) -> str:
@@ -488,6 +518,16 @@ def _pretrain(config: ExperimentConfig, pretrain_seed: int, train_ids: np.ndarra
         induction.update(seconds=time.perf_counter() - start, history=_history_summary(warmup))
         log(f"model {pretrain_seed}: induction warm-up {config.induction_steps} steps in {induction['seconds']:.0f} s, "
             f"loss on the repeated half {np.mean(warmup['answer_loss'][-10:]):.3f}")
+    curriculum = {"context": config.short_context, "steps": config.curriculum_steps()}
+    if config.curriculum_steps():
+        start = time.perf_counter()
+        ids, mask = generate_batches(train_ids, config.task(), config.short_context, config.batch_size,
+                                     config.curriculum_steps(), seed=500 + pretrain_seed, pool=pool)
+        at_short = train_lm(model, _batches(ids, mask), config.curriculum_steps(), task_weight=config.task_weight,
+                            lr=config.pretrain_lr, warmup=config.warmup, seed=pretrain_seed)
+        curriculum.update(seconds=time.perf_counter() - start, history=_history_summary(at_short))
+        log(f"model {pretrain_seed}: {config.curriculum_steps()} steps at context {config.short_context} in "
+            f"{curriculum['seconds']:.0f} s, answer loss {np.mean(at_short['answer_loss'][-10:]):.3f}")
     for round_ in range(config.pretrain_rounds):
         start = time.perf_counter()
         ids, mask = generate_batches(train_ids, config.task(), config.context, config.batch_size,
@@ -499,14 +539,16 @@ def _pretrain(config: ExperimentConfig, pretrain_seed: int, train_ids: np.ndarra
             history[name] += values
         seconds += time.perf_counter() - start
         pretrained = {"base": config.pretrain_base, "pretrain_seed": pretrain_seed, "induction": induction,
+                      "short_context": curriculum,
                       "bound": config.bound(config.pretrain_base), "rounds": round_ + 1,
                       "steps": config.pretrain_steps * (round_ + 1), "train_seconds": seconds,
                       "history": _history_summary(history)}
         pretrained.update(evaluate(model, config.pretrain_base, config, probes))
         short = _short_distance_accuracy(config, pretrained["correct"])
         log(f"model {pretrain_seed}: pretrained {pretrained['steps']} steps in {seconds:.0f} s "
-            f"({1e3 * seconds / pretrained['steps']:.1f} ms/step); retrieval at distances <= {config.context // 4}: {short}")
-        if short.low > 0.5:  # retrieves at short distances: ready to be fine-tuned
+            f"({1e3 * seconds / pretrained['steps']:.1f} ms/step); retrieval at distances <= {config.context // 4}, "
+            f"at the hardest depth: {short}")
+        if short.low > 0.5:  # retrieves at short distances wherever the record sits: ready to be fine-tuned
             break
     return pretrained, {k: v.cpu() for k, v in model.state_dict().items()}
 
@@ -686,9 +728,15 @@ def summarize(results: dict, *, accuracy_margin: float = 0.05, ppl_tolerance: fl
     if pretrained:
         per_model = {seed: np.asarray(record["correct"])[short] for seed, record in pretrained.items()}
         pooled = np.concatenate([values.ravel() for values in per_model.values()])
-        interval = wilson_interval(int(pooled.sum()), int(pooled.size))
+        # per depth, pooled over the models; "learned" is judged where retrieval is weakest
+        by_depth = [np.concatenate(group) for group in zip(*(short_distance_outcomes(config, record["correct"])
+                                                            for record in pretrained.values()))]
+        hardest = int(np.argmin([values.mean() for values in by_depth]))
+        interval = wilson_interval(int(by_depth[hardest].sum()), int(by_depth[hardest].size))
         summary["pretrained"] = {"short_distance_accuracy": _rate(pooled), "models": len(per_model),
                                  "per_model": {seed: _rate(values) for seed, values in per_model.items()},
+                                 "by_depth": [_rate(values) for values in by_depth],
+                                 "hardest_depth": config.probe_depths[hardest] if config.probe_depths else None,
                                  "max_short_distance": int(distances[short].max()),
                                  "learned": verdict(interval, halfway, claim="above")}
     complete = {entry["base"]: runs for entry in results["bases"] if (runs := base_runs(results, entry["base"]))}

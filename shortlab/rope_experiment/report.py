@@ -435,8 +435,12 @@ class FromScratch:
             pre = summary["pretrained"]
             rate = pre["short_distance_accuracy"]
             lines.append(f"pretrained models, distances ≤ {pre['max_short_distance']}: accuracy {rate['rate']:.2f} "
-                         f"[{rate['low']:.2f}, {rate['high']:.2f}] against chance {summary['chance']:.2f}: learned retrieval "
-                         f"(above the halfway level {summary['halfway_level']:.2f}) — {pre['learned']}")
+                         f"[{rate['low']:.2f}, {rate['high']:.2f}] against chance {summary['chance']:.2f}")
+            if pre.get("by_depth") and c.probe_depths:
+                lines.append("  by depth of the record: " + ", ".join(
+                    f"{depth:g}: {r['rate']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" for depth, r in zip(c.probe_depths, pre["by_depth"])))
+            where = "" if pre.get("hardest_depth") is None else f" at every depth (judged at {pre['hardest_depth']:g}, the weakest)"
+            lines.append(f"  learned retrieval{where}, above the halfway level {summary['halfway_level']:.2f}: {pre['learned']}")
         lines.append("Rules that need no model (what every accuracy here stands beside): "
                      + ", ".join(f"{name} {value:.2f}" for name, value in summary["rules"].items()))
         from shortlab.runs import describe_runs
