@@ -11,7 +11,7 @@ figures: env
 # committed beside the default run: notebooks/runs/qwen2.5-0.5b/ and figures/qwen2.5-0.5b/; both Qwen targets
 # only read their stores (a missing measurement stops the run and names the script that makes it)
 # (QWEN_HEAL_SEEDS: the healing seeds its store holds)
-QWEN_HEAL_SEEDS ?= []
+QWEN_HEAL_SEEDS ?= [0, 1]
 figures-qwen: env
 	.venv/bin/python -m shortlab.run_notebooks notebooks/01_block_influence_pruning.ipynb \
 		-p MODEL qwen2.5-0.5b -p EVAL_BLOCKS 96 -p LIMIT 300 -p HEAL_SEEDS "$(QWEN_HEAL_SEEDS)" \
