@@ -609,6 +609,25 @@ def healed_records(settings: Sequence[Setting], evidence: Mapping[Measurement, M
     return rows
 
 
+def one_healing_per_removal(after: Mapping[str, Mapping[int, Mapping]], removed: Mapping[str, Sequence[int]]
+                            ) -> tuple[dict[str, Mapping[int, Mapping]], dict[str, str]]:
+    """Criteria that remove the same layers share one healing (the store measures a removal
+    once), and comparing them would set a removal against itself: keep the first criterion of
+    each removal in ``after``'s order (``healed_records``; "dense", the control, always).
+    ``removed``: {criterion: the layers it removes}. Returns (the kept part of ``after``,
+    {each dropped criterion: the kept criterion with the same layers})."""
+    kept: dict[str, Mapping[int, Mapping]] = {}
+    twins: dict[str, str] = {}
+    for criterion, by_seed in after.items():
+        twin = next((other for other in kept if other != "dense" and criterion != "dense"
+                     and sorted(removed[other]) == sorted(removed[criterion])), None)
+        if twin is None:
+            kept[criterion] = by_seed
+        else:
+            twins[criterion] = twin
+    return kept, twins
+
+
 def healing_comparison(before: Mapping[str, Mapping], after: Mapping[str, Mapping[int, Mapping]], dense: Mapping,
                        tasks: Sequence[str], metric: str = "acc", rule: np.ndarray | None = None, *,
                        acc_margin: float, nll_margin: float, seed: int = 0) -> dict:

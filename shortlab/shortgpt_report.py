@@ -569,14 +569,20 @@ class Healing:
 
 def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: float, recover_share: float,
             share_margin: float) -> Healing:
-    from shortlab.shortgpt_evidence import healed_records, healing_comparison
+    from shortlab.shortgpt_evidence import healed_records, healing_comparison, one_healing_per_removal
 
     metric = study.metric
     after = healed_records(study.prepared.settings, study.evidence)  # {criterion or "dense": {seed: record}}
+    removed = {ranking: study.choices[ranking][study.table_k] for ranking in after if ranking != "dense"}
+    after, twins = one_healing_per_removal(after, removed)
     before = {ranking: study.record(ranking, study.table_k) for ranking in after if ranking != "dense"}
     comparison = healing_comparison(before, after, study.dense, study.tasks, metric, rule, acc_margin=acc_margin,
                                     nll_margin=nll_margin, seed=study.seed)
     found, lines = [], []
+    lines += [f"{criterion} removes the same layers as {twin} at k = {study.table_k} "
+              f"({sorted(removed[criterion])}): one healing, judged once as {twin}" for criterion, twin in twins.items()]
+    shared = "".join(f"; {ranking_label(c)} removes the same layers as {ranking_label(t)}, judged as it"
+                     for c, t in twins.items())
     for name, judged in ((metric, comparison.get("accuracy")), ("log-likelihood per token", comparison.get("perplexity"))):
         if judged is None:
             continue
@@ -588,7 +594,8 @@ def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: fl
         found.append(Finding(f"Of the healed criteria, the one whose removal scored best in {name} before healing "
                              f"({ranking_label(judged['best_before'])}) is still the best after healing", judged["outcome"],
                              practical=f"by more than {margin} over each of the others",
-                             detail="healed minus each: " + "; ".join(f"{o} {v}" for o, v in judged["against"].items())))
+                             detail="healed minus each: " + "; ".join(f"{o} {v}" for o, v in judged["against"].items())
+                             + shared))
     shares = {row["criterion"]: row[f"{metric} recovered above the rule"] for row in comparison["rows"]
               if row.get(f"{metric} recovered above the rule") is not None}
     if shares:

@@ -355,3 +355,16 @@ def test_last_layers_refuses_weights_too_coarse_to_train():
     with pytest.raises(ValueError, match="load the model in float32"):
         heal(model, tokenizer, HealingConfig(**{**SMALL, "method": "last_layers"}), log=None)
     assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+
+
+def test_criteria_that_remove_the_same_layers_are_judged_once():
+    from shortlab.shortgpt_evidence import one_healing_per_removal
+
+    after = {"dense": {0: "d"}, "block_influence": {0: "b"}, "reverse_order": {0: "r"},
+             "relative_magnitude": {0: "b"}, "angular_distance": {0: "a"}}
+    removed = {"block_influence": [13, 9, 18], "reverse_order": [21, 22, 23],
+               "relative_magnitude": [9, 13, 18], "angular_distance": [8, 9, 10]}
+    kept, twins = one_healing_per_removal(after, removed)
+    assert list(kept) == ["dense", "block_influence", "reverse_order", "angular_distance"]
+    assert twins == {"relative_magnitude": "block_influence"}
+    assert one_healing_per_removal(kept, removed) == (kept, {})  # nothing left to merge
