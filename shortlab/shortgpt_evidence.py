@@ -576,6 +576,8 @@ def ranking_after_healing(before: Mapping[str, np.ndarray], after: Mapping[str, 
     block's mean log-likelihood per token), ``after``: {criterion: [healing seeds, n]} on the same
     items. Returns {"best_before", "best_after" (by mean), "against": {other criterion: the
     crossed-bootstrap interval (seeds and items) of best-before's healed score minus the other's},
+    "before_against": {other: the same difference before healing (paired over items), which says
+    whether best-before led clearly in the first place},
     "verdicts": {other: "better by more than ``margin``"}, "outcome"}: supported when it beats
     every other healed criterion by more than the margin, contradicted when the claimed margin is
     ruled out against any, the same within the margin where healing ties them."""
@@ -584,17 +586,21 @@ def ranking_after_healing(before: Mapping[str, np.ndarray], after: Mapping[str, 
                          f"{sorted(after)}")
     best_before = max(before, key=lambda name: float(np.mean(before[name])))
     best_after = max(after, key=lambda name: float(np.mean(after[name])))
-    against, verdicts = {}, {}
+    against, verdicts, before_against = {}, {}, {}
     for name in after:
         if name == best_before:
             continue
+        before_against[name] = crossed_bootstrap_interval(
+            np.atleast_2d(np.asarray(before[best_before], dtype=np.float64) - np.asarray(before[name], dtype=np.float64)),
+            seed=seed)
         ours, theirs = np.atleast_2d(after[best_before]), np.atleast_2d(after[name])
         if ours.shape[1] != theirs.shape[1]:
             raise ValueError(f"{best_before} and {name} were healed and scored on different items")
         seeds = min(ours.shape[0], theirs.shape[0])  # independent healings, paired by seed index
         against[name] = crossed_bootstrap_interval(ours[:seeds] - theirs[:seeds], seed=seed)
         verdicts[name] = verdict(against[name], 0.0, margin=margin)
-    return {"best_before": best_before, "best_after": best_after, "against": against, "verdicts": verdicts,
+    return {"best_before": best_before, "best_after": best_after, "against": against,
+            "before_against": before_against, "verdicts": verdicts,
             "outcome": family_outcome(verdicts.values(), tie_holds=False)}
 
 

@@ -564,7 +564,7 @@ class Healing:
 
     def table(self) -> pd.DataFrame:
         return (pd.DataFrame(self.comparison["rows"]).set_index("criterion").drop(columns="seeds")
-                .map(lambda value: "—" if value is None or value != value else str(value)))
+                .rename(index=ranking_label).map(lambda value: "—" if value is None or value != value else str(value)))
 
 
 def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: float, recover_share: float,
@@ -579,23 +579,26 @@ def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: fl
     comparison = healing_comparison(before, after, study.dense, study.tasks, metric, rule, acc_margin=acc_margin,
                                     nll_margin=nll_margin, seed=study.seed)
     found, lines = [], []
-    lines += [f"{criterion} removes the same layers as {twin} at k = {study.table_k} "
-              f"({sorted(removed[criterion])}): one healing, judged once as {twin}" for criterion, twin in twins.items()]
-    shared = "".join(f"; {ranking_label(c)} removes the same layers as {ranking_label(t)}, judged as it"
+    shared = "".join(f" {ranking_label(c).capitalize()} removes the same layers as {ranking_label(t)} at k = "
+                     f"{study.table_k} ({', '.join(map(str, sorted(removed[c])))}): one healing, judged as {ranking_label(t)}."
                      for c, t in twins.items())
+    lines += [shared.strip()] if shared else []
+
+    def each(differences: Mapping) -> str:
+        return "; ".join(f"{ranking_label(other)} {value}" for other, value in differences.items())
     for name, judged in ((metric, comparison.get("accuracy")), ("log-likelihood per token", comparison.get("perplexity"))):
         if judged is None:
             continue
         margin = acc_margin if name == metric else nll_margin
-        lines.append(f"{name}: of the healed criteria, best before healing {judged['best_before']}, best after "
-                     f"{judged['best_after']}; "
-                     + "; ".join(f"minus {other}: {v} -> {describe(judged['verdicts'][other], margin)}"
+        lines.append(f"{name}: of the healed criteria, best before healing {ranking_label(judged['best_before'])} "
+                     f"(ahead of {each(judged['before_against'])}), best after {ranking_label(judged['best_after'])}; "
+                     + "; ".join(f"minus {ranking_label(other)}: {v} -> {describe(judged['verdicts'][other], margin)}"
                                  for other, v in judged["against"].items()))
         found.append(Finding(f"Of the healed criteria, the one whose removal scored best in {name} before healing "
                              f"({ranking_label(judged['best_before'])}) is still the best after healing", judged["outcome"],
                              practical=f"by more than {margin} over each of the others",
-                             detail="healed minus each: " + "; ".join(f"{o} {v}" for o, v in judged["against"].items())
-                             + shared))
+                             detail=f"Before healing it led {each(judged['before_against'])}; healed minus each: "
+                                    f"{each(judged['against'])}." + shared))
     shares = {row["criterion"]: row[f"{metric} recovered above the rule"] for row in comparison["rows"]
               if row.get(f"{metric} recovered above the rule") is not None}
     if shares:
@@ -603,10 +606,10 @@ def healing(study: Study, rule: np.ndarray, *, acc_margin: float, nll_margin: fl
         for criterion, share in shares.items():
             how = (f"healing lowered {metric} further (share recovered {share})" if share.estimate < 0
                    else f"healing recovers {share} of the {metric} lost above the rule")
-            lines.append(f"{criterion}: {how} -> "
+            lines.append(f"{ranking_label(criterion)}: {how} -> "
                          f"{describe(recovered.per_setting[criterion], share_margin)} (after Holm: "
                          f"{describe(recovered.holm[criterion], share_margin)})")
-            found.append(Finding(f"Healing the {criterion} removal recovers most of the {metric} it lost above the strongest "
+            found.append(Finding(f"Healing the {ranking_label(criterion)} removal recovers most of the {metric} it lost above the strongest "
                                  "rule that needs no model", recovered.holm[criterion], share,
                                  practical=f"(more than {recover_share + share_margin:.0%} of it; judged after Holm's "
                                            "adjustment)", margin=share_margin))

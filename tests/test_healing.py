@@ -282,7 +282,12 @@ def test_the_best_criterion_before_healing_is_judged_after_it(gaps, outcome):
              **{name: np.stack([shifted(-gap), shifted(-gap)]) for name, gap in gaps.items()}}
     judged = ranking_after_healing(before, after, margin=0.02)
     assert judged["best_before"] == "block_influence" and judged["outcome"] == outcome
-    assert set(judged["against"]) == {"reverse_order", "angular_distance"}
+    assert set(judged["against"]) == set(judged["before_against"]) == {"reverse_order", "angular_distance"}
+    # before healing BI led reverse order by 0.2 × 0.4 = 0.08 (a fifth of the questions flipped to right, 40 %
+    # of which were wrong) and angular distance by 0.08 + 0.1 × 0.6 = 0.14
+    assert judged["before_against"]["reverse_order"].low < 0.08 < judged["before_against"]["reverse_order"].high
+    assert judged["before_against"]["angular_distance"].low < 0.14 < judged["before_against"]["angular_distance"].high
+    assert judged["before_against"]["angular_distance"].estimate > judged["before_against"]["reverse_order"].estimate
 
 
 def test_bfloat16_autocast_healing_keeps_the_weights_dtype(monkeypatch, caplog):
